@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad file, a missing optional dependency, a dataset that is not
+complete) raises :class:`GsavatarError` with a one-line message naming the problem. The CLI
+prints it as ``error: <message>`` and exits with a non-zero status; library callers can catch it.
+"""
+
+
+class GsavatarError(Exception):
+    """An error caused by the user's input or environment, with a one-line explanation."""
+
+    exit_code = 2
+
+
+class InputError(GsavatarError):
+    """The input file cannot be used (not a video, no audio, no face, too short, corrupt...)."""
+
+
+class MissingDependencyError(GsavatarError):
+    """An optional dependency (or model weights that must be present locally) is missing."""
+
+    exit_code = 3
+
+
+class IncompleteDatasetError(GsavatarError):
+    """A subject dataset exists but one or more preprocessing stages did not finish."""

@@ -1,0 +1,75 @@
+"""Write an H.264 + AAC mp4 through PyAV.
+
+Frames are encoded as they arrive (nothing is held in RAM). The file is written under a
+temporary name and renamed into place when complete, so an interrupted write never leaves a
+playable-looking but truncated mp4 behind.
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+def write_mp4(
+    path: str | Path,
+    frames: Iterable[np.ndarray],
+    fps: int = 25,
+    audio: np.ndarray | None = None,
+    audio_rate: int = 16000,
+    timestamps: Sequence[float] | None = None,
+    crf: int = 18,
+    codec: str = "libx264",
+) -> Path:
+    """Encode RGB uint8 frames (H, W, 3) to ``path``, muxing mono float ``audio`` as AAC.
+
+    ``timestamps`` (seconds, one per frame) makes a variable-frame-rate file; by default frame
+    ``k`` is shown at ``k / fps``. Width and height must be even (H.264 with yuv420p).
+    """
+    import av
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    # A fine time base lets arbitrary (VFR) timestamps be represented exactly enough.
+    time_base = Fraction(1, 90000) if timestamps is not None else Fraction(1, fps)
+    try:
+        with av.open(str(tmp), "w", format="mp4") as out:
+            vs = None
+            if audio is not None:
+                ast = out.add_stream("aac", rate=audio_rate, layout="mono")
+            for i, image in enumerate(frames):
+                if vs is None:
+                    h, w = image.shape[:2]
+                    vs = out.add_stream(codec, rate=fps)
+                    vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+                    vs.time_base = time_base
+                    vs.codec_context.time_base = time_base
+                    if codec == "libx264":
+                        vs.options = {"crf": str(crf), "preset": "veryfast"}
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image, dtype=np.uint8), format="rgb24")
+                t = timestamps[i] if timestamps is not None else i / fps
+                frame.pts = int(round(t / time_base))
+                frame.time_base = time_base
+                out.mux(vs.encode(frame))
+            if vs is None:
+                raise ValueError("write_mp4 needs at least one frame")
+            out.mux(vs.encode(None))
+            if audio is not None:
+                samples = np.clip(np.asarray(audio, np.float32), -1, 1).reshape(1, -1)
+                block = 1024
+                for start in range(0, samples.shape[1], block):
+                    af = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, start:start + block]), format="fltp", layout="mono")
+                    af.sample_rate = audio_rate
+                    af.pts = start
+                    af.time_base = Fraction(1, audio_rate)
+                    out.mux(ast.encode(af))
+                out.mux(ast.encode(None))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
