@@ -1,0 +1,3 @@
+import sys
+from gsavatar.cli import main
+sys.exit(main())

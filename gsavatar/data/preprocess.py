@@ -1,0 +1,436 @@
+"""``gsavatar preprocess``: a talking-head video -> a cached, on-disk subject dataset.
+
+The pipeline is a list of :class:`Stage` objects run in order. Each stage declares what its
+result depends on (config fields, other stages); the hash of that plus the source file's hash
+is the stage's *key*. A stage whose key matches the manifest's record and whose outputs exist
+is skipped. Every output is written atomically (temp + rename), the manifest is rewritten
+after each stage, and ``manifest["complete"]`` is set only at the very end, so an interrupted
+or failed run never leaves a dataset that :class:`~gsavatar.data.dataset.SubjectDataset`
+would trust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from gsavatar import __version__
+from gsavatar.config import PreprocessConfig
+from gsavatar.data.dataset import MANIFEST_VERSION, frame_name, read_manifest
+from gsavatar.data.io import atomic_directory, atomic_save_npz, atomic_write_json, file_sha256, stable_hash
+from gsavatar.data.video import FPS, SAMPLE_RATE, DecodeStats, decode_audio, iter_frames, probe_video, write_wav
+from gsavatar.errors import InputError
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    # Shown on a terminal; silent in logs and CI (tqdm disables itself off a TTY with None).
+    return tqdm(total=total, desc=f"{desc:<15}", unit="frame", leave=False, disable=None, file=sys.stderr)
+
+
+@dataclasses.dataclass
+class Context:
+    """What the stages share during one run."""
+
+    video: Path
+    out: Path
+    cfg: PreprocessConfig
+    source_sha256: str
+    manifest: dict
+    results: dict = dataclasses.field(default_factory=dict)  # stage name -> its result dict
+    model_load_s: float = 0.0  # one-time model loading, reported apart from per-frame work
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.results["scan"]["num_frames"])
+
+    def load_model(self, factory: Callable):
+        t = time.perf_counter()
+        model = factory()
+        self.model_load_s += time.perf_counter() - t
+        return model
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One preprocessing step: ``run`` writes ``outputs`` and returns a JSON-able result."""
+
+    name: str
+    run: Callable[[Context], dict]
+    outputs: tuple[str, ...]
+    config_fields: tuple[str, ...] = ()  # PreprocessConfig fields the result depends on
+    depends: tuple[str, ...] = ()  # earlier stages whose results it reads
+    version: int = 1  # bump when the stage's code changes what it writes
+
+
+def _read_frames(ctx: Context, indices=None) -> Iterator[np.ndarray]:
+    """Stored frames as RGB, read ahead on a thread (cv2 releases the GIL while decoding)."""
+    import cv2
+
+    indices = range(ctx.num_frames) if indices is None else indices
+    load = lambda i: np.ascontiguousarray(cv2.imread(str(ctx.out / "frames" / frame_name(i, "jpg")))[..., ::-1])  # noqa: E731
+    with ThreadPoolExecutor(1) as pool:
+        yield from pool.map(load, indices)
+
+
+# ----------------------------------------------------------------------------- stages
+def _stage_scan(ctx: Context) -> dict:
+    """Probe the file, track the face on downscaled frames, and choose the fixed crop."""
+    from gsavatar.data.crop import compute_crop
+    from gsavatar.data.landmarks import FaceDetector
+
+    cfg, name = ctx.cfg, ctx.video.name
+    info = probe_video(ctx.video)
+    if not info.has_audio:
+        raise InputError(f"{name} has no audio track (an audio-driven avatar needs speech)")
+    if 0 < info.duration_s < cfg.min_duration_s:
+        raise InputError(f"{name} is {info.duration_s:.1f} s long; at least {cfg.min_duration_s:g} s of speech is needed")
+    scale = min(1.0, cfg.max_source_side / max(info.width, info.height))
+    sw, sh = max(2, int(round(info.width * scale / 2)) * 2), max(2, int(round(info.height * scale / 2)) * 2)
+    detector = ctx.load_model(FaceDetector)
+    stats = DecodeStats()
+    boxes, found, multi = [], [], 0
+    previous = None
+    expected = int(info.duration_s * FPS) or None
+    stride = cfg.scan_stride
+    with _progress(expected or 0, "scan") as bar:
+        for k, frame in iter_frames(ctx.video, lambda f: f, stats):
+            bar.update()
+            if k % stride:
+                continue  # the crop needs the face track, not every frame of it
+            small = frame.to_ndarray(format="rgb24", width=sw, height=sh)
+            candidates = detector(small) / scale
+            multi += len(candidates) > 1
+            if len(candidates):
+                centres = 0.5 * (candidates[:, :2] + candidates[:, 2:])
+                pick = 0 if previous is None else int(np.argmin(np.linalg.norm(centres - previous, axis=1)))
+                previous = centres[pick]
+                boxes.append(candidates[pick])
+            else:
+                boxes.append(np.full(4, np.nan, np.float32))
+            found.append(len(candidates) > 0)
+    detector.close()
+    n = stats.output_frames
+    if n == 0:
+        raise InputError(f"{name} has no decodable video frames")
+    if stats.errors or (info.duration_s > 0 and stats.decoded_duration_s < 0.9 * info.duration_s):
+        raise InputError(f"{name} looks truncated or corrupt: {stats.decoded_duration_s:.1f} s of "
+                         f"{info.duration_s:.1f} s decoded{f' ({stats.errors})' if stats.errors else ''}")
+    if n < cfg.min_duration_s * FPS:
+        raise InputError(f"{name} is {n / FPS:.1f} s long; at least {cfg.min_duration_s:g} s of speech is needed")
+    found = np.asarray(found)
+    if not found.any():
+        raise InputError(f"no face found in {name}")
+    if multi > 0.05 * len(found):
+        _log(f"warning: more than one face in {multi} of {len(found)} scanned frames of {name}; keeping the largest consistent track")
+    crop = compute_crop(np.asarray(boxes)[found], info.width, info.height, cfg.crop_face_scale, cfg.crop_face_centre)
+    result = {
+        "num_frames": n, "t0": stats.t0, "crop": crop.to_dict(),
+        "source": {"width": info.width, "height": info.height, "duration_s": info.duration_s,
+                   "video_codec": info.video_codec, "audio_codec": info.audio_codec,
+                   "average_fps": info.average_fps, "source_frames": stats.source_frames},
+        "scanned_frames": int(len(found)), "scan_face_frames": int(found.sum()), "multi_face_frames": int(multi),
+    }
+    atomic_write_json(ctx.out / "scan.json", {**result, "face_boxes": np.asarray(boxes).round(1).tolist()})
+    return result
+
+
+def _stage_frames(ctx: Context) -> dict:
+    """Decode again, cut the fixed crop, resize, stream JPEGs to disk; decode the audio."""
+    import cv2
+
+    scan, size = ctx.results["scan"], ctx.cfg.size
+    c = scan["crop"]
+    x0, y0, side = c["x0"], c["y0"], c["side"]
+    interp = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
+
+    def crop_resize(frame) -> np.ndarray:
+        image = frame.to_ndarray(format="rgb24")[y0:y0 + side, x0:x0 + side]
+        return cv2.resize(image, (size, size), interpolation=interp)
+
+    def write(path: Path, image: np.ndarray) -> None:
+        ok, buf = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, ctx.cfg.jpeg_quality])
+        path.write_bytes(buf.tobytes())
+
+    n = scan["num_frames"]
+    stats = DecodeStats()
+    with atomic_directory(ctx.out / "frames") as tmp, ThreadPoolExecutor(1) as pool, _progress(n, "frames") as bar:
+        pending = []
+        for k, image in iter_frames(ctx.video, crop_resize, stats, max_frames=n):
+            pending.append(pool.submit(write, tmp / frame_name(k, "jpg"), image))
+            if len(pending) > 8:  # bounded queue: never more than a few frames in RAM
+                pending.pop(0).result()
+            bar.update()
+        for p in pending:
+            p.result()
+        if stats.output_frames != n:
+            raise InputError(f"{ctx.video.name}: second decoding pass gave {stats.output_frames} frames, first gave {n}")
+    audio, real_seconds = decode_audio(ctx.video, scan["t0"], n)
+    tmp_wav = ctx.out / ".audio.tmp.wav"
+    write_wav(tmp_wav, audio)
+    tmp_wav.replace(ctx.out / "audio.wav")
+    if real_seconds < n / FPS - 0.5:
+        _log(f"warning: the audio track is {real_seconds:.1f} s, the video {n / FPS:.1f} s; the rest is silence")
+    return {"audio_seconds": real_seconds, "audio_samples": int(audio.size)}
+
+
+def _stage_landmarks(ctx: Context) -> dict:
+    """FaceMesh (478 points, tracking mode) and the person matte on every stored frame.
+
+    The two MediaPipe graphs run side by side on the two threads (each frame is read once);
+    landmark dropouts are interpolated and flagged. Writes landmarks.npz and matte/ (uint8
+    person probability PNGs).
+    """
+    import cv2
+
+    from gsavatar.data.landmarks import NUM_LANDMARKS, FaceMeshTracker, choose_face, interpolate_dropouts
+    from gsavatar.data.masks import PersonSegmenter
+
+    n = ctx.num_frames
+    # Tracking mode only skips re-detection once it holds max_faces faces, so ask for a second
+    # face only when the scan saw more than one (it costs about 50% more per frame).
+    max_faces = 2 if ctx.results["scan"]["multi_face_frames"] else 1
+    mesh = ctx.load_model(lambda: FaceMeshTracker(max_faces=max_faces))
+    segmenter = ctx.load_model(PersonSegmenter)
+    landmarks = np.zeros((n, NUM_LANDMARKS, 3), np.float32)
+    detected = np.zeros(n, bool)
+    multi, previous = 0, None
+    write_png = lambda path, image: cv2.imwrite(str(path), image)  # noqa: E731
+    with (atomic_directory(ctx.out / "matte") as tmp, ThreadPoolExecutor(1) as seg_pool,
+          ThreadPoolExecutor(1) as io_pool, _progress(n, "landmarks+matte") as bar):
+        pending = []
+        for k, image in enumerate(_read_frames(ctx)):
+            matte = seg_pool.submit(segmenter, image)
+            faces = mesh(image)
+            multi += len(faces) > 1
+            face = choose_face(faces, previous)
+            if face is not None:
+                landmarks[k], detected[k], previous = face, True, face[:, :2].mean(0)
+            alpha = (np.clip(matte.result(), 0, 1) * 255).round().astype(np.uint8)
+            pending.append(io_pool.submit(write_png, tmp / frame_name(k, "png"), alpha))
+            if len(pending) > 8:
+                pending.pop(0).result()
+            bar.update()
+        if not all(p.result() for p in pending):
+            raise OSError(f"could not write the person matte under {ctx.out}")
+    mesh.close()
+    segmenter.close()
+    fraction = detected.mean()
+    if fraction < ctx.cfg.min_face_fraction:
+        raise InputError(f"face landmarks found in only {100 * fraction:.0f}% of the frames of {ctx.video.name}")
+    landmarks, interpolated, valid = interpolate_dropouts(landmarks, detected, ctx.cfg.max_interpolated_gap)
+    atomic_save_npz(ctx.out / "landmarks.npz", landmarks=landmarks, detected=detected,
+                    interpolated=interpolated, valid=valid)
+    return {"detected_frames": int(detected.sum()), "interpolated_frames": int(interpolated.sum()),
+            "invalid_frames": int((~valid).sum()), "multi_face_frames": int(multi)}
+
+
+def _stage_masks(ctx: Context) -> dict:
+    """Person matte + landmark polygons -> one bit-field label PNG per frame."""
+    import cv2
+
+    from gsavatar.data.masks import MOUTH, label_map
+
+    n = ctx.num_frames
+    landmarks = np.load(ctx.out / "landmarks.npz")["landmarks"]
+    read = lambda k: cv2.imread(str(ctx.out / "matte" / frame_name(k, "png")), cv2.IMREAD_UNCHANGED)  # noqa: E731
+    mouth_pixels = 0
+    with (atomic_directory(ctx.out / "masks") as tmp, ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as reader,
+          _progress(n, "masks") as bar):
+        pending = []
+        for k, matte in enumerate(reader.map(read, range(n))):
+            labels = label_map(matte.astype(np.float32) / 255.0, landmarks[k])
+            mouth_pixels += int(np.count_nonzero(labels & MOUTH))
+            pending.append(pool.submit(cv2.imwrite, str(tmp / frame_name(k, "png")), labels))
+            if len(pending) > 8:
+                pending.pop(0).result()
+            bar.update()
+        if not all(p.result() for p in pending):
+            raise OSError(f"could not write masks under {ctx.out}")
+    return {"mean_mouth_pixels": mouth_pixels / n}
+
+
+def _stage_background(ctx: Context) -> dict:
+    """Temporal median of background pixels over evenly sampled frames, holes filled."""
+    import cv2
+
+    from gsavatar.data.masks import PERSON, background_plate
+
+    n = ctx.num_frames
+    indices = np.unique(np.linspace(0, n - 1, min(n, ctx.cfg.background_samples)).round().astype(int))
+    frames = np.stack(list(_read_frames(ctx, indices)))
+    person = np.stack([cv2.imread(str(ctx.out / "masks" / frame_name(i, "png")), cv2.IMREAD_UNCHANGED) & PERSON > 0
+                       for i in indices])
+    plate, unseen = background_plate(frames, person)
+    ok, buf = cv2.imencode(".png", plate[..., ::-1])
+    from gsavatar.data.io import atomic_write_bytes
+
+    atomic_write_bytes(ctx.out / "background.png", buf.tobytes())
+    return {"sampled_frames": int(len(indices)), "filled_fraction": round(unseen, 4)}
+
+
+def _stage_signals(ctx: Context) -> dict:
+    """Eye blink (normalised EAR) and mouth opening per frame."""
+    from gsavatar.data.signals import blink_signal, eye_aspect_ratio, mouth_opening
+
+    data = np.load(ctx.out / "landmarks.npz")
+    ear = eye_aspect_ratio(data["landmarks"]).astype(np.float32)
+    blink = blink_signal(ear, data["valid"])
+    mouth = mouth_opening(data["landmarks"])
+    atomic_save_npz(ctx.out / "signals.npz", blink=blink, ear=ear, mouth_open=mouth)
+    return {"blink_mean": float(blink.mean()), "mouth_open_mean": float(mouth.mean())}
+
+
+def _stage_audio_features(ctx: Context) -> dict:
+    """Each configured audio feature kind, aligned to frames: features/<kind>.npy [N, S, D]."""
+    from gsavatar.data.audio_features import make_extractor
+    from gsavatar.data.video import read_wav
+
+    wav, rate = read_wav(ctx.out / "audio.wav")
+    assert rate == SAMPLE_RATE
+    described = {}
+    with atomic_directory(ctx.out / "features") as tmp:
+        for kind in ctx.cfg.audio_features:
+            extractor = ctx.load_model(lambda: make_extractor(kind))
+            t = time.perf_counter()
+            features = extractor.extract(wav, ctx.num_frames)
+            np.save(tmp / f"{kind}.npy", features.astype(np.float32))
+            described[kind] = {"shape": list(features.shape), "extract_s": round(time.perf_counter() - t, 3),
+                               **extractor.describe()}
+    return {"kinds": described}
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("scan", _stage_scan, ("scan.json",),
+          ("min_duration_s", "max_source_side", "scan_stride", "crop_face_scale", "crop_face_centre")),
+    Stage("frames", _stage_frames, ("frames", "audio.wav"), ("size", "jpeg_quality"), ("scan",)),
+    Stage("landmarks", _stage_landmarks, ("landmarks.npz", "matte"), ("max_interpolated_gap", "min_face_fraction"),
+          ("frames",)),
+    Stage("masks", _stage_masks, ("masks",), (), ("frames", "landmarks")),
+    Stage("background", _stage_background, ("background.png",), ("background_samples",), ("masks",)),
+    Stage("signals", _stage_signals, ("signals.npz",), (), ("landmarks",)),
+    Stage("audio_features", _stage_audio_features, ("features",), ("audio_features",), ("frames",)),
+)
+
+
+# ----------------------------------------------------------------------------- driver
+def _check_output_dir(out: Path) -> bool:
+    """Refuse to write into a non-empty folder that is not a subject dataset. Returns created."""
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"{out} exists and is not a directory")
+        if any(out.iterdir()) and read_manifest(out) is None:
+            raise InputError(f"{out} is not empty and is not a gsavatar subject dataset; choose another -o")
+        return False
+    out.mkdir(parents=True)
+    return True
+
+
+def _stage_key(stage: Stage, ctx: Context, keys: dict[str, str]) -> str:
+    return stable_hash({
+        "stage": stage.name, "version": stage.version, "source": ctx.source_sha256,
+        "config": {f: getattr(ctx.cfg, f) for f in stage.config_fields},
+        "upstream": {d: keys[d] for d in stage.depends},
+    })
+
+
+def preprocess(video: str | Path, out: str | Path, cfg: PreprocessConfig | None = None) -> dict:
+    """Run (or resume) every stage for ``video`` into ``out``; returns the report dict."""
+    cfg = cfg or PreprocessConfig()
+    video, out = Path(video), Path(out)
+    if not video.is_file():
+        raise InputError(f"no such file: {video}")
+    if cfg.size < 64 or cfg.size % 2:
+        raise InputError(f"--size must be an even number of pixels >= 64 (got {cfg.size})")
+    from gsavatar.data.audio_features import available_kinds
+
+    unknown = [k for k in cfg.audio_features if k not in available_kinds()]
+    if unknown:
+        raise InputError(f"unknown audio feature kind(s) {unknown}; known: {', '.join(available_kinds())}")
+    created = _check_output_dir(out)
+    t_start = time.perf_counter()
+    try:
+        manifest = read_manifest(out) or {}
+        ctx = Context(video, out, cfg, file_sha256(video), manifest)
+        manifest.update({"format": "gsavatar-subject", "version": MANIFEST_VERSION, "gsavatar": __version__,
+                         "complete": False})
+        manifest.setdefault("stages", {})
+        atomic_write_json(out / "manifest.json", manifest)
+        keys: dict[str, str] = {}
+        report_stages = {}
+        for stage in STAGES:
+            key = _stage_key(stage, ctx, keys)
+            keys[stage.name] = key
+            record = manifest["stages"].get(stage.name, {})
+            if record.get("done") and record.get("key") == key and all((out / o).exists() for o in stage.outputs):
+                ctx.results[stage.name] = record["result"]
+                report_stages[stage.name] = {"wall_s": 0.0, "skipped": True}
+                _log(f"  {stage.name:<15} up to date, skipped")
+                continue
+            manifest["stages"][stage.name] = {"done": False, "key": key}
+            atomic_write_json(out / "manifest.json", manifest)
+            t = time.perf_counter()
+            load_before = ctx.model_load_s
+            result = stage.run(ctx)
+            wall = time.perf_counter() - t
+            ctx.results[stage.name] = result
+            manifest["stages"][stage.name] = {"done": True, "key": key, "result": result, "wall_s": round(wall, 3)}
+            atomic_write_json(out / "manifest.json", manifest)
+            report_stages[stage.name] = {"wall_s": round(wall, 3), "model_load_s": round(ctx.model_load_s - load_before, 3),
+                                         "skipped": False}
+            _log(f"  {stage.name:<15} done in {wall:6.1f} s")
+        # Drop records of stages that no longer exist, then publish the dataset as complete.
+        manifest["stages"] = {s.name: manifest["stages"][s.name] for s in STAGES}
+        report = _finish(ctx, report_stages, time.perf_counter() - t_start)
+        return report
+    except BaseException:
+        if created:  # nothing trustworthy was made: leave no folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _finish(ctx: Context, report_stages: dict, total_s: float) -> dict:
+    cfg, res, n = ctx.cfg, ctx.results, ctx.num_frames
+    n_test = int(round(n * cfg.test_fraction))
+    features = res["audio_features"]["kinds"]
+    ctx.manifest.update({
+        "source": {"path": str(ctx.video.resolve()), "name": ctx.video.name, "sha256": ctx.source_sha256,
+                   **res["scan"]["source"]},
+        "fps": FPS, "sample_rate": SAMPLE_RATE, "num_frames": n, "size": cfg.size,
+        "crop": res["scan"]["crop"], "t0": res["scan"]["t0"],
+        "split": {"train": [0, n - n_test], "test": [n - n_test, n], "test_fraction": cfg.test_fraction},
+        "audio_features": {k: {"shape": v["shape"], "dim": v["dim"], "steps_per_frame": v["steps_per_frame"],
+                               "description": v} for k, v in features.items()},
+        "audio_window_radius": cfg.audio_window_radius,
+        "config": dataclasses.asdict(cfg),
+    })
+    detected = res["landmarks"]["detected_frames"]
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report = {
+        "video": ctx.video.name, "num_frames": n, "size": cfg.size, "crop": res["scan"]["crop"],
+        "frames_with_face": detected, "face_fraction": round(detected / n, 4),
+        "interpolated_frames": res["landmarks"]["interpolated_frames"],
+        "multi_face_frames": res["scan"]["multi_face_frames"],
+        "stages": report_stages,
+        "total_wall_s": round(total_s, 3),
+        "model_load_s": round(ctx.model_load_s, 3),
+        "wall_s_excluding_model_load": round(total_s - ctx.model_load_s, 3),
+        "peak_rss_mb": round(peak_rss_mb, 1),
+    }
+    atomic_write_json(ctx.out / "preprocess_report.json", report)
+    ctx.manifest["complete"] = True
+    atomic_write_json(ctx.out / "manifest.json", ctx.manifest)
+    return report
