@@ -24,6 +24,7 @@ def write_mp4(
     timestamps: Sequence[float] | None = None,
     crf: int = 18,
     codec: str = "libx264",
+    preset: str = "veryfast",
 ) -> Path:
     """Encode RGB uint8 frames (H, W, 3) to ``path``, muxing mono float ``audio`` as AAC.
 
@@ -49,7 +50,7 @@ def write_mp4(
                     vs.time_base = time_base
                     vs.codec_context.time_base = time_base
                     if codec == "libx264":
-                        vs.options = {"crf": str(crf), "preset": "veryfast"}
+                        vs.options = {"crf": str(crf), "preset": preset}
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image, dtype=np.uint8), format="rgb24")
                 t = timestamps[i] if timestamps is not None else i / fps
                 frame.pts = int(round(t / time_base))
