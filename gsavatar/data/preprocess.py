@@ -76,14 +76,28 @@ class Stage:
     version: int = 1  # bump when the stage's code changes what it writes
 
 
+def _prefetch(load: Callable[[int], np.ndarray], indices, depth: int = 4) -> Iterator[np.ndarray]:
+    """``load(i)`` for each index, read ahead on one thread but never more than ``depth`` items
+    ahead (``Executor.map`` would queue every result and hold a long video in RAM)."""
+    from collections import deque
+
+    with ThreadPoolExecutor(1) as pool:
+        queue: deque = deque()
+        for i in indices:
+            queue.append(pool.submit(load, i))
+            if len(queue) > depth:
+                yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
+
+
 def _read_frames(ctx: Context, indices=None) -> Iterator[np.ndarray]:
     """Stored frames as RGB, read ahead on a thread (cv2 releases the GIL while decoding)."""
     import cv2
 
     indices = range(ctx.num_frames) if indices is None else indices
     load = lambda i: np.ascontiguousarray(cv2.imread(str(ctx.out / "frames" / frame_name(i, "jpg")))[..., ::-1])  # noqa: E731
-    with ThreadPoolExecutor(1) as pool:
-        yield from pool.map(load, indices)
+    yield from _prefetch(load, indices)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -248,10 +262,9 @@ def _stage_masks(ctx: Context) -> dict:
     landmarks = np.load(ctx.out / "landmarks.npz")["landmarks"]
     read = lambda k: cv2.imread(str(ctx.out / "matte" / frame_name(k, "png")), cv2.IMREAD_UNCHANGED)  # noqa: E731
     mouth_pixels = 0
-    with (atomic_directory(ctx.out / "masks") as tmp, ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as reader,
-          _progress(n, "masks") as bar):
+    with atomic_directory(ctx.out / "masks") as tmp, ThreadPoolExecutor(1) as pool, _progress(n, "masks") as bar:
         pending = []
-        for k, matte in enumerate(reader.map(read, range(n))):
+        for k, matte in enumerate(_prefetch(read, range(n))):
             labels = label_map(matte.astype(np.float32) / 255.0, landmarks[k])
             mouth_pixels += int(np.count_nonzero(labels & MOUTH))
             pending.append(pool.submit(cv2.imwrite, str(tmp / frame_name(k, "png")), labels))
