@@ -107,5 +107,4 @@ def background_plate(frames: np.ndarray, person: np.ndarray, dilate_px: int = 6,
         strip[count[..., 0] == 0] = 0
         plate[r:r + rows_per_chunk] = strip
     known = background.any(axis=0)
-    plate = np.nan_to_num(plate)
     return fill_holes(plate, known), float(1.0 - known.mean())

@@ -25,7 +25,7 @@ import numpy as np
 from gsavatar import __version__
 from gsavatar.config import PreprocessConfig
 from gsavatar.data.dataset import MANIFEST_VERSION, frame_name, read_manifest
-from gsavatar.data.io import atomic_directory, atomic_save_npz, atomic_write_json, file_sha256, stable_hash
+from gsavatar.data.io import atomic_directory, atomic_save_npz, atomic_write_bytes, atomic_write_json, file_sha256, stable_hash
 from gsavatar.data.video import FPS, SAMPLE_RATE, DecodeStats, decode_audio, iter_frames, probe_video, write_wav
 from gsavatar.errors import InputError
 
@@ -89,6 +89,37 @@ def _prefetch(load: Callable[[int], np.ndarray], indices, depth: int = 4) -> Ite
                 yield queue.popleft().result()
         while queue:
             yield queue.popleft().result()
+
+
+class _BackgroundWriter:
+    """Runs write calls on one thread, at most ``depth`` outstanding (bounded memory); any
+    failure (an exception or a False return, as cv2.imwrite gives) is raised at the latest on close."""
+
+    def __init__(self, depth: int = 8):
+        self._pool = ThreadPoolExecutor(1)
+        self._pending: list = []
+        self._depth = depth
+
+    def submit(self, fn: Callable, *args) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        if len(self._pending) > self._depth:
+            self._check(self._pending.pop(0))
+
+    @staticmethod
+    def _check(future) -> None:
+        if future.result() is False:
+            raise OSError("a write to the subject dataset failed (disk full or not writable?)")
+
+    def __enter__(self) -> "_BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        try:
+            if exc_type is None:
+                for future in self._pending:
+                    self._check(future)
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def _read_frames(ctx: Context, indices=None) -> Iterator[np.ndarray]:
@@ -181,15 +212,11 @@ def _stage_frames(ctx: Context) -> dict:
 
     n = scan["num_frames"]
     stats = DecodeStats()
-    with atomic_directory(ctx.out / "frames") as tmp, ThreadPoolExecutor(1) as pool, _progress(n, "frames") as bar:
-        pending = []
-        for k, image in iter_frames(ctx.video, crop_resize, stats, max_frames=n):
-            pending.append(pool.submit(write, tmp / frame_name(k, "jpg"), image))
-            if len(pending) > 8:  # bounded queue: never more than a few frames in RAM
-                pending.pop(0).result()
-            bar.update()
-        for p in pending:
-            p.result()
+    with atomic_directory(ctx.out / "frames") as tmp, _progress(n, "frames") as bar:
+        with _BackgroundWriter() as writer:
+            for k, image in iter_frames(ctx.video, crop_resize, stats, max_frames=n):
+                writer.submit(write, tmp / frame_name(k, "jpg"), image)
+                bar.update()
         if stats.output_frames != n:
             raise InputError(f"{ctx.video.name}: second decoding pass gave {stats.output_frames} frames, first gave {n}")
     audio, real_seconds = decode_audio(ctx.video, scan["t0"], n)
@@ -224,8 +251,7 @@ def _stage_landmarks(ctx: Context) -> dict:
     multi, previous = 0, None
     write_png = lambda path, image: cv2.imwrite(str(path), image)  # noqa: E731
     with (atomic_directory(ctx.out / "matte") as tmp, ThreadPoolExecutor(1) as seg_pool,
-          ThreadPoolExecutor(1) as io_pool, _progress(n, "landmarks+matte") as bar):
-        pending = []
+          _BackgroundWriter() as writer, _progress(n, "landmarks+matte") as bar):
         for k, image in enumerate(_read_frames(ctx)):
             matte = seg_pool.submit(segmenter, image)
             faces = mesh(image)
@@ -234,12 +260,8 @@ def _stage_landmarks(ctx: Context) -> dict:
             if face is not None:
                 landmarks[k], detected[k], previous = face, True, face[:, :2].mean(0)
             alpha = (np.clip(matte.result(), 0, 1) * 255).round().astype(np.uint8)
-            pending.append(io_pool.submit(write_png, tmp / frame_name(k, "png"), alpha))
-            if len(pending) > 8:
-                pending.pop(0).result()
+            writer.submit(write_png, tmp / frame_name(k, "png"), alpha)
             bar.update()
-        if not all(p.result() for p in pending):
-            raise OSError(f"could not write the person matte under {ctx.out}")
     mesh.close()
     segmenter.close()
     fraction = detected.mean()
@@ -262,17 +284,13 @@ def _stage_masks(ctx: Context) -> dict:
     landmarks = np.load(ctx.out / "landmarks.npz")["landmarks"]
     read = lambda k: cv2.imread(str(ctx.out / "matte" / frame_name(k, "png")), cv2.IMREAD_UNCHANGED)  # noqa: E731
     mouth_pixels = 0
-    with atomic_directory(ctx.out / "masks") as tmp, ThreadPoolExecutor(1) as pool, _progress(n, "masks") as bar:
-        pending = []
+    write_png = lambda path, image: cv2.imwrite(str(path), image)  # noqa: E731
+    with atomic_directory(ctx.out / "masks") as tmp, _BackgroundWriter() as writer, _progress(n, "masks") as bar:
         for k, matte in enumerate(_prefetch(read, range(n))):
             labels = label_map(matte.astype(np.float32) / 255.0, landmarks[k])
             mouth_pixels += int(np.count_nonzero(labels & MOUTH))
-            pending.append(pool.submit(cv2.imwrite, str(tmp / frame_name(k, "png")), labels))
-            if len(pending) > 8:
-                pending.pop(0).result()
+            writer.submit(write_png, tmp / frame_name(k, "png"), labels)
             bar.update()
-        if not all(p.result() for p in pending):
-            raise OSError(f"could not write masks under {ctx.out}")
     return {"mean_mouth_pixels": mouth_pixels / n}
 
 
@@ -289,8 +307,6 @@ def _stage_background(ctx: Context) -> dict:
                        for i in indices])
     plate, unseen = background_plate(frames, person)
     ok, buf = cv2.imencode(".png", plate[..., ::-1])
-    from gsavatar.data.io import atomic_write_bytes
-
     atomic_write_bytes(ctx.out / "background.png", buf.tobytes())
     return {"sampled_frames": int(len(indices)), "filled_fraction": round(unseen, 4)}
 
