@@ -14,7 +14,7 @@ from typing import Annotated
 import tyro
 
 from gsavatar.config import PreprocessConfig
-from gsavatar.errors import GsavatarError
+from gsavatar.errors import GsavatarError, InputError
 
 
 @dataclasses.dataclass
@@ -41,6 +41,48 @@ class Preprocess:
         report = preprocess(self.video, self.out, cfg)
         print(f"subject dataset ready: {self.out}  ({report['num_frames']} frames, face in "
               f"{100 * report['face_fraction']:.1f}%, {report['total_wall_s']:.1f} s)")
+
+
+@dataclasses.dataclass
+class Track:
+    """Fit the subject's 3D face model: head pose and expression per frame, identity shape and focal length.
+
+    Reads SUBJECT_DIR (from gsavatar preprocess, which also runs this step), writes
+    tracking.npz and tracking_report.json (reprojection error in pixels, pose jitter, focal
+    length, wall time) and updates the manifest. Skipped when already up to date.
+    """
+
+    subject: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="SUBJECT_DIR")]
+    """Subject dataset made by gsavatar preprocess."""
+    overlay: Annotated[Path | None, tyro.conf.arg(metavar="OUT.mp4")] = None
+    """Also write a video of the fitted model drawn over the frames, with the audio."""
+    focal: float | None = None
+    """Focal length in pixels at the working size, if known (default: estimated from the video)."""
+    expression_components: int = 32
+    """Size of the expression basis learned from the subject."""
+    force: bool = False
+    """Re-run tracking even if it is up to date."""
+
+    def __call__(self) -> None:
+        from gsavatar.config import TrackingConfig
+        from gsavatar.data.dataset import SubjectDataset
+        from gsavatar.data.preprocess import track
+
+        if self.overlay is not None and self.overlay.suffix.lower() != ".mp4":
+            raise InputError(f"--overlay must name an .mp4 file (got {self.overlay})")
+        if self.focal is not None and not self.focal > 0:
+            raise InputError(f"--focal must be a positive number of pixels (got {self.focal})")
+        cfg = TrackingConfig(focal_px=self.focal, expression_components=self.expression_components)
+        m = track(self.subject, cfg, force=self.force)
+        print(f"tracking: reprojection RMSE {m['reprojection_rmse_px']:.2f} px (rigid points "
+              f"{m['reprojection_rmse_rigid_px']:.2f} px), jitter {m['jitter_translation_mm']:.2f} mm / "
+              f"{m['jitter_rotation_deg']:.2f} deg, focal {m['focal_px']:.0f} px ({m['fov_x_deg']:.0f} deg field of view)")
+        if self.overlay is not None:
+            from gsavatar.tracking.overlay import write_overlay
+
+            dataset = SubjectDataset(self.subject)
+            write_overlay(dataset, dataset.tracking, self.overlay)
+            print(f"overlay: {self.overlay}")
 
 
 @dataclasses.dataclass
@@ -73,6 +115,7 @@ class Demo:
 
 COMMANDS = {
     "preprocess": Preprocess,
+    "track": Track,
     "demo": Demo,
 }
 

@@ -12,6 +12,10 @@ Layout of ``SUBJECT_DIR``::
     background.png           clean background plate
     signals.npz              blink [N] (0 open .. 1 closed), ear [N], mouth_open [N]
     features/<kind>.npy      audio features [N, S, D] (see gsavatar.data.audio_features)
+    tracking.npz             morphable model, intrinsics, per-frame pose and expression
+                             (see gsavatar.tracking.tracker.TrackingResult, conventions in
+                             gsavatar.tracking.camera)
+    tracking_report.json     reprojection RMSE, pose jitter, focal length, wall time
 
 A dataset is trusted only when ``manifest["complete"]`` is true, which the preprocessor sets
 as its very last write.
@@ -54,8 +58,9 @@ class SubjectDataset:
             raise InputError(f"{self.root} is not a subject dataset (no readable manifest.json); run gsavatar preprocess")
         if not manifest.get("complete"):
             missing = [s for s, v in manifest.get("stages", {}).items() if not v.get("done")]
+            fix = f"run gsavatar track {self.root}" if missing == ["tracking"] else "re-run gsavatar preprocess"
             raise IncompleteDatasetError(
-                f"{self.root} is incomplete (unfinished stages: {', '.join(missing) or 'unknown'}); re-run gsavatar preprocess")
+                f"{self.root} is incomplete (unfinished stages: {', '.join(missing) or 'unknown'}); {fix}")
         self.manifest = manifest
 
     # Sizes and splits
@@ -112,6 +117,17 @@ class SubjectDataset:
     @property
     def landmarks_valid(self) -> np.ndarray:
         return self._landmarks["valid"]
+
+    @cached_property
+    def tracking(self):
+        """The :class:`~gsavatar.tracking.tracker.TrackingResult`: cameras (``world_to_camera()``,
+        ``intrinsics``), expressions and the subject's morphable model."""
+        from gsavatar.tracking.tracker import TrackingResult
+
+        path = self.root / "tracking.npz"
+        if not self.manifest.get("stages", {}).get("tracking", {}).get("done") or not path.is_file():
+            raise IncompleteDatasetError(f"{self.root} has no face tracking yet; run gsavatar track {self.root}")
+        return TrackingResult.load(path)
 
     @cached_property
     def signals(self) -> dict[str, np.ndarray]:

@@ -23,11 +23,11 @@ from typing import Callable, Iterator
 import numpy as np
 
 from gsavatar import __version__
-from gsavatar.config import PreprocessConfig
+from gsavatar.config import PreprocessConfig, TrackingConfig
 from gsavatar.data.dataset import MANIFEST_VERSION, frame_name, read_manifest
 from gsavatar.data.io import atomic_directory, atomic_save_npz, atomic_write_bytes, atomic_write_json, file_sha256, stable_hash
 from gsavatar.data.video import FPS, SAMPLE_RATE, DecodeStats, decode_audio, iter_frames, probe_video, write_wav
-from gsavatar.errors import InputError
+from gsavatar.errors import IncompleteDatasetError, InputError
 
 
 def _log(message: str) -> None:
@@ -342,6 +342,45 @@ def _stage_audio_features(ctx: Context) -> dict:
     return {"kinds": described}
 
 
+def _stage_tracking(ctx: Context) -> dict:
+    """Learn the subject's morphable model and fit pose, expression and focal length to the
+    landmark tracks: tracking.npz and tracking_report.json (see gsavatar.tracking)."""
+    from gsavatar.tracking.camera import principal_point_in_crop
+    from gsavatar.tracking.tracker import track_landmarks
+
+    scan, size = ctx.results["scan"], ctx.cfg.size
+    principal = principal_point_in_crop(scan["source"]["width"], scan["source"]["height"], scan["crop"], size)
+    with np.load(ctx.out / "landmarks.npz") as data:
+        landmarks, valid = data["landmarks"], data["valid"]
+    t = time.perf_counter()
+    bars: dict = {}
+
+    def progress(step: str, done: int, total: int) -> None:
+        if step not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[step] = _progress(total, f"track: {step}")
+        bars[step].n = done
+        bars[step].refresh()
+
+    try:
+        result = track_landmarks(landmarks, valid, size, principal, ctx.cfg.tracking, progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    wall = time.perf_counter() - t
+    result.save(ctx.out / "tracking.npz")
+    metrics = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.metrics().items()}
+    report = {**metrics, "num_frames": result.num_frames, "valid_frames": int(valid.sum()),
+              "principal_point_px": [round(c, 2) for c in principal], "size": size,
+              "expression_components": result.model.num_expression,
+              "explained_expression_variance": round(result.explained_variance, 5),
+              "focal_search": {str(f): s for f, s in result.focal_search.items()},
+              "timings_s": result.timings, "wall_s": round(wall, 3)}
+    atomic_write_json(ctx.out / "tracking_report.json", report)
+    return metrics
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("scan", _stage_scan, ("scan.json",),
           ("min_duration_s", "max_source_side", "scan_stride", "crop_face_scale", "crop_face_centre")),
@@ -352,6 +391,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("background", _stage_background, ("background.png",), ("background_samples",), ("masks",)),
     Stage("signals", _stage_signals, ("signals.npz",), (), ("landmarks",)),
     Stage("audio_features", _stage_audio_features, ("features",), ("audio_features",), ("frames",)),
+    Stage("tracking", _stage_tracking, ("tracking.npz", "tracking_report.json"), ("size", "tracking"),
+          ("scan", "landmarks")),
 )
 
 
@@ -368,12 +409,71 @@ def _check_output_dir(out: Path) -> bool:
     return True
 
 
+def _jsonable(value):
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
 def _stage_key(stage: Stage, ctx: Context, keys: dict[str, str]) -> str:
     return stable_hash({
         "stage": stage.name, "version": stage.version, "source": ctx.source_sha256,
-        "config": {f: getattr(ctx.cfg, f) for f in stage.config_fields},
+        "config": {f: _jsonable(getattr(ctx.cfg, f)) for f in stage.config_fields},
         "upstream": {d: keys[d] for d in stage.depends},
     })
+
+
+def _run_stage(stage: Stage, ctx: Context, key: str, force: bool = False) -> dict:
+    """Run ``stage`` unless its manifest record has this key and its outputs exist; keeps the
+    manifest current (record marked not-done before, done with its result after). Returns the
+    stage's entry for the report."""
+    manifest, out = ctx.manifest, ctx.out
+    record = manifest["stages"].get(stage.name, {})
+    if (not force and record.get("done") and record.get("key") == key
+            and all((out / o).exists() for o in stage.outputs)):
+        ctx.results[stage.name] = record["result"]
+        _log(f"  {stage.name:<15} up to date, skipped")
+        return {"wall_s": 0.0, "skipped": True}
+    manifest["stages"][stage.name] = {"done": False, "key": key}
+    atomic_write_json(out / "manifest.json", manifest)
+    t = time.perf_counter()
+    load_before = ctx.model_load_s
+    result = stage.run(ctx)
+    wall = time.perf_counter() - t
+    ctx.results[stage.name] = result
+    manifest["stages"][stage.name] = {"done": True, "key": key, "result": result, "wall_s": round(wall, 3)}
+    atomic_write_json(out / "manifest.json", manifest)
+    _log(f"  {stage.name:<15} done in {wall:6.1f} s")
+    return {"wall_s": round(wall, 3), "model_load_s": round(ctx.model_load_s - load_before, 3), "skipped": False}
+
+
+def track(subject_dir: str | Path, cfg: TrackingConfig | None = None, force: bool = False) -> dict:
+    """(Re)run only the tracking stage on an existing subject dataset (``gsavatar track``).
+
+    Returns the tracking stage's result (the metrics of tracking_report.json). The dataset is
+    marked incomplete while tracking runs, so an interrupted run is never trusted.
+    """
+    out = Path(subject_dir)
+    manifest = read_manifest(out)
+    if manifest is None or manifest.get("format") != "gsavatar-subject":
+        raise InputError(f"{out} is not a subject dataset (no readable manifest.json); run gsavatar preprocess first")
+    stage = next(s for s in STAGES if s.name == "tracking")
+    records = manifest.get("stages", {})
+    upstream = [s.name for s in STAGES if s.name != "tracking"]
+    unfinished = [name for name in upstream if not records.get(name, {}).get("done")]
+    if unfinished or "source" not in manifest:
+        raise IncompleteDatasetError(f"{out} is incomplete (unfinished stages: {', '.join(unfinished) or 'unknown'}); "
+                                     "re-run gsavatar preprocess")
+    cfg = cfg or TrackingConfig()
+    pcfg = PreprocessConfig(size=int(manifest["size"]), tracking=cfg)
+    ctx = Context(Path(manifest["source"]["path"]), out, pcfg, manifest["source"]["sha256"], manifest,
+                  results={name: records[name]["result"] for name in upstream})
+    keys = {name: records[name]["key"] for name in upstream}
+    manifest["complete"] = False  # written only if the stage actually runs
+    _run_stage(stage, ctx, _stage_key(stage, ctx, keys), force)
+    manifest.setdefault("config", {})["tracking"] = dataclasses.asdict(cfg)
+    manifest["stages"] = {s.name: manifest["stages"][s.name] for s in STAGES}
+    manifest["complete"] = True
+    atomic_write_json(out / "manifest.json", manifest)
+    return ctx.results["tracking"]
 
 
 def preprocess(video: str | Path, out: str | Path, cfg: PreprocessConfig | None = None) -> dict:
@@ -401,26 +501,8 @@ def preprocess(video: str | Path, out: str | Path, cfg: PreprocessConfig | None 
         keys: dict[str, str] = {}
         report_stages = {}
         for stage in STAGES:
-            key = _stage_key(stage, ctx, keys)
-            keys[stage.name] = key
-            record = manifest["stages"].get(stage.name, {})
-            if record.get("done") and record.get("key") == key and all((out / o).exists() for o in stage.outputs):
-                ctx.results[stage.name] = record["result"]
-                report_stages[stage.name] = {"wall_s": 0.0, "skipped": True}
-                _log(f"  {stage.name:<15} up to date, skipped")
-                continue
-            manifest["stages"][stage.name] = {"done": False, "key": key}
-            atomic_write_json(out / "manifest.json", manifest)
-            t = time.perf_counter()
-            load_before = ctx.model_load_s
-            result = stage.run(ctx)
-            wall = time.perf_counter() - t
-            ctx.results[stage.name] = result
-            manifest["stages"][stage.name] = {"done": True, "key": key, "result": result, "wall_s": round(wall, 3)}
-            atomic_write_json(out / "manifest.json", manifest)
-            report_stages[stage.name] = {"wall_s": round(wall, 3), "model_load_s": round(ctx.model_load_s - load_before, 3),
-                                         "skipped": False}
-            _log(f"  {stage.name:<15} done in {wall:6.1f} s")
+            keys[stage.name] = _stage_key(stage, ctx, keys)
+            report_stages[stage.name] = _run_stage(stage, ctx, keys[stage.name])
         # Drop records of stages that no longer exist, then publish the dataset as complete.
         manifest["stages"] = {s.name: manifest["stages"][s.name] for s in STAGES}
         report = _finish(ctx, report_stages, time.perf_counter() - t_start)
