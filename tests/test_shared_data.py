@@ -54,6 +54,18 @@ def test_cnn2_audio_and_mouth_in_sync(cnn2):
     assert abs(lag) <= 1 and r > 0.15, (lag, r)
 
 
+def test_cnn2_tracking_meets_the_targets(cnn2):
+    """Issue targets at 512 px are rigid < 1.5 px and all < 2.5 px in under 60 s; this subject is
+    at 256 px, so the pixel bars are halved. BENCHMARKS.md has the 512 px figures."""
+    ds, report = cnn2
+    metrics = ds.manifest["stages"]["tracking"]["result"]
+    assert metrics["reprojection_rmse_rigid_px"] < 0.75 and metrics["reprojection_rmse_px"] < 1.25, metrics
+    assert report["stages"]["tracking"]["wall_s"] < 60
+    assert metrics["jitter_rotation_deg"] < 0.5 and metrics["jitter_translation_mm"] < 2.0
+    tracking = ds.tracking
+    assert np.isfinite(tracking.translation).all() and (tracking.translation[:, 2] > 0).all()
+
+
 def test_katiehill_preprocesses(tmp_path):
     require_preprocess_deps()
     from gsavatar.config import PreprocessConfig
