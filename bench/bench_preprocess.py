@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -21,7 +19,8 @@ from pathlib import Path
 
 import tyro
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import append_row, machine
+
 
 
 @dataclasses.dataclass
@@ -34,19 +33,6 @@ class Args:
     """Audio feature kinds."""
     write: bool = False
     """Append the result to BENCHMARKS.md."""
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {mem_gb:.0f} GB, Python {platform.python_version()}"
 
 
 def main(args: Args) -> None:
@@ -69,9 +55,7 @@ def main(args: Args) -> None:
         row = (f"| {datetime.date.today()} | {args.video.name} | {report['num_frames']} | {args.size} | "
                f"{report['total_wall_s']:.1f} | {report['wall_s_excluding_model_load']:.1f} | {stages} | "
                f"{report['peak_rss_mb']:.0f} | {100 * report['face_fraction']:.1f}% | {machine()} | `{shown}` |\n")
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write(row)
-        print("row appended to BENCHMARKS.md")
+        append_row("## Preprocessing (`gsavatar preprocess`)", row)
 
 
 if __name__ == "__main__":
