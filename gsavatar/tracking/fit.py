@@ -55,12 +55,11 @@ def _second_difference(x: torch.Tensor) -> torch.Tensor:
 def fit_sequence(model: MorphableModel, points: np.ndarray, frame_weight: np.ndarray, focal: float,
                  principal: tuple[float, float], cfg: TrackingConfig, rotation: np.ndarray,
                  translation: np.ndarray, expression: np.ndarray | None = None,
-                 iterations: int | None = None, optimise_focal: bool = False, optimise_shape: bool = False,
-                 progress: Callable[[int], None] | None = None) -> FitResult:
+                 iterations: int | None = None, progress: Callable[[int], None] | None = None) -> FitResult:
     """Fit pose and expression of every frame to 2D landmarks ``points [N, V, 2]`` (pixels).
 
     ``rotation``/``translation``/``expression`` are the initial values (from the model learning
-    or :func:`initial_pose`). With ``optimise_focal`` the focal length is a free variable too.
+    or :func:`initial_pose`); the focal length is fixed (see ``tracker.estimate_focal``).
     """
     dtype = torch.float64
     n, k = len(points), model.num_expression
@@ -72,18 +71,16 @@ def fit_sequence(model: MorphableModel, points: np.ndarray, frame_weight: np.nda
     t_var = torch.tensor(np.asarray(translation) / _TRANSLATION_UNIT, dtype=dtype, requires_grad=True)
     e0 = np.zeros((n, k)) if expression is None else np.asarray(expression, np.float64)
     e_var = torch.tensor(e0, dtype=dtype, requires_grad=True)
-    logf = torch.tensor(math.log(focal), dtype=dtype, requires_grad=optimise_focal)
-    shape_var = torch.zeros(model.num_vertices, 3, dtype=dtype, requires_grad=optimise_shape)  # millimetres
-    variables = [r_var, t_var, e_var] + ([logf] if optimise_focal else []) + ([shape_var] if optimise_shape else [])
+    variables = [r_var, t_var, e_var]
     c2 = cfg.robust_scale_px ** 2
     mean = torch.as_tensor(model.mean, dtype=dtype)
     basis = torch.as_tensor(model.basis, dtype=dtype).reshape(k, model.num_vertices * 3)
 
     def residual() -> torch.Tensor:
-        verts = mean + shape_var * 1e-3 + (e_var @ basis).reshape(n, -1, 3)
+        verts = mean + (e_var @ basis).reshape(n, -1, 3)
         rot = axis_angle_to_matrix(r_var * _DEG)
         cam = verts @ rot.transpose(1, 2) + (t_var * unit)[:, None]
-        return project(cam, logf.exp(), principal) - target
+        return project(cam, focal, principal) - target
 
     def objective() -> torch.Tensor:
         r2 = residual().pow(2).sum(-1)
@@ -107,18 +104,18 @@ def fit_sequence(model: MorphableModel, points: np.ndarray, frame_weight: np.nda
 
     total = cfg.iterations if iterations is None else iterations
     steps = max(1, total // 20)
-    for step in range(steps):
+    for _ in range(steps):
         optimiser.step(closure)
         if progress is not None:
             progress(20)
-    state = optimiser.state[optimiser._params[0]]
     with torch.no_grad():
         loss = float(objective())
         res = residual().norm(dim=-1).numpy()
         rot = axis_angle_to_matrix(r_var * _DEG).numpy()
     return FitResult(rotation=rot, axis_angle=(r_var.detach().numpy() * _DEG),
                      translation=(t_var.detach().numpy() * _TRANSLATION_UNIT), expression=e_var.detach().numpy(),
-                     focal=float(logf.exp()), residual_px=res, loss=loss, iterations=int(state.get("n_iter", 0)))
+                     focal=float(focal), residual_px=res, loss=loss,
+                     iterations=int(optimiser.state[r_var].get("n_iter", 0)))
 
 
 def _skew(v: np.ndarray) -> np.ndarray:
