@@ -157,6 +157,16 @@ def test_tracking_recovers_synthetic_ground_truth(gt_model, focal, seed):
     metrics = result.metrics()
     assert metrics["reprojection_rmse_px"] < 1.6  # the noise itself: 1 px per axis is 1.41 px
     assert metrics["jitter_rotation_deg"] < 0.5
+    assert not result.focal_at_search_limit
+
+
+def test_no_perspective_is_reported_at_the_search_limit(gt_model):
+    """Seen from very far (a 1 degree field of view) the landmarks carry no perspective: the
+    search ends at its longest focal length and says so."""
+    tracks = synthesize_tracks(gt_model, 200, focal=30000.0, size=512, noise_px=1.0, seed=6)
+    result = track_landmarks(tracks.landmarks, np.ones(200, bool), 512, tracks.principal, TrackingConfig())
+    assert result.focal_at_search_limit and result.focal == pytest.approx(512 * 12.0)
+    assert result.metrics()["reprojection_rmse_px"] < 1.6  # the fit itself is still good
 
 
 def test_too_few_valid_frames_is_a_clear_error(gt_model):
@@ -179,6 +189,7 @@ def test_preprocess_tracks_the_demo_subject(demo_subject):
     report = json.loads((demo_subject[0] / "tracking_report.json").read_text())
     assert report["reprojection_rmse_rigid_px"] < 1.0 and report["reprojection_rmse_px"] < 1.5
     assert set(report) >= {"jitter_translation_mm", "jitter_rotation_deg", "focal_px", "wall_s", "focal_search"}
+    assert report["focal_at_search_limit"] == tracking.focal_at_search_limit
     # The cameras reproduce the landmarks: project the model through world_to_camera and K.
     from gsavatar.tracking.overlay import project_model
 

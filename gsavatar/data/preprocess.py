@@ -369,6 +369,9 @@ def _stage_tracking(ctx: Context) -> dict:
         for bar in bars.values():
             bar.close()
     wall = time.perf_counter() - t
+    if result.focal_at_search_limit:
+        _log(f"warning: the focal length search ended at its limit ({result.focal:.0f} px): the video shows too "
+             "little head rotation to measure perspective. The fit is still good; pass --focal if you know it.")
     result.save(ctx.out / "tracking.npz")
     metrics = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.metrics().items()}
     report = {**metrics, "num_frames": result.num_frames, "valid_frames": int(valid.sum()),
@@ -376,6 +379,7 @@ def _stage_tracking(ctx: Context) -> dict:
               "expression_components": result.model.num_expression,
               "explained_expression_variance": round(result.explained_variance, 5),
               "focal_search": {str(f): s for f, s in result.focal_search.items()},
+              "focal_at_search_limit": result.focal_at_search_limit,
               "timings_s": result.timings, "wall_s": round(wall, 3)}
     atomic_write_json(ctx.out / "tracking_report.json", report)
     return metrics

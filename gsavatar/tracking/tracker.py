@@ -85,6 +85,15 @@ class TrackingResult:
                        z["translation"].astype(np.float64), z["expression"], z["residual_px"], z["valid"],
                        {float(f): float(v) for f, v in z["focal_search"]}, {}, float(z["explained_variance"]))
 
+    @property
+    def focal_at_search_limit(self) -> bool:
+        """True when the focal search ended at an end of its range: the video shows too little
+        head rotation to measure perspective (the fit is still good for this video)."""
+        if not self.focal_search:
+            return False
+        ends = (min(self.focal_search), max(self.focal_search))
+        return any(abs(math.log(self.focal / end)) < 1e-3 for end in ends)
+
     def metrics(self) -> dict:
         """Reprojection RMSE (px), pose jitter, focal: the figures tracking_report.json holds."""
         res = self.residual_px[self.valid]
@@ -162,12 +171,6 @@ def estimate_focal(landmarks: np.ndarray, valid: np.ndarray, size: int, principa
             a, c = c, d
             d = a + _GOLDEN * (b - a)
     best_f = min(scores, key=scores.get)
-    if best_f in (math.exp(lo), math.exp(hi)):
-        import sys
-
-        print(f"warning: the focal length search ended at its limit ({best_f:.0f} px); the video has too little "
-              "head rotation to measure perspective. Tracking still fits, but pass --focal if you know it.",
-              file=sys.stderr)
     return best_f, {round(f, 2): round(s, 5) for f, s in sorted(scores.items())}
 
 
