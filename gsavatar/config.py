@@ -71,3 +71,270 @@ class PreprocessConfig:
     """The last ``test_fraction`` of frames form the test split (the published convention)."""
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     """3DMM tracking (the last stage): model learning and fitting settings."""
+
+
+# --------------------------------------------------------------------------------------------
+# The avatar (model) and its training. Presets in configs/*.toml override these defaults.
+
+
+@dataclasses.dataclass
+class HashGridSettings:
+    """A multiresolution hash grid (see ``gsavatar.model.encoding.HashGrid``)."""
+
+    num_levels: int = 12
+    """Resolution levels."""
+    features_per_level: int = 1
+    """Features stored per table entry."""
+    log2_table_size: int = 17
+    """Entries per level = 2 ** this (the published method uses 2^17)."""
+    base_resolution: int = 16
+    """Grid resolution of the coarsest level."""
+    max_resolution: int = 512
+    """Grid resolution of the finest level (levels grow geometrically in between)."""
+
+
+@dataclasses.dataclass
+class BranchConfig:
+    """One Gaussian branch (face, inside-mouth or torso) and its deformation network."""
+
+    num_gaussians: int = 2000
+    """Gaussians at initialisation (densification then adds and prunes)."""
+    max_gaussians: int = 30000
+    """Densification never grows the branch beyond this."""
+    sh_degree: int = 2
+    """Spherical-harmonics degree of the colours (0: view-independent)."""
+    hash: HashGridSettings = dataclasses.field(default_factory=HashGridSettings)
+    """Tri-plane hash grids over the canonical Gaussian centres."""
+    hidden: int = 64
+    """Width of the deformation decoder MLP."""
+    layers: int = 3
+    """Layers of the deformation decoder MLP."""
+    position_scale: float = 0.01
+    """Position offsets are the network output times this (metres): keeps early motion small."""
+    init_scale: float = 0.004
+    """Initial Gaussian scale (metres; camera-frame metres for the torso)."""
+    init_opacity: float = 0.3
+    """Initial Gaussian opacity."""
+
+
+def _mouth_branch() -> BranchConfig:
+    return BranchConfig(num_gaussians=1500, max_gaussians=10000, hidden=32, layers=2,
+                        hash=HashGridSettings(base_resolution=64, max_resolution=1024), init_scale=0.003)
+
+
+def _torso_branch() -> BranchConfig:
+    return BranchConfig(num_gaussians=1500, max_gaussians=20000, sh_degree=0, hidden=32, layers=2,
+                        hash=HashGridSettings(num_levels=8, log2_table_size=14, max_resolution=128))
+
+
+@dataclasses.dataclass
+class AvatarConfig:
+    """The avatar's three Gaussian branches and its conditioning."""
+
+    face: BranchConfig = dataclasses.field(default_factory=BranchConfig)
+    """Face branch: persistent head Gaussians deformed by audio and blink (position, rotation, scale)."""
+    mouth: BranchConfig = dataclasses.field(default_factory=_mouth_branch)
+    """Inside-mouth branch: Gaussians in the mouth cavity, position deformed by audio only."""
+    torso: BranchConfig = dataclasses.field(default_factory=_torso_branch)
+    """Torso branch: camera-frame Gaussians moved by the head pose (never by frame index)."""
+    audio_feature: str = "auto"
+    """Audio feature kind to condition on; "auto" picks whisper, then hubert, wav2vec2, logmel, whichever the subject has."""
+    audio_window_radius: int = 4
+    """Frames of audio context on each side of a frame fed to the audio encoder."""
+    audio_dim: int = 32
+    """Size of the encoded audio feature."""
+    audio_smoothing_frames: int = 8
+    """Neighbouring frames whose encoded audio is blended by learned attention."""
+    blink_dim: int = 8
+    """Size of the encoded blink feature."""
+    hash_bound: float = 0.2
+    """Canonical coordinates (metres in the head frame) are clamped to +-this for the face/mouth hash grids."""
+
+
+@dataclasses.dataclass
+class StageConfig:
+    """One training stage: which branches learn, what they are compared with, for how long."""
+
+    name: str
+    """mouth | face | fuse | torso."""
+    iterations: int
+    """Optimiser steps in this stage."""
+    static_iterations: int = 0
+    """For the face stage: the first steps render the canonical Gaussians without deformation."""
+    curriculum: str | None = None
+    """Incremental sampling over "mouth_open" (and then blink) instead of uniform frames; None: uniform."""
+    densify: bool = True
+    """Densify and prune the trained branch's Gaussians in this stage."""
+
+
+def _default_stages() -> list[StageConfig]:
+    return [
+        StageConfig("mouth", 20000),
+        StageConfig("face", 30000, static_iterations=3000, curriculum="mouth_open"),
+        StageConfig("fuse", 5000, densify=False),
+        StageConfig("torso", 8000),
+    ]
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """Loss weights (every weight used in the training loop lives here)."""
+
+    ssim: float = 0.2
+    """Weight of D-SSIM against (1 - weight) L1."""
+    alpha: float = 0.1
+    """Face stage: face alpha should be 1 on the head (minus the mouth) and 0 elsewhere."""
+    mouth_alpha: float = 0.05
+    """Mouth stage: mouth alpha should be 0 outside the head."""
+    torso_alpha: float = 0.1
+    """Torso stage: torso alpha should be 1 on the torso and 0 on the background."""
+    mouth_region: float = 2.0
+    """Extra weight of the photometric loss inside the mouth region (lip-sync matters most there)."""
+    landmark_deformation: float = 1.0
+    """The face net's offsets at the tracked landmarks should match the tracked expression motion (per cm^2)."""
+    deformation: float = 1e-3
+    """L2 on the face position offsets (network units): stillness unless the images ask for motion."""
+    mouth_deformation: float = 1e-3
+    """L2 on the mouth position offsets (network units)."""
+    lpips: float = 0.0
+    """LPIPS weight late in the face stage; used only if LPIPS and its backbone weights are present locally."""
+
+
+@dataclasses.dataclass
+class DensifyConfig:
+    """Adaptive density control (clone, split, prune), as in 3D Gaussian Splatting."""
+
+    start: int = 500
+    """First stage iteration that densifies."""
+    stop_fraction: float = 0.6
+    """No densification after this fraction of the stage."""
+    every: int = 100
+    """Densify every this many iterations."""
+    grad_threshold: float = 2e-4
+    """Mean screen-space gradient (NDC units) above which a Gaussian is cloned or split."""
+    split_scale: float = 0.01
+    """Gaussians larger than this (metres) are split, smaller ones cloned."""
+    prune_opacity: float = 0.005
+    """Gaussians less opaque than this are removed."""
+    reset_opacity_every: int = 3000
+    """Opacity reset period (0: never)."""
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Learning rates (Adam)."""
+
+    means: float = 1.6e-4
+    """Gaussian centres, in metres per step (scaled by nothing: the head is ~0.2 m)."""
+    quats: float = 1e-3
+    """Rotations (unnormalised quaternions)."""
+    log_scales: float = 5e-3
+    """Log-scales."""
+    opacity: float = 5e-2
+    """Opacity logits."""
+    sh0: float = 2.5e-3
+    """Base colour (SH degree 0)."""
+    shN: float = 1.25e-4
+    """Higher SH coefficients."""
+    encoding: float = 1e-2
+    """Hash-grid tables."""
+    network: float = 5e-4
+    """MLPs and audio encoders."""
+    final_lr_fraction: float = 0.1
+    """Learning rates decay exponentially to this fraction over each stage."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything ``gsavatar train`` does. Presets (configs/*.toml) override fields of this."""
+
+    render_size: int = 512
+    """Training resolution (frames are resized from the dataset's working size)."""
+    avatar: AvatarConfig = dataclasses.field(default_factory=AvatarConfig)
+    """The avatar's branches and conditioning."""
+    stages: list[StageConfig] = dataclasses.field(default_factory=_default_stages)
+    """Stages, in order; resuming restarts inside the stage that was running."""
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    """Loss weights."""
+    densify: DensifyConfig = dataclasses.field(default_factory=DensifyConfig)
+    """Densification and pruning."""
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    """Learning rates."""
+    seed: int = 0
+    """Random seed; CPU training is deterministic for a fixed seed."""
+    device: str = "auto"
+    """auto (CUDA if available) | cpu | cuda."""
+    cpu_threads: int = 0
+    """Torch CPU threads (0: torch's default). The small ops of CPU training often run faster on 1 thread."""
+    backend: str = "torch"
+    """Rasterizer backend (see ``gsavatar.render.available_backends``)."""
+    checkpoint_every: int = 500
+    """Write the resumable checkpoint every this many iterations (and at every stage end)."""
+    log_every: int = 25
+    """Progress-bar and log-file refresh period (iterations)."""
+    eval_frames: int = 0
+    """Test-split frames evaluated in the final summary (0: all)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Building configs from dicts (checkpoints, presets).
+
+
+def config_from_dict(cls, data: dict, base=None):
+    """Build dataclass ``cls`` from a (possibly partial) nested dict, over ``base`` (default: defaults).
+
+    Unknown keys are errors (a typo in a preset must not be silently ignored).
+    """
+    import typing
+
+    from gsavatar.errors import InputError
+
+    obj = base if base is not None else cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise InputError(f"unknown {cls.__name__} setting(s): {', '.join(sorted(unknown))} (known: {', '.join(sorted(names))})")
+    changes = {}
+    for key, value in data.items():
+        hint = hints[key]
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            changes[key] = config_from_dict(type(current), value, current)
+        elif typing.get_origin(hint) is list and typing.get_args(hint) and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            item = typing.get_args(hint)[0]
+            changes[key] = [config_from_dict(item, v, item(**{k: v[k] for k in ("name", "iterations") if k in v}))
+                            if isinstance(v, dict) else v for v in value]
+        elif isinstance(current, tuple) and isinstance(value, list):
+            changes[key] = tuple(value)
+        else:
+            changes[key] = value
+    return dataclasses.replace(obj, **changes)
+
+
+def presets_dir():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "configs"
+
+
+def available_presets() -> list[str]:
+    d = presets_dir()
+    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
+
+
+def load_preset(name: str) -> TrainConfig:
+    """A :class:`TrainConfig` from a preset name (configs/NAME.toml) or a path to a .toml file."""
+    import tomllib
+    from pathlib import Path
+
+    from gsavatar.errors import InputError
+
+    path = Path(name) if name.endswith(".toml") else presets_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise InputError(f"unknown preset '{name}' (available: {', '.join(available_presets()) or 'none'})")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"preset {path} is not valid TOML: {e}") from None
+    return config_from_dict(TrainConfig, data)

@@ -1,0 +1,1 @@
+"""Neural building blocks of the avatar: input encodings and the deformation networks."""

@@ -1,0 +1,154 @@
+"""Deformation networks: audio (+ blink, + head pose) -> per-Gaussian offsets.
+
+Face: tri-plane hash features of each canonical centre; an audio feature (encoded window,
+then smoothed by attention over neighbouring frames) and a blink feature, each multiplied
+channel-wise by a "region attention" gate computed from the spatial features; a decoder MLP
+-> offsets of position, rotation (added to the quaternion) and log-scale.
+Mouth: the same with audio only, position offsets only.
+Torso: camera-frame Gaussians; hash features + the head pose -> position offsets.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gsavatar.config import BranchConfig, HashGridSettings
+from gsavatar.model.encoding import HashGrid, HashGridConfig, TriPlaneEncoder
+
+
+def hash_config(s: HashGridSettings) -> HashGridConfig:
+    return HashGridConfig(num_levels=s.num_levels, features_per_level=s.features_per_level,
+                          log2_table_size=s.log2_table_size, base_resolution=s.base_resolution,
+                          max_resolution=s.max_resolution)
+
+
+def mlp(inp: int, hidden: int, out: int, layers: int) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    width = inp
+    for _ in range(layers - 1):
+        mods += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+        width = hidden
+    mods.append(nn.Linear(width, out))
+    return nn.Sequential(*mods)
+
+
+class AudioEncoder(nn.Module):
+    """Feature window ``[B, W, S, D]`` (W frames x S steps of D-dim features) -> ``[B, out]``.
+
+    A strided 1-D conv net over time (channels = feature dims), then a linear layer over the
+    flattened time axis: it learns where in the window to look (a mean over the window would
+    blur syllables, which last 5-8 frames).
+    """
+
+    def __init__(self, feature_dim: int, out_dim: int, steps: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv1d(feature_dim, 64, 3, stride=2, padding=1), nn.LeakyReLU(0.02, inplace=True),
+            nn.Conv1d(64, 64, 3, stride=2, padding=1), nn.LeakyReLU(0.02, inplace=True),
+            nn.Conv1d(64, 64, 3, stride=1, padding=1), nn.LeakyReLU(0.02, inplace=True),
+        )
+        reduced = (steps + 1) // 2
+        reduced = (reduced + 1) // 2
+        self.head = nn.Linear(64 * reduced, out_dim)
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        b, w, s, d = window.shape
+        x = window.reshape(b, w * s, d).transpose(1, 2)  # [B, D, T]
+        return self.head(self.net(x).flatten(1))
+
+
+class AudioAttention(nn.Module):
+    """Blend the encoded audio of ``K`` neighbouring frames ``[B, K, C] -> [B, C]`` with learned weights.
+
+    The scores start with a learnable prior peaked on the centre frame: uniform weights at
+    the start would average a whole syllable away and the net would have to unlearn it.
+    """
+
+    def __init__(self, dim: int, frames: int):
+        super().__init__()
+        self.score = nn.Sequential(nn.Conv1d(dim, 16, 3, padding=1), nn.LeakyReLU(0.02, inplace=True),
+                                   nn.Conv1d(16, 1, 3, padding=1))
+        offset = torch.arange(frames, dtype=torch.float32) - frames // 2
+        self.prior = nn.Parameter(-offset**2)  # log-weights: e^-1 for the next frames, e^-4 two away
+
+    def forward(self, encoded: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(self.score(encoded.transpose(1, 2)) + self.prior, dim=2)  # [B, 1, K]
+        return (weights.transpose(1, 2) * encoded).sum(dim=1)
+
+
+class AudioConditioner(nn.Module):
+    """Audio windows of ``K`` neighbouring frames ``[K, W, S, D]`` -> one smoothed feature ``[C]``."""
+
+    def __init__(self, feature_dim: int, out_dim: int, steps: int, frames: int):
+        super().__init__()
+        self.encoder = AudioEncoder(feature_dim, out_dim, steps)
+        self.attention = AudioAttention(out_dim, frames)
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        return self.attention(self.encoder(windows)[None])[0]
+
+
+class FaceDeformer(nn.Module):
+    """Canonical centres ``[G, 3]`` + audio + blink -> (d_position [G,3] m, d_quat [G,4], d_log_scale [G,3])."""
+
+    def __init__(self, cfg: BranchConfig, feature_dim: int, audio_steps: int, audio_frames: int, audio_dim: int, blink_dim: int, bound: float):
+        super().__init__()
+        self.position_scale = cfg.position_scale
+        self.spatial = TriPlaneEncoder(hash_config(cfg.hash), bound)
+        f = self.spatial.output_dim
+        self.audio = AudioConditioner(feature_dim, audio_dim, audio_steps, audio_frames)
+        self.blink = nn.Linear(1, blink_dim)
+        self.audio_gate = mlp(f, 32, audio_dim, 2)  # region attention
+        self.blink_gate = mlp(f, 32, blink_dim, 2)
+        self.decoder = mlp(f + audio_dim + blink_dim, cfg.hidden, 10, cfg.layers)
+        nn.init.zeros_(self.decoder[-1].weight)  # start from the canonical shape
+        nn.init.zeros_(self.decoder[-1].bias)
+
+    def forward(self, xyz: torch.Tensor, audio_windows: torch.Tensor, blink: torch.Tensor):
+        h = self.spatial(xyz)
+        a = self.audio(audio_windows)  # [C]
+        e = self.blink(blink.reshape(1, 1))  # [1, E]
+        a = torch.sigmoid(self.audio_gate(h)) * a[None]
+        e = torch.sigmoid(self.blink_gate(h)) * e
+        out = self.decoder(torch.cat([h, a, e], dim=1))
+        return out[:, :3], out[:, 3:7], out[:, 7:10]
+
+
+class MouthDeformer(nn.Module):
+    """Canonical centres + audio -> position offsets (network units; times ``position_scale`` = metres)."""
+
+    def __init__(self, cfg: BranchConfig, feature_dim: int, audio_steps: int, audio_frames: int, audio_dim: int, bound: float):
+        super().__init__()
+        self.position_scale = cfg.position_scale
+        self.spatial = TriPlaneEncoder(hash_config(cfg.hash), bound)
+        f = self.spatial.output_dim
+        self.audio = AudioConditioner(feature_dim, audio_dim, audio_steps, audio_frames)
+        self.audio_gate = mlp(f, 32, audio_dim, 2)
+        self.decoder = mlp(f + audio_dim, cfg.hidden, 3, cfg.layers)
+        nn.init.zeros_(self.decoder[-1].weight)
+        nn.init.zeros_(self.decoder[-1].bias)
+
+    def forward(self, xyz: torch.Tensor, audio_windows: torch.Tensor) -> torch.Tensor:
+        h = self.spatial(xyz)
+        a = torch.sigmoid(self.audio_gate(h)) * self.audio(audio_windows)[None]
+        return self.decoder(torch.cat([h, a], dim=1))
+
+
+class TorsoDeformer(nn.Module):
+    """Camera-frame centres + head pose (axis-angle, translation relative to the mean pose) -> position offsets."""
+
+    POSE_DIM = 6
+
+    def __init__(self, cfg: BranchConfig, bound: float):
+        super().__init__()
+        self.position_scale = cfg.position_scale
+        self.bound = bound
+        self.spatial = HashGrid(3, hash_config(cfg.hash))
+        self.decoder = mlp(self.spatial.output_dim + self.POSE_DIM, cfg.hidden, 3, cfg.layers)
+        nn.init.zeros_(self.decoder[-1].weight)
+        nn.init.zeros_(self.decoder[-1].bias)
+
+    def forward(self, xyz: torch.Tensor, centre: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
+        h = self.spatial(((xyz - centre) / (2 * self.bound) + 0.5).clamp(0, 1))
+        return self.decoder(torch.cat([h, pose.reshape(1, -1).expand(len(xyz), -1)], dim=1))

@@ -1,0 +1,12 @@
+"""Differentiable Gaussian rasterization (see :mod:`gsavatar.render.rasterize` for the conventions)."""
+
+from gsavatar.render.rasterize import (
+    Projection,
+    RasterOutput,
+    available_backends,
+    eval_sh,
+    project_gaussians,
+    rasterize,
+)
+
+__all__ = ["Projection", "RasterOutput", "available_backends", "eval_sh", "project_gaussians", "rasterize"]

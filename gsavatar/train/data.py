@@ -1,0 +1,130 @@
+"""The subject dataset as training tensors: frames at the training resolution, masks, cameras,
+conditioning signals. The one place train/ reads a subject (through SubjectDataset).
+
+Frames are decoded lazily and cached as uint8 at the training resolution (1779 frames at
+256 px: 350 MB; at 512 px: 1.4 GB), never as float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from gsavatar.data.dataset import SubjectDataset
+from gsavatar.errors import InputError
+from gsavatar.model.avatar import FrameInputs, audio_context
+
+AUDIO_PREFERENCE = ("whisper", "hubert", "wav2vec2", "logmel")
+
+
+def choose_audio_feature(dataset: SubjectDataset, wanted: str) -> str:
+    have = list(dataset.manifest["audio_features"])
+    if wanted != "auto":
+        if wanted not in have:
+            raise InputError(f"{dataset.root} has no '{wanted}' audio features (has: {', '.join(have)})")
+        return wanted
+    for kind in AUDIO_PREFERENCE:
+        if kind in have:
+            return kind
+    raise InputError(f"{dataset.root} has no usable audio features (has: {', '.join(have) or 'none'})")
+
+
+@dataclasses.dataclass
+class TrainFrame:
+    """One frame's targets at the training resolution (float in [0, 1], ``[H, W, ...]``)."""
+
+    index: int
+    image: torch.Tensor  # [H, W, 3]
+    head: torch.Tensor  # [H, W, 1] head (face, hair, ears)
+    face: torch.Tensor  # [H, W, 1] face oval
+    mouth: torch.Tensor  # [H, W, 1] inside the inner lips
+    mouth_region: torch.Tensor  # [H, W, 1] the mouth dilated (lips and teeth included)
+    torso: torch.Tensor  # [H, W, 1]
+    person: torch.Tensor  # [H, W, 1]
+    back: torch.Tensor  # [H, W, 3] the image with the (dilated) head replaced by the background plate
+
+
+class TrainingData:
+    def __init__(self, subject_dir, render_size: int, audio_feature: str = "auto", device: str | torch.device = "cpu"):
+        self.dataset = ds = SubjectDataset(subject_dir)
+        self.tracking = ds.tracking
+        self.size = int(render_size)
+        self.device = torch.device(device)
+        self.num_frames = ds.num_frames
+        self.train_indices = ds.train_indices
+        self.test_indices = ds.test_indices
+        self.audio_kind = choose_audio_feature(ds, audio_feature)
+        self.audio_radius = None  # set by the trainer from the config
+        feats = np.asarray(ds.audio_features(self.audio_kind, mmap=False), np.float32)
+        self.audio = torch.from_numpy(feats).to(self.device)  # [N, S, D]
+        train_feats = feats[self.train_indices].reshape(-1, feats.shape[-1])
+        self.audio_mean = torch.from_numpy(train_feats.mean(0)).to(self.device)
+        self.audio_std = torch.from_numpy(train_feats.std(0) + 1e-3).to(self.device)
+        self.blink = torch.from_numpy(ds.signals["blink"].astype(np.float32)).to(self.device)
+        self.mouth_open = ds.signals["mouth_open"].astype(np.float32)
+        tr = self.tracking
+        self.viewmats = torch.from_numpy(tr.world_to_camera()).to(self.device)  # [N, 4, 4]
+        self.poses = torch.from_numpy(np.concatenate([tr.axis_angle, tr.translation], 1).astype(np.float32)).to(self.device)
+        # Tracking intrinsics are at the working size in the continuous pixel convention of the
+        # landmarks (pixel j spans [j, j+1]), which is the rasterizer's: scale fx, cx alike.
+        s = self.size / ds.size
+        k = tr.intrinsics
+        self.K = torch.tensor([[k.fx * s, 0, k.cx * s], [0, k.fy * s, k.cy * s], [0, 0, 1]], dtype=torch.float32,
+                              device=self.device)
+        self.model_mean = torch.from_numpy(tr.model.mean).to(self.device)  # [V, 3]
+        self.model_basis = torch.from_numpy(tr.model.basis).to(self.device)  # [K, V, 3]
+        self.expression = torch.from_numpy(tr.expression.astype(np.float32)).to(self.device)
+        self.valid = torch.from_numpy(tr.valid.astype(bool))
+        self.background = self._resize(ds.background).to(self.device)
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    # ---------------------------------------------------------------------------------------
+    def _resize(self, rgb: np.ndarray) -> torch.Tensor:
+        import cv2
+
+        if rgb.shape[0] != self.size:
+            rgb = cv2.resize(rgb, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        return torch.from_numpy(np.ascontiguousarray(rgb)).float() / 255.0
+
+    def _raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        import cv2
+
+        if index not in self._cache:
+            rgb, labels = self.dataset.frame(index), self.dataset.labels(index)
+            if rgb.shape[0] != self.size:
+                rgb = cv2.resize(rgb, (self.size, self.size), interpolation=cv2.INTER_AREA)
+                labels = cv2.resize(labels, (self.size, self.size), interpolation=cv2.INTER_NEAREST)
+            self._cache[index] = (rgb, labels)
+        return self._cache[index]
+
+    def frame(self, index: int) -> TrainFrame:
+        import cv2
+
+        from gsavatar.data.masks import FACE, HEAD, MOUTH, PERSON, TORSO
+
+        rgb, labels = self._raw(index)
+        k = max(3, 2 * round(self.size / 64) + 1)  # ~4 px at 128, ~16 px at 512
+        kernel = np.ones((k, k), np.uint8)
+        mouth = (labels & MOUTH) > 0
+        mouth_region = cv2.dilate(mouth.astype(np.uint8), kernel, iterations=2) > 0
+        head_dilated = cv2.dilate(((labels & HEAD) > 0).astype(np.uint8), kernel) > 0
+        image = torch.from_numpy(rgb).float() / 255.0
+        bg = self.background.cpu()
+        back = torch.where(torch.from_numpy(head_dilated)[..., None], bg, image)
+
+        def m(x):
+            return torch.from_numpy(np.asarray(x, np.float32))[..., None].to(self.device)
+
+        return TrainFrame(index, image.to(self.device), m((labels & HEAD) > 0), m((labels & FACE) > 0), m(mouth), m(mouth_region),
+                          m((labels & TORSO) > 0), m((labels & PERSON) > 0), back.to(self.device))
+
+    def inputs(self, index: int, neighbours: int, radius: int, back: torch.Tensor | None = None) -> FrameInputs:
+        return FrameInputs(viewmat=self.viewmats[index], K=self.K, width=self.size, height=self.size,
+                           audio=audio_context(self.audio, index, radius, neighbours), blink=self.blink[index],
+                           pose=self.poses[index], back=back)
+
+    def landmark_offsets(self, index: int) -> torch.Tensor:
+        """Tracked landmark motion of a frame relative to the canonical (mean) shape, ``[V, 3]`` metres."""
+        return torch.einsum("k,kvc->vc", self.expression[index], self.model_basis)

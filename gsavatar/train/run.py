@@ -1,0 +1,45 @@
+"""``gsavatar train`` end to end: a video or a subject directory in, a trained avatar out."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from gsavatar.config import PreprocessConfig, TrainConfig
+from gsavatar.errors import InputError
+
+
+def prepare_subject(source: Path, run_dir: Path, render_size: int) -> Path:
+    """The subject dataset to train on: ``source`` itself, or RUN_DIR/subject preprocessed from a video."""
+    from gsavatar.data.dataset import read_manifest
+
+    if source.is_dir():
+        manifest = read_manifest(source)
+        if manifest is None:
+            raise InputError(f"{source} is a directory but not a subject dataset (no manifest.json); give a video or run gsavatar preprocess")
+        stages = manifest.get("stages", {})
+        if not manifest.get("complete") and [s for s, v in stages.items() if not v.get("done")] == ["tracking"]:
+            from gsavatar.data.preprocess import track
+
+            track(source, PreprocessConfig().tracking)
+        return source
+    if not source.is_file():
+        raise InputError(f"{source} does not exist")
+    from gsavatar.data.preprocess import preprocess
+
+    subject = run_dir / "subject"
+    size = 512 if render_size > 256 else 256
+    preprocess(source, subject, PreprocessConfig(size=size))
+    return subject
+
+
+def train_command(source: Path, run_dir: Path, cfg: TrainConfig, force: bool = False) -> dict:
+    from gsavatar.train.trainer import train
+
+    source, run_dir = Path(source), Path(run_dir)
+    if force:
+        for name in ("checkpoint.pt", "avatar.pt", "summary.json", "config.json", "train.log"):
+            (run_dir / name).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    subject = prepare_subject(source, run_dir, cfg.render_size)
+    return train(subject, run_dir, cfg)

@@ -1,0 +1,379 @@
+"""The training loop: one loop, stages as data (see :data:`STAGES`), resumable at any iteration.
+
+``train(subject_dir, run_dir, cfg)`` writes into RUN_DIR:
+
+    config.json      the resolved TrainConfig
+    train.log        one line per log step, densification events, stage ends, the summary
+    checkpoint.pt    the resumable state (model, optimizers, densification state, RNGs), rewritten atomically
+    avatar.pt        the trained avatar (same typed format, no optimizer state): what render/eval/view load
+    summary.json     wall time, Gaussians per branch, test-split PSNR (full frame and face)
+
+A killed run (even SIGKILL mid-iteration) restarts from the last checkpoint.pt when the same
+command is run again: completed stages stay completed, and on CPU the result is the same as
+an uninterrupted run (all randomness comes from generators saved in the checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gsavatar.config import StageConfig, TrainConfig, config_from_dict
+from gsavatar.data.io import atomic_write_json
+from gsavatar.errors import InputError
+from gsavatar.model.avatar import BRANCHES, LAYERS, Avatar
+from gsavatar.model.gaussians import PARAM_NAMES
+from gsavatar.train import losses
+from gsavatar.train.checkpoint import Checkpoint, Progress, load_checkpoint, save_checkpoint
+from gsavatar.train.data import TrainingData
+from gsavatar.train.sampler import FrameSampler
+from gsavatar.train.strategy import DensifyStrategy
+
+log = logging.getLogger("gsavatar.train")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSetup:
+    """What a stage of a given name trains and renders."""
+
+    trained: tuple[str, ...]  # branches whose Gaussians are optimised
+    params: tuple[str, ...]  # which Gaussian parameters of those branches
+    deformers: tuple[str, ...]  # deformation networks optimised
+    layers: tuple[str, ...]  # layers rendered
+    back: str  # "data": the frame with the head replaced by the plate; "render": torso over the plate
+    densify: str | None  # branch that densification acts on
+
+
+GEOMETRY_AND_COLOUR = PARAM_NAMES
+COLOUR = ("sh0", "shN", "opacity_logits")
+STAGES = {
+    "mouth": StageSetup(("mouth",), GEOMETRY_AND_COLOUR, ("mouth",), ("mouth",), "data", "mouth"),
+    "face": StageSetup(("face",), GEOMETRY_AND_COLOUR, ("face",), ("face", "mouth"), "data", "face"),
+    "fuse": StageSetup(("face", "mouth"), COLOUR, (), ("face", "mouth"), "data", None),
+    "torso": StageSetup(("torso",), GEOMETRY_AND_COLOUR, ("torso",), LAYERS, "render", "torso"),
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but CUDA is not available")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"unknown device '{name}' (auto, cpu or cuda)")
+    return torch.device(name)
+
+
+def _encoding_params(module: torch.nn.Module) -> tuple[list, list]:
+    enc, net = [], []
+    for name, p in module.named_parameters():
+        (enc if name.startswith("spatial.") else net).append(p)
+    return enc, net
+
+
+def make_optimizers(avatar: Avatar, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
+    """One Adam per branch's Gaussians (a group per parameter) and one per deformation net."""
+    o = cfg.optim
+    lr = {"means": o.means, "quats": o.quats, "log_scales": o.log_scales, "opacity_logits": o.opacity,
+          "sh0": o.sh0, "shN": o.shN}
+    opts = {}
+    for b in BRANCHES:
+        g = avatar.gaussians[b]
+        opts[f"{b}_gaussians"] = torch.optim.Adam(
+            [{"params": [g.params[n]], "lr": lr[n], "name": n} for n in PARAM_NAMES], eps=1e-15)
+    for b, net in avatar.deformers().items():
+        enc, rest = _encoding_params(net)
+        opts[f"{b}_deformer"] = torch.optim.Adam(
+            [{"params": enc, "lr": o.encoding, "name": "encoding"}, {"params": rest, "lr": o.network, "name": "network"}],
+            eps=1e-15)
+    for opt in opts.values():
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return opts
+
+
+def _set_trainable(avatar: Avatar, setup: StageSetup) -> list[str]:
+    """requires_grad only on what the stage trains; returns the optimizer names to step."""
+    for p in avatar.parameters():
+        p.requires_grad_(False)
+    names = []
+    for b in setup.trained:
+        for n in setup.params:
+            avatar.gaussians[b].params[n].requires_grad_(True)
+        names.append(f"{b}_gaussians")
+    for b in setup.deformers:
+        avatar.deformers()[b].requires_grad_(True)
+        names.append(f"{b}_deformer")
+    return names
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, subject_dir: str | Path, run_dir: str | Path, show_progress: bool = True):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.subject_dir = Path(subject_dir)
+        self.show_progress = show_progress
+        self.device = resolve_device(cfg.device)
+        if cfg.cpu_threads > 0:
+            torch.set_num_threads(cfg.cpu_threads)
+        for s in cfg.stages:
+            if s.name not in STAGES:
+                raise InputError(f"unknown stage '{s.name}' (known: {', '.join(STAGES)})")
+        self.data = TrainingData(subject_dir, cfg.render_size, cfg.avatar.audio_feature, self.device)
+        self.sampler = FrameSampler(self.data.train_indices, self.data.mouth_open, self.data.blink.cpu().numpy())
+        self.lpips = losses.lpips_if_available(self.device) if cfg.loss.lpips > 0 else None
+
+    # -- state ------------------------------------------------------------------------------
+    def _fresh(self):
+        torch.manual_seed(self.cfg.seed)
+        self.gen = torch.Generator().manual_seed(self.cfg.seed)
+        self.rng = np.random.default_rng(self.cfg.seed)
+        self.avatar = _init_avatar(self.cfg, self.data, self.gen).to(self.device)
+        self.optimizers = make_optimizers(self.avatar, self.cfg)
+        self.strategy_state = {}
+        self.progress = Progress()
+        self.history: list[dict] = []
+
+    def _resume(self, ckpt: Checkpoint):
+        from gsavatar.train.init import avatar_from_state
+
+        self.avatar = avatar_from_state(self.cfg, ckpt.subject["feature_dim"], ckpt.subject["steps_per_frame"], ckpt.model).to(self.device)
+        self.optimizers = make_optimizers(self.avatar, self.cfg)
+        for name, state in ckpt.optimizers.items():
+            self.optimizers[name].load_state_dict(state)
+        self.strategy_state = {b: {k: v.to(self.device) for k, v in s.items()} for b, s in ckpt.strategy.items()}
+        self.gen = torch.Generator()
+        self.gen.set_state(ckpt.rng["torch"])
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = ckpt.rng["numpy"]
+        self.progress = ckpt.progress
+        self.history = ckpt.history
+
+    def subject_info(self) -> dict:
+        d = self.data
+        kind = d.audio_kind
+        return {
+            "subject_dir": str(self.subject_dir.resolve()), "audio_kind": kind, "feature_dim": int(d.audio.shape[-1]),
+            "steps_per_frame": int(d.audio.shape[1]),
+            "audio_extractor": d.dataset.manifest["audio_features"][kind].get("description", {}),
+            "num_frames": d.num_frames, "render_size": d.size, "K": d.K.cpu(), "viewmats": d.viewmats.cpu(),
+            "poses": d.poses.cpu(), "blink": d.blink.cpu(), "train": [int(d.train_indices[0]), int(d.train_indices[-1]) + 1],
+            "test": [int(d.test_indices[0]), int(d.test_indices[-1]) + 1] if len(d.test_indices) else [0, 0],
+        }
+
+    def checkpoint(self, final: bool = False) -> Checkpoint:
+        return Checkpoint(
+            config=dataclasses.asdict(self.cfg), subject=self.subject_info(),
+            model={k: v.detach().cpu() for k, v in self.avatar.state_dict().items()}, progress=self.progress,
+            optimizers={} if final else {k: o.state_dict() for k, o in self.optimizers.items()},
+            strategy={} if final else {b: {k: v.cpu() for k, v in s.items()} for b, s in self.strategy_state.items()},
+            rng={} if final else {"torch": self.gen.get_state(), "numpy": self.rng.bit_generator.state},
+            history=self.history)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _attach_log_file(self.run_dir / "train.log")
+        ckpt_path = self.run_dir / "checkpoint.pt"
+        config_json = json.dumps(dataclasses.asdict(self.cfg), indent=2)
+        if ckpt_path.is_file():
+            ckpt = load_checkpoint(ckpt_path, self.device)
+            if ckpt.config != json.loads(config_json):
+                raise InputError(f"{self.run_dir} holds a run with different settings; use another RUN_DIR or --force")
+            self._resume(ckpt)
+            log.info("resuming from %s: stage %d (%s), iteration %d", ckpt_path, self.progress.stage_index,
+                     self.cfg.stages[min(self.progress.stage_index, len(self.cfg.stages) - 1)].name,
+                     self.progress.stage_iteration)
+        else:
+            self._fresh()
+            atomic_write_json(self.run_dir / "config.json", json.loads(config_json))
+            log.info("training %s -> %s on %s (audio: %s, %d train / %d test frames, %d px)", self.subject_dir,
+                     self.run_dir, self.device, self.data.audio_kind, len(self.data.train_indices),
+                     len(self.data.test_indices), self.data.size)
+        start = time.perf_counter() - self.progress.elapsed_s
+        while self.progress.stage_index < len(self.cfg.stages):
+            stage = self.cfg.stages[self.progress.stage_index]
+            self._run_stage(stage, start, ckpt_path)
+            self.progress.completed_stages.append(stage.name)
+            self.progress.stage_index += 1
+            self.progress.stage_iteration = 0
+            self.progress.elapsed_s = time.perf_counter() - start
+            save_checkpoint(self.checkpoint(), ckpt_path)
+        return self._finish(time.perf_counter() - start)
+
+    def _run_stage(self, stage: StageConfig, start: float, ckpt_path: Path) -> None:
+        setup = STAGES[stage.name]
+        cfg = self.cfg
+        trained = _set_trainable(self.avatar, setup)
+        strategy = None
+        if stage.densify and setup.densify:
+            branch_cfg = getattr(cfg.avatar, setup.densify)
+            strategy = DensifyStrategy(cfg.densify, branch_cfg.max_gaussians)
+            if setup.densify not in self.strategy_state:
+                self.strategy_state[setup.densify] = strategy.initial_state(len(self.avatar.gaussians[setup.densify]), self.device)
+        bar = _progress_bar(stage, self.progress.stage_iteration, self.show_progress)
+        running = []
+        while self.progress.stage_iteration < stage.iterations:
+            it = self.progress.stage_iteration
+            frac = it / max(1, stage.iterations)
+            for name in trained:
+                for group in self.optimizers[name].param_groups:
+                    group["lr"] = group["base_lr"] * cfg.optim.final_lr_fraction ** frac
+            index = self.sampler.sample(self.rng, stage.curriculum, frac)
+            loss, image, frame, renders = self._step(stage, setup, index, it, strategy)
+            for name in trained:
+                self.optimizers[name].step()
+                self.optimizers[name].zero_grad(set_to_none=True)
+            if strategy is not None:
+                b = setup.densify
+                r = renders.branches[b]
+                event = strategy.after_backward(self.strategy_state[b], self.avatar.gaussians[b],
+                                                self.optimizers[f"{b}_gaussians"], r.means2d, r.radii,
+                                                self.data.size, self.data.size, it, stage.iterations, self.gen)
+                if event:
+                    log.info("%s it %d: densify %s", stage.name, it, event)
+            running.append(float(loss))
+            self.progress.stage_iteration += 1
+            self.progress.global_iteration += 1
+            if self.progress.stage_iteration % cfg.log_every == 0 or self.progress.stage_iteration == stage.iterations:
+                p = losses.psnr(image, frame.image)
+                rec = {"stage": stage.name, "iteration": self.progress.stage_iteration, "loss": float(np.mean(running)),
+                       "psnr": p, "gaussians": len(self.avatar.gaussians[setup.trained[0]]),
+                       "elapsed_s": time.perf_counter() - start}
+                self.history.append(rec)
+                running = []
+                log.debug("%s", rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{p:.2f}", n=rec["gaussians"])
+            if bar is not None:
+                bar.update(1)
+            if self.progress.global_iteration % cfg.checkpoint_every == 0 and self.progress.stage_iteration < stage.iterations:
+                self.progress.elapsed_s = time.perf_counter() - start
+                save_checkpoint(self.checkpoint(), ckpt_path)
+        if bar is not None:
+            bar.close()
+        last = [h for h in self.history if h["stage"] == stage.name]
+        if last:
+            log.info("stage %s done: loss %.4f, PSNR %.2f dB (last sampled frame), %d Gaussians",
+                     stage.name, last[-1]["loss"], last[-1]["psnr"], last[-1]["gaussians"])
+
+    def _step(self, stage: StageConfig, setup: StageSetup, index: int, it: int, strategy):
+        cfg, data, avatar = self.cfg, self.data, self.avatar
+        frame = data.frame(index)
+        inputs = data.inputs(index, cfg.avatar.audio_smoothing_frames, cfg.avatar.audio_window_radius,
+                             back=frame.back if setup.back == "data" else None)
+        static = stage.name == "face" and it < stage.static_iterations
+        out = avatar(inputs, layers=setup.layers, deform={"face": not static}, backend=cfg.backend)
+        if strategy is not None:
+            strategy.before_backward(out.branches[setup.densify].means2d)
+        L = cfg.loss
+        mouth_weight = 1 + (L.mouth_region - 1) * frame.mouth_region
+        if stage.name == "mouth":
+            m = out.branches["mouth"]
+            # Only the inside of the mouth (teeth, tongue, cavity): the lips belong to the face.
+            loss = losses.photometric(out.image, frame.image, L.ssim, frame.mouth)
+            # Outside the head only: behind the face, mouth Gaussians are hidden anyway, and
+            # penalising them there would empty the cavity the open mouth must reveal.
+            loss = loss + L.mouth_alpha * (m.alpha * (1 - frame.head)).mean()
+            loss = loss + L.mouth_deformation * (m.offsets ** 2).mean()
+        elif stage.name == "face":
+            f = out.branches["face"]
+            loss = losses.photometric(out.image, frame.image, L.ssim, mouth_weight)
+            alpha_target = frame.head * (1 - frame.mouth)
+            loss = loss + L.alpha * ((f.alpha - alpha_target) ** 2).mean()
+            if not static:
+                loss = loss + L.deformation * (f.offsets ** 2).mean()
+            # The landmark term needs no rendering, so the face net learns audio -> motion from
+            # the tracking during the static warm-up too.
+            loss = loss + L.landmark_deformation * self._landmark_loss(index, inputs)
+            if self.lpips is not None and it > 0.8 * stage.iterations:
+                loss = loss + L.lpips * self.lpips(out.image.permute(2, 0, 1)[None] * 2 - 1,
+                                                   frame.image.permute(2, 0, 1)[None] * 2 - 1).mean()
+        elif stage.name == "fuse":
+            loss = losses.photometric(out.image, frame.image, L.ssim, mouth_weight)
+        else:  # torso
+            t = out.branches["torso"]
+            loss = losses.photometric(out.image, frame.image, L.ssim)
+            not_head = 1 - frame.head
+            loss = loss + L.torso_alpha * (((t.alpha - frame.torso) ** 2) * not_head).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss in stage {stage.name} at iteration {it} (frame {index})")
+        loss.backward()
+        return loss.detach(), out.image.detach(), frame, out
+
+    def _landmark_loss(self, index: int, inputs) -> torch.Tensor:
+        """Squared error (cm^2) between the face net's offsets at the canonical landmarks and the tracked motion."""
+        d = self.data
+        offsets, _, _ = self.avatar.face_offsets(d.model_mean, inputs)
+        pred = offsets * self.avatar.face_deformer.position_scale
+        return (((pred - d.landmark_offsets(index)) * 100) ** 2).mean()
+
+    # -- the end ----------------------------------------------------------------------------
+    def _finish(self, wall_s: float) -> dict:
+        metrics = evaluate(self.avatar, self.data, self.cfg)
+        summary = {"wall_s": wall_s, "iterations": self.progress.global_iteration,
+                   "gaussians": self.avatar.num_gaussians(), "device": str(self.device),
+                   "render_size": self.data.size, "audio_feature": self.data.audio_kind, **metrics}
+        save_checkpoint(self.checkpoint(final=True), self.run_dir / "avatar.pt")
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        log.info("done in %.1f s: Gaussians %s; test PSNR %.2f dB (face %.2f dB) over %d frames", wall_s,
+                 summary["gaussians"], metrics["test_psnr"], metrics["test_psnr_face"], metrics["test_frames"])
+        return summary
+
+
+@torch.no_grad()
+def evaluate(avatar: Avatar, data: TrainingData, cfg: TrainConfig, indices=None, shuffle_audio: np.ndarray | None = None) -> dict:
+    """Test-split PSNR, full frame and inside the face mask (mean of per-frame MSE, then dB)."""
+    idx = data.test_indices if indices is None else np.asarray(indices)
+    if cfg.eval_frames and indices is None:
+        idx = idx[np.linspace(0, len(idx) - 1, min(cfg.eval_frames, len(idx))).round().astype(int)]
+    full, face = [], []
+    for i in idx:
+        frame = data.frame(int(i))
+        inputs = data.inputs(int(i), cfg.avatar.audio_smoothing_frames, cfg.avatar.audio_window_radius)
+        image = avatar(inputs, backend=cfg.backend).image.clamp(0, 1)
+        full.append(float(losses.mse(image, frame.image)))
+        face.append(float(losses.mse(image, frame.image, frame.face)))
+    db = lambda m: 10 * math.log10(1 / max(float(np.mean(m)), 1e-12)) if m else float("nan")  # noqa: E731
+    return {"test_psnr": db(full), "test_psnr_face": db(face), "test_frames": len(idx)}
+
+
+def _init_avatar(cfg, data, gen):
+    from gsavatar.train.init import build_avatar
+
+    return build_avatar(cfg, data, gen)
+
+
+def _progress_bar(stage: StageConfig, done: int, show: bool):
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=stage.iterations, initial=done, desc=f"{stage.name:>5}", unit="it", dynamic_ncols=True, leave=True)
+
+
+def _attach_log_file(path: Path) -> None:
+    for h in list(log.handlers):
+        if isinstance(h, logging.FileHandler):
+            log.removeHandler(h)
+            h.close()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def train(subject_dir, run_dir, cfg: TrainConfig, show_progress: bool = True) -> dict:
+    """Train (or resume) an avatar on a subject dataset; returns the summary (also in RUN_DIR/summary.json)."""
+    return Trainer(cfg, subject_dir, run_dir, show_progress).run()
+
+
+def load_config(d: dict) -> TrainConfig:
+    return config_from_dict(TrainConfig, d)

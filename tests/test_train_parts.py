@@ -1,0 +1,138 @@
+"""Training building blocks: presets, losses, sampler, densification surgery, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gsavatar.config import TrainConfig, available_presets, config_from_dict, load_preset
+from gsavatar.errors import InputError
+
+
+def test_presets_load_and_typos_are_refused(tmp_path):
+    assert {"cpu-tiny", "default"} <= set(available_presets())
+    tiny = load_preset("cpu-tiny")
+    assert tiny.render_size == 128 and [s.name for s in tiny.stages] == ["mouth", "face", "fuse", "torso"]
+    assert tiny.stages[1].static_iterations > 0 and tiny.avatar.face.hash.log2_table_size == 14
+    assert load_preset("default") == TrainConfig()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[avatar.face]\nnum_gausians = 3\n")
+    with pytest.raises(InputError, match="num_gausians"):
+        load_preset(str(bad))
+    with pytest.raises(InputError, match="unknown preset 'nope'.*cpu-tiny"):
+        load_preset("nope")
+    # A config survives the dict round trip that checkpoints use.
+    import dataclasses
+    import json
+
+    assert config_from_dict(TrainConfig, json.loads(json.dumps(dataclasses.asdict(tiny)))) == tiny
+
+
+def test_psnr_of_known_noise_and_ssim_of_known_images():
+    from gsavatar.train.losses import psnr, ssim_map
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.full((64, 64, 3), 0.5)
+    noise = 0.05 * torch.randn(64, 64, 3, generator=g)
+    expected = 10 * math.log10(1 / float((noise ** 2).mean()))
+    assert abs(psnr(a + noise, a) - expected) < 1e-4
+    assert abs(psnr(a + noise, a) - 26.02) < 0.2  # sigma 0.05 -> 26.0 dB
+    assert float(ssim_map(a + noise, a + noise).min()) > 0.9999
+    # Constant images: only the luminance term remains, (2 mu_a mu_b + C1) / (mu_a^2 + mu_b^2 + C1).
+    b = torch.full((32, 32, 3), 0.3)
+    c1 = 0.01 ** 2
+    want = (2 * 0.5 * 0.3 + c1) / (0.25 + 0.09 + c1)
+    assert abs(float(ssim_map(a[:32, :32], b)[16, 16]) - want) < 1e-4  # float32 E[x^2] - E[x]^2 is not exactly 0
+
+
+def test_curriculum_slides_from_closed_to_open_mouths():
+    from gsavatar.train.sampler import FrameSampler
+
+    mouth = np.linspace(0, 1, 100)
+    blink = np.random.default_rng(0).random(100)
+    s = FrameSampler(np.arange(100), mouth, blink)
+    rng = np.random.default_rng(0)
+    early = [s.sample(rng, "mouth_open", 0.0) for _ in range(200)]
+    late_mouth = [s.sample(rng, "mouth_open", 0.39) for _ in range(200)]
+    assert max(mouth[early]) <= 0.31 and min(mouth[late_mouth]) >= 0.65
+    blink_phase = [s.sample(rng, "mouth_open", 0.41) for _ in range(200)]
+    assert max(blink[blink_phase]) <= np.sort(blink)[40]  # window start 5% of the way up
+    uniform = [s.sample(rng, None, 0.0) for _ in range(2000)]
+    assert len(set(uniform)) > 95
+    with pytest.raises(ValueError, match="unknown curriculum"):
+        s.sample(rng, "smile", 0.0)
+
+
+def _gaussians(n=50):
+    from gsavatar.model.gaussians import GaussianSet
+
+    g = torch.Generator().manual_seed(0)
+    return GaussianSet(torch.randn(n, 3, generator=g) * 0.05, torch.rand(n, 3, generator=g), 0.004, 0.5, 2)
+
+
+def test_densification_clones_splits_prunes_and_keeps_optimizer_state_aligned():
+    from gsavatar.config import DensifyConfig
+    from gsavatar.model.gaussians import PARAM_NAMES
+    from gsavatar.train.strategy import DensifyStrategy
+
+    gs = _gaussians(50)
+    with torch.no_grad():
+        gs.params["log_scales"][:10] = math.log(0.02)  # big: split when their gradient is high
+        gs.params["opacity_logits"][45:] = -10  # nearly transparent: pruned
+    opt = torch.optim.Adam([{"params": [gs.params[n]], "lr": 1e-3} for n in PARAM_NAMES])
+    # One optimiser step so Adam has moments to carry through the surgery.
+    sum((p ** 2).sum() for p in gs.params.values()).backward()
+    opt.step()
+    strategy = DensifyStrategy(DensifyConfig(grad_threshold=0.5, split_scale=0.01, prune_opacity=0.005), max_gaussians=1000)
+    state = strategy.initial_state(50, "cpu")
+    state["grad2d"][:5] = 1.0  # big + high gradient -> split
+    state["grad2d"][20:30] = 1.0  # small + high gradient -> clone
+    state["count"][:] = 1
+    means_before = gs.means.detach().clone()
+    summary = strategy.densify_and_prune(state, gs, opt, torch.Generator().manual_seed(1))
+    assert summary["cloned"] == 10 and summary["split"] == 5 and summary["pruned"] == 5
+    assert len(gs) == 50 + 10 + 2 * 5 - 5 - 5 == summary["total"]
+    for group in opt.param_groups:  # every parameter and its moments have the new length
+        p = group["params"][0]
+        assert p.shape[0] == len(gs) and opt.state[p]["exp_avg"].shape == p.shape
+        assert any(p is q for q in gs.params.values())
+    # Split children sit near their parent, at 1/1.6 of its scale.
+    children = gs.means.detach()[-10:]
+    parents = means_before[:5].repeat(2, 1)
+    assert (children - parents).norm(dim=1).max() < 0.2
+    assert torch.allclose(gs.log_scales.detach()[-10:], torch.full((10, 3), math.log(0.02 / 1.6)), atol=3e-3)  # one Adam step of 1e-3 moved them
+    # The budget caps growth.
+    capped = DensifyStrategy(DensifyConfig(grad_threshold=0.5), max_gaussians=len(gs) + 3)
+    st = capped.initial_state(len(gs), "cpu")
+    st["grad2d"][:] = 1.0
+    st["count"][:] = 1
+    assert capped.densify_and_prune(st, gs, opt, torch.Generator())["total"] <= len(gs) + 3
+
+
+def test_checkpoint_round_trip_is_typed_atomic_and_weights_only(tmp_path):
+    from gsavatar.train.checkpoint import Checkpoint, Progress, load_checkpoint, save_checkpoint
+
+    gen = torch.Generator().manual_seed(3)
+    rng = np.random.default_rng(5)
+    ck = Checkpoint(config={"a": [1, 2]}, subject={"K": torch.eye(3)}, model={"w": torch.arange(4.0)},
+                    progress=Progress(2, 7, 99, 1.5, ["mouth", "face"]),
+                    rng={"torch": gen.get_state(), "numpy": rng.bit_generator.state})
+    path = tmp_path / "c.pt"
+    save_checkpoint(ck, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
+    back = load_checkpoint(path)
+    assert isinstance(back.progress, Progress) and back.progress.completed_stages == ["mouth", "face"]
+    assert torch.equal(back.model["w"], torch.arange(4.0))
+    r2 = np.random.default_rng()
+    r2.bit_generator.state = back.rng["numpy"]
+    assert r2.integers(1 << 30) == rng.integers(1 << 30)
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.raises(InputError, match="not a readable gsavatar checkpoint"):
+        load_checkpoint(path)
+    # A pickle that is not plain data is refused by weights_only loading.
+    torch.save({"x": object}, path)
+    with pytest.raises(InputError):
+        load_checkpoint(path)
