@@ -133,9 +133,10 @@ class Train:
 
 @dataclasses.dataclass
 class Demo:
-    """Make the built-in synthetic demo subject (scikit-image's astronaut speaking synthetic speech) and preprocess it.
+    """Make the built-in synthetic demo subject (scikit-image's astronaut speaking synthetic speech), preprocess it and train an avatar.
 
-    Writes OUT/demo.mp4 (H.264 + AAC) and, unless --no-preprocess, the subject dataset OUT/subject.
+    Writes OUT/demo.mp4 (H.264 + AAC), the subject dataset OUT/subject (unless
+    --no-preprocess) and a cpu-tiny avatar in OUT/run (unless --no-train; a few minutes on a CPU).
     """
 
     out: Annotated[Path, tyro.conf.arg(aliases=["-o"], metavar="DIR")] = Path("demo")
@@ -148,6 +149,10 @@ class Demo:
     """Random seed of the synthetic speech."""
     preprocess: bool = True
     """Also run preprocessing on the demo video (OUT/subject)."""
+    train: bool = True
+    """Also train an avatar on the demo subject (OUT/run; needs preprocessing)."""
+    preset: str = "cpu-tiny"
+    """Training preset for the demo avatar."""
 
     def __call__(self) -> None:
         from gsavatar.data.synthetic import make_synthetic_subject
@@ -157,6 +162,8 @@ class Demo:
         print(f"demo video: {subject.video_path} ({subject.num_frames} frames)")
         if self.preprocess:
             Preprocess(subject.video_path, self.out / "subject", size=self.size)()
+            if self.train:
+                Train(self.out / "subject", self.out / "run", preset=self.preset)()
 
 
 COMMANDS = {

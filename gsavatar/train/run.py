@@ -34,8 +34,9 @@ def prepare_subject(source: Path, run_dir: Path, render_size: int) -> Path:
 
 
 def train_command(source: Path, run_dir: Path, cfg: TrainConfig, force: bool = False) -> dict:
-    from gsavatar.train.trainer import train
+    from gsavatar.train.trainer import resolve_device, train
 
+    resolve_device(cfg.device)  # a bad --device fails before any preprocessing
     source, run_dir = Path(source), Path(run_dir)
     if force:
         for name in ("checkpoint.pt", "avatar.pt", "summary.json", "config.json", "train.log"):

@@ -182,6 +182,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _attach_log_file(self.run_dir / "train.log")
         ckpt_path = self.run_dir / "checkpoint.pt"
+        for stale in self.run_dir.glob(".checkpoint.pt.tmp*"):  # a write cut short by a kill
+            stale.unlink()
         config_json = json.dumps(dataclasses.asdict(self.cfg), indent=2)
         if ckpt_path.is_file():
             ckpt = load_checkpoint(ckpt_path, self.device)

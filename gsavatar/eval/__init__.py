@@ -1,0 +1,1 @@
+"""Evaluation: test-split metrics of an avatar and of trivial baselines measured the same way."""

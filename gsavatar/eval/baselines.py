@@ -1,0 +1,56 @@
+"""Trivial baselines and the one scoring loop every method goes through.
+
+A figure means little without a reference: an avatar must beat (a) the mean training frame
+and (b) the training frame whose audio is nearest to the test frame's audio, both scored on
+the same test frames, at the same resolution and with the same masks as the avatar.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from gsavatar.train.data import TrainingData
+from gsavatar.train.losses import mse
+
+
+def score(predict: Callable[[int], torch.Tensor], data: TrainingData, indices=None) -> dict:
+    """PSNR (dB) over the test split, full frame and inside the face mask: mean MSE over frames, then dB."""
+    idx = data.test_indices if indices is None else np.asarray(indices)
+    full, face = [], []
+    for i in idx:
+        frame = data.frame(int(i))
+        image = predict(int(i)).clamp(0, 1)
+        full.append(float(mse(image, frame.image)))
+        face.append(float(mse(image, frame.image, frame.face)))
+    db = lambda e: 10 * math.log10(1 / max(float(np.mean(e)), 1e-12))  # noqa: E731
+    return {"psnr": db(full), "psnr_face": db(face), "frames": len(idx)}
+
+
+def mean_frame(data: TrainingData) -> Callable[[int], torch.Tensor]:
+    """Predict every frame as the mean training frame."""
+    total = None
+    for i in data.train_indices:
+        img = data.frame(int(i)).image
+        total = img.clone() if total is None else total.add_(img)
+    mean = total / len(data.train_indices)
+    return lambda index: mean
+
+
+def nearest_audio_frame(data: TrainingData, radius: int = 2) -> Callable[[int], torch.Tensor]:
+    """Predict a frame as the training frame whose normalised audio features (frames +-radius) are nearest."""
+    feats = ((data.audio - data.audio_mean) / data.audio_std).flatten(1)  # [N, S*D]
+    n = feats.shape[0]
+    offsets = torch.arange(-radius, radius + 1)
+    windows = lambda idx: feats[(idx[:, None] + offsets).clamp(0, n - 1)].flatten(1)  # noqa: E731
+    train = torch.as_tensor(data.train_indices)
+    train_windows = windows(train)
+
+    def predict(index: int) -> torch.Tensor:
+        d = torch.cdist(windows(torch.tensor([index])), train_windows)[0]
+        return data.frame(int(train[int(d.argmin())])).image
+
+    return predict
