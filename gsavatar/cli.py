@@ -85,6 +85,10 @@ class Track:
             print(f"overlay: {self.overlay}")
 
 
+def _db(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 @dataclasses.dataclass
 class Train:
     """Train an avatar on a talking-head video or a subject dataset (preprocessing and tracking run first when needed).
@@ -104,10 +108,10 @@ class Train:
     """Multiply every stage's iterations by this (e.g. 0.5 for a quicker, rougher avatar)."""
     render_size: int | None = None
     """Training resolution in pixels (default: the preset's)."""
-    seed: int = 0
-    """Random seed (CPU training is deterministic for a given seed)."""
-    device: str = "auto"
-    """auto | cpu | cuda."""
+    seed: int | None = None
+    """Random seed (default: the preset's, 0; CPU training is deterministic for a given seed)."""
+    device: str | None = None
+    """auto | cpu | cuda (default: the preset's, auto)."""
     force: bool = False
     """Discard an existing run in RUN_DIR and start again."""
 
@@ -116,8 +120,8 @@ class Train:
         from gsavatar.train.run import train_command
 
         cfg = load_preset(self.preset)
-        cfg = dataclasses.replace(cfg, seed=self.seed, device=self.device,
-                                  render_size=self.render_size or cfg.render_size)
+        cfg = dataclasses.replace(cfg, seed=cfg.seed if self.seed is None else self.seed,
+                                  device=self.device or cfg.device, render_size=self.render_size or cfg.render_size)
         if not self.iterations_scale > 0:
             raise InputError(f"--iterations-scale must be positive (got {self.iterations_scale})")
         if self.iterations_scale != 1.0:
@@ -127,8 +131,8 @@ class Train:
         summary = train_command(self.input, self.out, cfg, force=self.force)
         g = summary["gaussians"]
         print(f"avatar: {self.out / 'avatar.pt'}  ({summary['wall_s'] / 60:.1f} min, Gaussians face {g['face']}, "
-              f"mouth {g['mouth']}, torso {g['torso']}; test PSNR {summary['test_psnr']:.2f} dB, "
-              f"face {summary['test_psnr_face']:.2f} dB)")
+              f"mouth {g['mouth']}, torso {g['torso']}; test PSNR {_db(summary['test_psnr'])} dB, "
+              f"face {_db(summary['test_psnr_face'])} dB)")
 
 
 @dataclasses.dataclass

@@ -136,3 +136,25 @@ def test_checkpoint_round_trip_is_typed_atomic_and_weights_only(tmp_path):
     torch.save({"x": object}, path)
     with pytest.raises(InputError):
         load_checkpoint(path)
+
+
+def test_densify_schedule_runs_densification_and_opacity_reset_on_their_own_periods():
+    from gsavatar.config import DensifyConfig
+    from gsavatar.model.gaussians import PARAM_NAMES
+    from gsavatar.train.strategy import DensifyStrategy
+
+    gs = _gaussians(20)
+    opt = torch.optim.Adam([{"params": [gs.params[n]], "lr": 1e-3} for n in PARAM_NAMES])
+    s = DensifyStrategy(DensifyConfig(start=2, every=2, reset_opacity_every=4, grad_threshold=1e9, stop_fraction=0.5),
+                        max_gaussians=100)
+    state = s.initial_state(len(gs), "cpu")
+    events = {}
+    for step in range(12):
+        means2d = torch.zeros(len(gs), 2, requires_grad=True)
+        means2d.grad = torch.ones(len(gs), 2)
+        out = s.after_backward(state, gs, opt, means2d, torch.ones(len(gs)), 64, 64, step, 12, torch.Generator())
+        if out:
+            events[step] = out
+    # Densify at 2 and 4 (every 2 from 2, before stop = 6); the reset at 4 coincides with densification.
+    assert sorted(events) == [2, 4] and events[4].get("opacity_reset") and "opacity_reset" not in events[2]
+    assert float(gs.opacities.max()) <= 0.0101

@@ -56,7 +56,6 @@ class TrainingData:
         self.train_indices = ds.train_indices
         self.test_indices = ds.test_indices
         self.audio_kind = choose_audio_feature(ds, audio_feature)
-        self.audio_radius = None  # set by the trainer from the config
         feats = np.asarray(ds.audio_features(self.audio_kind, mmap=False), np.float32)
         self.audio = torch.from_numpy(feats).to(self.device)  # [N, S, D]
         train_feats = feats[self.train_indices].reshape(-1, feats.shape[-1])

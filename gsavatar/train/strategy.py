@@ -80,13 +80,14 @@ class DensifyStrategy:
         seen = radii > 0
         state["grad2d"][seen] += grad[seen].norm(dim=-1)
         state["count"][seen] += 1
-        if step < cfg.start or step % cfg.every != 0:
-            if cfg.reset_opacity_every and step > 0 and step % cfg.reset_opacity_every == 0:
-                self.reset_opacity(gaussians, optimizer)
-            return None
-        summary = self.densify_and_prune(state, gaussians, optimizer, generator)
-        for k in state:
-            state[k] = torch.zeros(len(gaussians), device=state[k].device)
+        summary = None
+        if step >= cfg.start and step % cfg.every == 0:
+            summary = self.densify_and_prune(state, gaussians, optimizer, generator)
+            for k in state:
+                state[k] = torch.zeros(len(gaussians), device=state[k].device)
+        if cfg.reset_opacity_every and step > 0 and step % cfg.reset_opacity_every == 0:
+            self.reset_opacity(gaussians, optimizer)
+            summary = {**(summary or {}), "opacity_reset": True}
         return summary
 
     def densify_and_prune(self, state, gaussians, optimizer, generator) -> dict:
@@ -108,7 +109,7 @@ class DensifyStrategy:
                 # Two samples from each split Gaussian, at 1/1.6 of its scale (3DGS).
                 scales = torch.exp(p["log_scales"][split]).repeat(2, 1)
                 rot = quat_to_matrix(p["quats"][split]).repeat(2, 1, 1)
-                noise = torch.randn(scales.shape, generator=generator, device=scales.device) * scales
+                noise = torch.randn(scales.shape, generator=generator).to(scales.device) * scales  # CPU generator: same stream on any device
                 offset = torch.einsum("nij,nj->ni", rot, noise)
                 new["means"][n_clone:] = new["means"][n_clone:] + offset
                 new["log_scales"][n_clone:] = new["log_scales"][n_clone:] - torch.log(torch.tensor(1.6))

@@ -18,14 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gsavatar.config import StageConfig, TrainConfig, config_from_dict
+from gsavatar.config import StageConfig, TrainConfig
 from gsavatar.data.io import atomic_write_json
 from gsavatar.errors import InputError
 from gsavatar.model.avatar import BRANCHES, LAYERS, Avatar
@@ -127,7 +126,11 @@ class Trainer:
             if s.name not in STAGES:
                 raise InputError(f"unknown stage '{s.name}' (known: {', '.join(STAGES)})")
         self.data = TrainingData(subject_dir, cfg.render_size, cfg.avatar.audio_feature, self.device)
-        self.sampler = FrameSampler(self.data.train_indices, self.data.mouth_open, self.data.blink.cpu().numpy())
+        train = self.data.train_indices
+        trusted = train[self.data.valid[train].numpy()]  # frames whose landmarks (hence pose) were trusted
+        self.sampler = FrameSampler(trusted if len(trusted) else train, self.data.mouth_open, self.data.blink.cpu().numpy())
+        if len(self.data.train_indices) == 0:
+            raise InputError(f"{subject_dir} has no training frames")
         self.lpips = losses.lpips_if_available(self.device) if cfg.loss.lpips > 0 else None
 
     # -- state ------------------------------------------------------------------------------
@@ -150,7 +153,7 @@ class Trainer:
             self.optimizers[name].load_state_dict(state)
         self.strategy_state = {b: {k: v.to(self.device) for k, v in s.items()} for b, s in ckpt.strategy.items()}
         self.gen = torch.Generator()
-        self.gen.set_state(ckpt.rng["torch"])
+        self.gen.set_state(ckpt.rng["torch"].cpu())  # map_location may have moved it
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = ckpt.rng["numpy"]
         self.progress = ckpt.progress
@@ -189,6 +192,11 @@ class Trainer:
             ckpt = load_checkpoint(ckpt_path, self.device)
             if ckpt.config != json.loads(config_json):
                 raise InputError(f"{self.run_dir} holds a run with different settings; use another RUN_DIR or --force")
+            now = self.subject_info()
+            for key in ("subject_dir", "num_frames", "audio_kind", "feature_dim", "render_size"):
+                if ckpt.subject.get(key) != now[key]:
+                    raise InputError(f"{self.run_dir} was trained on another subject ({key}: {ckpt.subject.get(key)} "
+                                     f"vs {now[key]}); use another RUN_DIR or --force")
             self._resume(ckpt)
             log.info("resuming from %s: stage %d (%s), iteration %d", ckpt_path, self.progress.stage_index,
                      self.cfg.stages[min(self.progress.stage_index, len(self.cfg.stages) - 1)].name,
@@ -251,7 +259,8 @@ class Trainer:
                        "elapsed_s": time.perf_counter() - start}
                 self.history.append(rec)
                 running = []
-                log.debug("%s", rec)
+                log.info("%s it %d: loss %.4f, PSNR %.2f dB, %d Gaussians", stage.name, rec["iteration"],
+                         rec["loss"], p, rec["gaussians"])
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{p:.2f}", n=rec["gaussians"])
             if bar is not None:
@@ -325,26 +334,30 @@ class Trainer:
                    "render_size": self.data.size, "audio_feature": self.data.audio_kind, **metrics}
         save_checkpoint(self.checkpoint(final=True), self.run_dir / "avatar.pt")
         atomic_write_json(self.run_dir / "summary.json", summary)
-        log.info("done in %.1f s: Gaussians %s; test PSNR %.2f dB (face %.2f dB) over %d frames", wall_s,
-                 summary["gaussians"], metrics["test_psnr"], metrics["test_psnr_face"], metrics["test_frames"])
+        log.info("done in %.1f s: Gaussians %s; test PSNR %s dB (face %s dB) over %d frames", wall_s,
+                 summary["gaussians"], _db(metrics["test_psnr"]), _db(metrics["test_psnr_face"]), metrics["test_frames"])
         return summary
 
 
 @torch.no_grad()
-def evaluate(avatar: Avatar, data: TrainingData, cfg: TrainConfig, indices=None, shuffle_audio: np.ndarray | None = None) -> dict:
-    """Test-split PSNR, full frame and inside the face mask (mean of per-frame MSE, then dB)."""
+def evaluate(avatar: Avatar, data: TrainingData, cfg: TrainConfig, indices=None) -> dict:
+    """Test-split PSNR, full frame and inside the face mask (the same scoring as the baselines)."""
+    from gsavatar.eval.baselines import score
+
     idx = data.test_indices if indices is None else np.asarray(indices)
     if cfg.eval_frames and indices is None:
         idx = idx[np.linspace(0, len(idx) - 1, min(cfg.eval_frames, len(idx))).round().astype(int)]
-    full, face = [], []
-    for i in idx:
-        frame = data.frame(int(i))
-        inputs = data.inputs(int(i), cfg.avatar.audio_smoothing_frames, cfg.avatar.audio_window_radius)
-        image = avatar(inputs, backend=cfg.backend).image.clamp(0, 1)
-        full.append(float(losses.mse(image, frame.image)))
-        face.append(float(losses.mse(image, frame.image, frame.face)))
-    db = lambda m: 10 * math.log10(1 / max(float(np.mean(m)), 1e-12)) if m else float("nan")  # noqa: E731
-    return {"test_psnr": db(full), "test_psnr_face": db(face), "test_frames": len(idx)}
+
+    def render(i: int) -> torch.Tensor:
+        inputs = data.inputs(i, cfg.avatar.audio_smoothing_frames, cfg.avatar.audio_window_radius)
+        return avatar(inputs, backend=cfg.backend).image
+
+    r = score(render, data, idx)
+    return {"test_psnr": r["psnr"], "test_psnr_face": r["psnr_face"], "test_frames": r["frames"]}
+
+
+def _db(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _init_avatar(cfg, data, gen):
@@ -376,6 +389,3 @@ def train(subject_dir, run_dir, cfg: TrainConfig, show_progress: bool = True) ->
     """Train (or resume) an avatar on a subject dataset; returns the summary (also in RUN_DIR/summary.json)."""
     return Trainer(cfg, subject_dir, run_dir, show_progress).run()
 
-
-def load_config(d: dict) -> TrainConfig:
-    return config_from_dict(TrainConfig, d)
