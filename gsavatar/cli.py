@@ -125,9 +125,12 @@ class Train:
         if not self.iterations_scale > 0:
             raise InputError(f"--iterations-scale must be positive (got {self.iterations_scale})")
         if self.iterations_scale != 1.0:
-            cfg.stages = [dataclasses.replace(s, iterations=max(1, round(s.iterations * self.iterations_scale)),
-                                              static_iterations=round(s.static_iterations * self.iterations_scale))
-                          for s in cfg.stages]
+            k = self.iterations_scale
+            cfg.stages = [dataclasses.replace(s, iterations=max(1, round(s.iterations * k)),
+                                              static_iterations=round(s.static_iterations * k)) for s in cfg.stages]
+            d = cfg.densify  # the densification schedule is in stage iterations too
+            cfg.densify = dataclasses.replace(d, start=round(d.start * k), every=max(1, round(d.every * k)),
+                                              reset_opacity_every=round(d.reset_opacity_every * k))
         summary = train_command(self.input, self.out, cfg, force=self.force)
         g = summary["gaussians"]
         print(f"avatar: {self.out / 'avatar.pt'}  ({summary['wall_s'] / 60:.1f} min, Gaussians face {g['face']}, "

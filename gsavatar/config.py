@@ -275,6 +275,34 @@ class TrainConfig:
     eval_frames: int = 0
     """Test-split frames evaluated in the final summary (0: all)."""
 
+    def validate(self) -> "TrainConfig":
+        """Raise a one-line InputError for settings that would only fail deep inside training."""
+        from gsavatar.errors import InputError
+
+        known_stages, known_curricula = ("mouth", "face", "fuse", "torso"), (None, "mouth_open")
+        checks = [
+            (self.render_size >= 16, f"render_size must be at least 16 (got {self.render_size})"),
+            (self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be at least 1"),
+            (self.densify.every >= 1, f"densify.every must be at least 1 (got {self.densify.every})"),
+            (0 < self.optim.final_lr_fraction <= 1, "optim.final_lr_fraction must be in (0, 1]"),
+            (bool(self.stages), "at least one stage is needed"),
+        ]
+        for s in self.stages:
+            checks += [
+                (s.name in known_stages, f"unknown stage '{s.name}' (known: {', '.join(known_stages)})"),
+                (s.iterations >= 0 and 0 <= s.static_iterations <= s.iterations,
+                 f"stage {s.name}: need 0 <= static_iterations <= iterations"),
+                (s.curriculum in known_curricula, f"stage {s.name}: unknown curriculum '{s.curriculum}' (known: mouth_open)"),
+            ]
+        for b in ("face", "mouth", "torso"):
+            br = getattr(self.avatar, b)
+            checks.append((0 < br.num_gaussians <= br.max_gaussians and 0 <= br.sh_degree <= 3,
+                           f"avatar.{b}: need 0 < num_gaussians <= max_gaussians and sh_degree in 0..3"))
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+        return self
+
 
 # --------------------------------------------------------------------------------------------
 # Building configs from dicts (checkpoints, presets).
@@ -337,4 +365,7 @@ def load_preset(name: str) -> TrainConfig:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"preset {path} is not valid TOML: {e}") from None
-    return config_from_dict(TrainConfig, data)
+    try:
+        return config_from_dict(TrainConfig, data).validate()
+    except TypeError as e:  # e.g. a [[stages]] entry without a name or iterations
+        raise InputError(f"preset {path}: {e}") from None

@@ -158,3 +158,17 @@ def test_densify_schedule_runs_densification_and_opacity_reset_on_their_own_peri
     # Densify at 2 and 4 (every 2 from 2, before stop = 6); the reset at 4 coincides with densification.
     assert sorted(events) == [2, 4] and events[4].get("opacity_reset") and "opacity_reset" not in events[2]
     assert float(gs.opacities.max()) <= 0.0101
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("[[stages]]\nname = 'face'\niterations = 5\ncurriculum = 'smile'\n", "unknown curriculum 'smile'"),
+    ("[[stages]]\nname = 'hair'\niterations = 5\n", "unknown stage 'hair'"),
+    ("log_every = 0\n", "log_every must be at least 1"),
+    ("[densify]\nevery = 0\n", "densify.every"),
+    ("[[stages]]\nname = 'face'\n", "preset"),
+])
+def test_preset_values_that_would_fail_late_are_refused_up_front(tmp_path, toml, message):
+    path = tmp_path / "p.toml"
+    path.write_text(toml)
+    with pytest.raises(InputError, match=message):
+        load_preset(str(path))

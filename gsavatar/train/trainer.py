@@ -122,9 +122,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if cfg.cpu_threads > 0:
             torch.set_num_threads(cfg.cpu_threads)
-        for s in cfg.stages:
-            if s.name not in STAGES:
-                raise InputError(f"unknown stage '{s.name}' (known: {', '.join(STAGES)})")
+        cfg.validate()
         self.data = TrainingData(subject_dir, cfg.render_size, cfg.avatar.audio_feature, self.device)
         train = self.data.train_indices
         trusted = train[self.data.valid[train].numpy()]  # frames whose landmarks (hence pose) were trusted
