@@ -7,9 +7,10 @@ Conventions
     ``u = fx X_cam / Z_cam + cx``, ``v = fy Y_cam / Z_cam + cy``.
 
     Pixels: the pixel at (row ``i``, column ``j``) is sampled at its centre ``(u, v) = (j + 0.5, i + 0.5)``
-    (gsplat's convention: the image covers ``[0, W] x [0, H]``). Note that
-    ``gsavatar.tracking.camera`` puts pixel centres at *integer* coordinates; an ``Intrinsics``
-    from the tracker renders the same image here with ``cx + 0.5, cy + 0.5``.
+    (gsplat's convention: the image covers ``[0, W] x [0, H]``). The tracked cameras are fitted to
+    MediaPipe landmarks stored as ``x * W`` (this same continuous convention), so the trainer
+    passes the tracking's ``K`` unchanged (scaled by ``render_size / size``) and stores the ``K``
+    it trained with in the checkpoint (``subject["K"]``): render with that one.
 
     Gaussians: ``means [G, 3]`` in world space; ``quats [G, 4]`` as ``(w, x, y, z)``, normalised
     here; ``scales [G, 3]`` linear (positive) standard deviations along the rotated axes;

@@ -20,6 +20,10 @@ Intrinsics
     pixel centres at integer coordinates (pixel ``(0, 0)`` covers ``[-0.5, 0.5]^2``).
     ``fx = fy = focal``; the principal point is the centre of the *source* video frame mapped
     into the crop (it is the crop centre only when the crop is centred in the source).
+    Caveat: the poses are fitted to landmarks stored as MediaPipe's ``x * W`` (continuous
+    coordinates, pixel ``(0, 0)`` covering ``[0, 1]^2``), so the fitted cameras reproject in
+    that convention, which is the rasterizer's; the half-pixel difference above only moves the
+    fixed principal point, which the fitted pose absorbs. Training uses ``K`` as is.
 """
 
 from __future__ import annotations
