@@ -44,6 +44,7 @@ class TrainFrame:
     torso: torch.Tensor  # [H, W, 1]
     person: torch.Tensor  # [H, W, 1]
     back: torch.Tensor  # [H, W, 3] the image with the (dilated) head replaced by the background plate
+    ring: torch.Tensor  # [H, W, 1] the dilation margin around the head, where ``back`` is neither plate nor frame truth
 
 
 class TrainingData:
@@ -117,7 +118,8 @@ class TrainingData:
             return torch.from_numpy(np.asarray(x, np.float32))[..., None].to(self.device)
 
         return TrainFrame(index, image.to(self.device), m((labels & HEAD) > 0), m((labels & FACE) > 0), m(mouth), m(mouth_region),
-                          m((labels & TORSO) > 0), m((labels & PERSON) > 0), back.to(self.device))
+                          m((labels & TORSO) > 0), m((labels & PERSON) > 0), back.to(self.device),
+                          m(head_dilated & ((labels & HEAD) == 0)))
 
     def inputs(self, index: int, neighbours: int, radius: int, back: torch.Tensor | None = None) -> FrameInputs:
         return FrameInputs(viewmat=self.viewmats[index], K=self.K, width=self.size, height=self.size,

@@ -283,7 +283,9 @@ class Trainer:
         if strategy is not None:
             strategy.before_backward(out.branches[setup.densify].means2d)
         L = cfg.loss
-        mouth_weight = 1 + (L.mouth_region - 1) * frame.mouth_region
+        # The mouth region counts more; the ring around the head does not count in the stages
+        # that composite over ``back`` (there it shows the plate, which is not the truth).
+        mouth_weight = (1 + (L.mouth_region - 1) * frame.mouth_region) * (1 - frame.ring)
         if stage.name == "mouth":
             m = out.branches["mouth"]
             # Only the inside of the mouth (teeth, tongue, cavity): the lips belong to the face.
