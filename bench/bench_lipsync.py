@@ -33,7 +33,7 @@ def main() -> None:
     from gsavatar.config import PreprocessConfig, load_preset
     from gsavatar.data.preprocess import preprocess
     from gsavatar.data.synthetic import make_synthetic_subject, mouth_darkness
-    from gsavatar.model.avatar import audio_context
+    from gsavatar.eval.baselines import avatar_predictor, score
     from gsavatar.train.checkpoint import load_avatar
     from gsavatar.train.data import TrainingData
     from gsavatar.train.trainer import train
@@ -53,29 +53,13 @@ def main() -> None:
     truth = np.load(truth_path)[data.test_indices]
     lm = data.dataset.landmarks
 
-    def render(audio):
-        out = []
-        with torch.no_grad():
-            for i in data.test_indices:
-                inputs = data.inputs(int(i), cfg.avatar.audio_smoothing_frames, cfg.avatar.audio_window_radius)
-                inputs.audio = audio_context(audio, int(i), cfg.avatar.audio_window_radius, cfg.avatar.audio_smoothing_frames)
-                out.append(avatar(inputs).image.clamp(0, 1).numpy())
-        return out
-
-    def face_psnr(images):
-        errs = []
-        for im, i in zip(images, data.test_indices):
-            f = data.frame(int(i))
-            errs.append(float((((im - f.image.numpy()) ** 2) * f.face.numpy()).sum() / (3 * f.face.numpy().sum())))
-        return 10 * np.log10(1 / np.mean(errs))
-
     perm = torch.from_numpy(np.random.default_rng(0).permutation(data.num_frames))
     results = {}
     for name, audio in (("true audio", data.audio), ("shuffled audio", data.audio[perm])):
-        images = render(audio)
-        opening = [mouth_darkness(im, lm[i], data.dataset.size) for im, i in zip(images, data.test_indices)]
+        images = {int(i): avatar_predictor(avatar, cfg, data, audio)(int(i)) for i in data.test_indices}
+        opening = [mouth_darkness(images[int(i)].numpy(), lm[i], data.dataset.size) for i in data.test_indices]
         r = float(np.corrcoef(opening, truth)[0, 1]) if np.std(opening) > 0 else 0.0
-        results[name] = (r, face_psnr(images))
+        results[name] = (r, score(images.__getitem__, data)["psnr_face"])
         print(f"{name:<15} mouth-opening r = {r:+.3f}   face PSNR {results[name][1]:.2f} dB")
     if args.write:
         (r, p), (rs, ps) = results["true audio"], results["shuffled audio"]

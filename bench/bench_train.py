@@ -33,8 +33,7 @@ def main() -> None:
     import torch
 
     from gsavatar.config import load_preset
-    from gsavatar.eval.baselines import mean_frame, nearest_audio_frame, score
-    from gsavatar.model.avatar import audio_context  # noqa: F401  (public render path below)
+    from gsavatar.eval.baselines import avatar_predictor, mean_frame, nearest_audio_frame, score
     from gsavatar.train.checkpoint import load_avatar
     from gsavatar.train.data import TrainingData
     from gsavatar.train.run import prepare_subject, train_command
@@ -48,12 +47,8 @@ def main() -> None:
     subject = prepare_subject(args.source, args.run, cfg.render_size)
     data = TrainingData(subject, cfg.render_size, summary["audio_feature"])
 
-    def render(index: int):
-        with torch.no_grad():
-            return avatar(data.inputs(index, cfg.avatar.audio_smoothing_frames, cfg.avatar.audio_window_radius)).image
-
     t = time.perf_counter()
-    results = {"avatar": score(render, data), "mean training frame": score(mean_frame(data), data),
+    results = {"avatar": score(avatar_predictor(avatar, cfg, data), data), "mean training frame": score(mean_frame(data), data),
                "nearest-audio training frame": score(nearest_audio_frame(data), data)}
     print(f"scored in {time.perf_counter() - t:.1f} s on {results['avatar']['frames']} test frames at {cfg.render_size} px")
     print(f"{'method':<30} {'PSNR':>8} {'face PSNR':>10}")

@@ -31,6 +31,23 @@ def score(predict: Callable[[int], torch.Tensor], data: TrainingData, indices=No
     return {"psnr": db(full), "psnr_face": db(face), "frames": len(idx)}
 
 
+def avatar_predictor(avatar, cfg, data: TrainingData, audio: torch.Tensor | None = None) -> Callable[[int], torch.Tensor]:
+    """Render frame ``index`` with the avatar (its tracked camera, pose and blink), driven by
+    ``audio`` (``[N, S, D]`` features; default: the subject's own)."""
+    from gsavatar.model.avatar import audio_context
+
+    a = cfg.avatar
+
+    @torch.no_grad()
+    def predict(index: int) -> torch.Tensor:
+        inputs = data.inputs(index, a.audio_smoothing_frames, a.audio_window_radius)
+        if audio is not None:
+            inputs.audio = audio_context(audio, index, a.audio_window_radius, a.audio_smoothing_frames)
+        return avatar(inputs, backend=cfg.backend).image.clamp(0, 1)
+
+    return predict
+
+
 def mean_frame(data: TrainingData) -> Callable[[int], torch.Tensor]:
     """Predict every frame as the mean training frame."""
     total = None

@@ -342,17 +342,12 @@ class Trainer:
 @torch.no_grad()
 def evaluate(avatar: Avatar, data: TrainingData, cfg: TrainConfig, indices=None) -> dict:
     """Test-split PSNR, full frame and inside the face mask (the same scoring as the baselines)."""
-    from gsavatar.eval.baselines import score
+    from gsavatar.eval.baselines import avatar_predictor, score
 
     idx = data.test_indices if indices is None else np.asarray(indices)
     if cfg.eval_frames and indices is None:
         idx = idx[np.linspace(0, len(idx) - 1, min(cfg.eval_frames, len(idx))).round().astype(int)]
-
-    def render(i: int) -> torch.Tensor:
-        inputs = data.inputs(i, cfg.avatar.audio_smoothing_frames, cfg.avatar.audio_window_radius)
-        return avatar(inputs, backend=cfg.backend).image
-
-    r = score(render, data, idx)
+    r = score(avatar_predictor(avatar, cfg, data), data, idx)
     return {"test_psnr": r["psnr"], "test_psnr_face": r["psnr_face"], "test_frames": r["frames"]}
 
 
