@@ -38,6 +38,19 @@ def demo_subject(demo_video, tmp_path_factory):
     return out, report
 
 
+@pytest.fixture(scope="session")
+def trained(demo_subject, tmp_path_factory):
+    """The cpu-tiny preset trained on the synthetic subject (about 2 minutes on 2 cores), once per
+    session: (subject_dir, run_dir, summary). Tests must not write into run_dir."""
+    from gsavatar.config import load_preset
+    from gsavatar.train.trainer import train
+
+    subject, _ = demo_subject
+    run = tmp_path_factory.mktemp("run") / "tiny"
+    summary = train(subject, run, load_preset("cpu-tiny"), show_progress=False)
+    return subject, run, summary
+
+
 def tone(seconds: float, rate: int = 16000, freq: float = 220.0) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
     return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)

@@ -25,17 +25,6 @@ from gsavatar.train.checkpoint import load_avatar, load_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def trained(demo_subject, tmp_path_factory):
-    """The cpu-tiny preset trained on the synthetic subject (about 2 minutes on 2 cores)."""
-    from gsavatar.train.trainer import train
-
-    subject, _ = demo_subject
-    run = tmp_path_factory.mktemp("run") / "tiny"
-    summary = train(subject, run, load_preset("cpu-tiny"), show_progress=False)
-    return subject, run, summary
-
-
 def _render_test_split(avatar, cfg, data, audio: torch.Tensor) -> dict[int, torch.Tensor]:
     from gsavatar.eval.baselines import avatar_predictor
 

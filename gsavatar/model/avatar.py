@@ -39,6 +39,7 @@ class FrameInputs:
     pose: torch.Tensor  # [6] head axis-angle (rad) and translation (m), i.e. the camera's view of the head
     background: torch.Tensor | None = None  # [H, W, 3] in [0, 1]; None: the avatar's own plate
     back: torch.Tensor | None = None  # [H, W, 3]: use this instead of rendering torso + background
+    camera: torch.Tensor | None = None  # [4, 4] rigid transform of camera-frame points (a novel view); None: identity
 
 
 class BranchRender(NamedTuple):
@@ -115,7 +116,9 @@ class Avatar(nn.Module):
         from gsavatar.render import rasterize
 
         means, quats, scales, opacities, sh, offsets = self.deformed(branch, inputs, deform)
-        viewmat = torch.eye(4, dtype=means.dtype, device=means.device) if branch == "torso" else inputs.viewmat
+        # The torso lives in the camera frame; a novel-view ``camera`` moves every branch alike.
+        camera = inputs.camera if inputs.camera is not None else torch.eye(4, dtype=means.dtype, device=means.device)
+        viewmat = camera if branch == "torso" else camera @ inputs.viewmat
         g: GaussianSet = self.gaussians[branch]
         out = rasterize(means, quats, scales, opacities, sh, viewmat, inputs.K, inputs.width, inputs.height,
                         sh_degree=g.sh_degree, backend=backend,

@@ -1,0 +1,322 @@
+"""Driving a trained avatar with any speech: audio -> per-frame inputs (pose, blink, camera).
+
+Everything that renders an avatar from new audio (``gsavatar render``, the viewer, the
+evaluation of novel-audio lip-sync) goes through :class:`DriveSequence`:
+
+    speech file --load_speech--> 16 kHz mono --speech_features--> [N, S, D] (the avatar's own extractor)
+    training sequence --pose_sequence / blink_sequence--> head pose and blink for N frames
+    camera path (train view, orbit, zoom, JSON keyframes) --camera_path--> [N, 4, 4]
+
+N = round(audio seconds x 25): frame k owns audio samples [640 k, 640 (k + 1)), the same time
+base as preprocessing (gsavatar.data.video), so a render is in sync from the first frame to
+the last. A camera transform acts on camera-frame points (it moves the viewer, not the head):
+the face and mouth are drawn with ``camera @ viewmat``, the torso (which lives in the camera
+frame) with ``camera``; the background plate is an image and does not move.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from gsavatar.errors import InputError
+
+FPS = 25
+SAMPLE_RATE = 16000
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS
+SPEECH_SUFFIXES = (".wav", ".mp3", ".m4a", ".mp4", ".aac", ".flac", ".ogg", ".webm", ".mov", ".mkv")
+
+PoseMode = Literal["loop", "still"]
+BlinkMode = Literal["track", "generate", "none"]
+CameraKind = Literal["train", "orbit", "zoom"]
+
+
+@dataclasses.dataclass
+class DriveConfig:
+    """How head pose, blinks and the camera are chosen when new audio drives the avatar."""
+
+    pose: PoseMode = "loop"
+    """loop: the training sequence's head motion, played back and forth (no jump at the ends); still: its median pose."""
+    blink: BlinkMode = "track"
+    """track: the training sequence's blinks (played with the pose); generate: random blinks at a human rate; none."""
+    pose_smoothing_frames: float = 2.0
+    """Gaussian sigma (frames) applied to the looped pose, so the turn-around points are smooth."""
+    camera: str = "train"
+    """train (the tracked camera), orbit (yaw +-orbit_yaw_deg, some pitch), zoom (slow push-in), or a JSON keyframe file."""
+    orbit_yaw_deg: float = 30.0
+    """Orbit amplitude in yaw (degrees)."""
+    orbit_pitch_deg: float = 8.0
+    """Orbit amplitude in pitch (degrees)."""
+    orbit_period_s: float = 8.0
+    """Seconds for one full left-right-left sweep."""
+    zoom_factor: float = 1.6
+    """Zoom path: the head appears this many times larger at the end than at the start."""
+    seed: int = 0
+    """Seed of the blink generator."""
+
+
+# -- audio ------------------------------------------------------------------------------------
+def load_speech(path: str | Path, max_seconds: float | None = None, min_seconds: float = 0.2) -> np.ndarray:
+    """Decode the first audio stream of any file FFmpeg reads to 16 kHz mono float32 in [-1, 1].
+
+    Raises :class:`InputError` with one line for a missing file, a file with no audio, an
+    unreadable file, or audio shorter than ``min_seconds`` / longer than ``max_seconds``.
+    """
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no such audio file: {path}")
+    chunks: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise InputError(f"{path.name} has no audio stream")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            limit = None if max_seconds is None else int((max_seconds + 1) * SAMPLE_RATE)
+            total = 0
+            for frame in container.decode(container.streams.audio[0]):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+                    total += chunks[-1].size
+                if limit is not None and total > limit:
+                    raise InputError(f"{path.name} is longer than the limit of {max_seconds:g} s")
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+    except InputError:
+        raise
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as e:
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise InputError(f"{path.name} is not a readable audio file ({text})") from None
+    samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    seconds = samples.size / SAMPLE_RATE
+    if seconds < min_seconds:
+        raise InputError(f"{path.name} holds {seconds:.2f} s of audio; at least {min_seconds:g} s is needed")
+    if max_seconds is not None and seconds > max_seconds:
+        raise InputError(f"{path.name} is {seconds:.1f} s long, over the limit of {max_seconds:g} s")
+    if not np.isfinite(samples).all():
+        raise InputError(f"{path.name} decodes to NaN or infinite samples")
+    return np.clip(samples, -1.0, 1.0)
+
+
+def frame_count(samples: np.ndarray) -> int:
+    """Video frames for an audio track: round(seconds x 25), at least one."""
+    return max(1, int(round(len(samples) / SAMPLES_PER_FRAME)))
+
+
+def speech_features(subject: dict, samples: np.ndarray, num_frames: int | None = None) -> torch.Tensor:
+    """``[N, S, D]`` features of ``samples`` made by the extractor the avatar was trained with."""
+    from gsavatar.data.audio_features import extractor_from_description
+
+    description = subject.get("audio_extractor") or {"kind": subject["audio_kind"], "options": {}}
+    extractor = extractor_from_description(description)
+    n = frame_count(samples) if num_frames is None else int(num_frames)
+    feats = extractor.extract(np.asarray(samples, np.float32), n, sample_rate=SAMPLE_RATE)
+    if feats.shape[1:] != (subject["steps_per_frame"], subject["feature_dim"]):
+        raise InputError(f"the {description['kind']} extractor gives features {feats.shape[1:]}, "
+                         f"the avatar was trained on {(subject['steps_per_frame'], subject['feature_dim'])}")
+    return torch.from_numpy(np.ascontiguousarray(feats, np.float32))
+
+
+# -- head pose and blink ----------------------------------------------------------------------
+def pingpong(num: int, length: int) -> np.ndarray:
+    """Indices 0, 1, ..., L-1, L-2, ..., 1, 0, 1, ... (``num`` of them): a loop with no jump."""
+    if length <= 1:
+        return np.zeros(num, np.int64)
+    period = 2 * (length - 1)
+    k = np.arange(num) % period
+    return np.where(k < length, k, period - k).astype(np.int64)
+
+
+def _gaussian_smooth(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Smooth ``[N, C]`` along N with a Gaussian (edges replicated)."""
+    if sigma <= 0 or len(x) < 2:
+        return x
+    r = int(math.ceil(3 * sigma))
+    w = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    w /= w.sum()
+    padded = np.concatenate([np.repeat(x[:1], r, 0), x, np.repeat(x[-1:], r, 0)])
+    return np.stack([np.convolve(padded[:, c], w, mode="valid") for c in range(x.shape[1])], 1)
+
+
+def source_frames(subject: dict) -> np.ndarray:
+    """The training split's frame indices (the motion the avatar has seen)."""
+    lo, hi = subject.get("train", [0, subject["num_frames"]])
+    return np.arange(int(lo), int(hi))
+
+
+def pose_sequence(subject: dict, num: int, cfg: DriveConfig) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """``(viewmats [N,4,4], poses [N,6], source indices [N])`` for ``num`` output frames."""
+    from gsavatar.tracking.camera import axis_angle_to_matrix
+
+    frames = source_frames(subject)
+    poses_all = subject["poses"].detach().cpu().numpy().astype(np.float64)
+    if cfg.pose == "still":
+        src = np.full(num, frames[len(frames) // 2], np.int64)
+        poses = np.repeat(np.median(poses_all[frames], 0, keepdims=True), num, 0)
+    elif cfg.pose == "loop":
+        src = frames[pingpong(num, len(frames))]
+        poses = _gaussian_smooth(poses_all[src], cfg.pose_smoothing_frames)
+    else:
+        raise InputError(f"unknown pose mode {cfg.pose!r} (loop or still)")
+    poses_t = torch.from_numpy(poses.astype(np.float32))
+    viewmats = torch.zeros(num, 4, 4)
+    viewmats[:, :3, :3] = axis_angle_to_matrix(poses_t[:, :3])
+    viewmats[:, :3, 3] = poses_t[:, 3:]
+    viewmats[:, 3, 3] = 1
+    return viewmats, poses_t, src
+
+
+def generated_blinks(num: int, rng: np.random.Generator, rate_per_min: float = 17.0, duration_s: float = 0.25,
+                     strength: float = 1.0) -> np.ndarray:
+    """A blink signal in [0, 1] at a human rate (about 17 a minute; gaps 1.5 s at least) and duration (~0.25 s)."""
+    out = np.zeros(num, np.float32)
+    mean_gap = 60.0 / rate_per_min
+    t = rng.uniform(0.5, mean_gap) * FPS
+    half = duration_s * FPS / 2
+    while t < num:
+        k = np.arange(max(0, int(t - half) - 1), min(num, int(t + half) + 2))
+        shape = np.clip(1 - np.abs(k - t) / half, 0, 1)  # closes and opens over `duration_s`
+        out[k] = np.maximum(out[k], strength * (0.5 - 0.5 * np.cos(np.pi * shape)))
+        t += max(1.5, rng.gamma(4.0, mean_gap / 4.0)) * FPS
+    return out
+
+
+def blink_sequence(subject: dict, num: int, src: np.ndarray, cfg: DriveConfig) -> torch.Tensor:
+    blink = subject["blink"].detach().cpu().numpy().astype(np.float32)
+    if cfg.blink == "track":
+        return torch.from_numpy(blink[src])
+    if cfg.blink == "generate":
+        strength = float(np.quantile(blink[source_frames(subject)], 0.99)) or 1.0
+        return torch.from_numpy(generated_blinks(num, np.random.default_rng(cfg.seed), strength=strength))
+    if cfg.blink == "none":
+        return torch.zeros(num)
+    raise InputError(f"unknown blink mode {cfg.blink!r} (track, generate or none)")
+
+
+# -- camera paths -----------------------------------------------------------------------------
+def _rotation(yaw_deg: float, pitch_deg: float, roll_deg: float = 0.0) -> np.ndarray:
+    y, p, r = np.radians([yaw_deg, pitch_deg, roll_deg])
+    ry = np.array([[math.cos(y), 0, math.sin(y)], [0, 1, 0], [-math.sin(y), 0, math.cos(y)]])
+    rx = np.array([[1, 0, 0], [0, math.cos(p), -math.sin(p)], [0, math.sin(p), math.cos(p)]])
+    rz = np.array([[math.cos(r), -math.sin(r), 0], [math.sin(r), math.cos(r), 0], [0, 0, 1]])
+    return rz @ rx @ ry
+
+
+def orbit_transform(centre: np.ndarray, yaw_deg: float, pitch_deg: float, roll_deg: float = 0.0,
+                    distance_scale: float = 1.0) -> np.ndarray:
+    """A camera-frame rigid transform: turn the view by yaw/pitch/roll about ``centre`` (camera
+    coordinates, metres) and scale the camera's distance to it by ``distance_scale``."""
+    centre = np.asarray(centre, np.float64)
+    e = np.eye(4)
+    e[:3, :3] = _rotation(yaw_deg, pitch_deg, roll_deg)
+    # Rotate about the centre, then slide along the optical axis so the centre's depth is scaled.
+    e[:3, 3] = centre - e[:3, :3] @ centre + np.array([0.0, 0.0, (distance_scale - 1.0) * centre[2]])
+    return e
+
+
+def load_keyframes(path: str | Path) -> list[dict]:
+    """Read a camera-path JSON: ``{"keyframes": [{"t": seconds, "yaw": deg, "pitch": deg, "roll": deg,
+    "zoom": factor}, ...]}`` (missing angles are 0, zoom 1; at least one keyframe, times increasing)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        keys = data["keyframes"] if isinstance(data, dict) else data
+        out = [{"t": float(k["t"]), "yaw": float(k.get("yaw", 0)), "pitch": float(k.get("pitch", 0)),
+                "roll": float(k.get("roll", 0)), "zoom": float(k.get("zoom", 1))} for k in keys]
+    except FileNotFoundError:
+        raise InputError(f"no such camera path file: {path}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"{path.name} is not a camera path ({type(e).__name__}: {e}); "
+                         'expected {"keyframes": [{"t": 0, "yaw": 0, "pitch": 0, "zoom": 1}, ...]}') from None
+    if not out:
+        raise InputError(f"{path.name} has no keyframes")
+    times = [k["t"] for k in out]
+    if any(b <= a for a, b in zip(times, times[1:])):
+        raise InputError(f"{path.name}: keyframe times must increase")
+    if any(k["zoom"] <= 0 for k in out):
+        raise InputError(f"{path.name}: zoom must be positive")
+    return out
+
+
+def camera_path(cfg: DriveConfig, num: int, centre: np.ndarray) -> torch.Tensor:
+    """``[N, 4, 4]`` camera-frame transforms for the path named by ``cfg.camera``."""
+    t = np.arange(num) / FPS
+    if cfg.camera == "train":
+        mats = np.repeat(np.eye(4)[None], num, 0)
+    elif cfg.camera == "orbit":
+        phase = 2 * np.pi * t / cfg.orbit_period_s
+        mats = np.stack([orbit_transform(centre, cfg.orbit_yaw_deg * math.sin(p), cfg.orbit_pitch_deg * math.sin(2 * p))
+                         for p in phase])
+    elif cfg.camera == "zoom":
+        s = t / max(t[-1], 1e-6) if num > 1 else np.zeros(1)
+        s = s * s * (3 - 2 * s)  # ease in and out
+        mats = np.stack([orbit_transform(centre, 0, 0, 0, 1.0 / (1 + (cfg.zoom_factor - 1) * x)) for x in s])
+    else:
+        keys = load_keyframes(cfg.camera)
+        kt = np.array([k["t"] for k in keys])
+        value = {name: np.interp(t, kt, [k[name] for k in keys]) for name in ("yaw", "pitch", "roll", "zoom")}
+        mats = np.stack([orbit_transform(centre, value["yaw"][i], value["pitch"][i], value["roll"][i], 1.0 / value["zoom"][i])
+                         for i in range(num)])
+    return torch.from_numpy(mats.astype(np.float32))
+
+
+def head_centre(subject: dict) -> np.ndarray:
+    """The head-frame origin in camera coordinates, averaged over the training frames."""
+    frames = source_frames(subject)
+    return subject["poses"][frames, 3:].detach().cpu().numpy().astype(np.float64).mean(0)
+
+
+# -- the sequence -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class DriveSequence:
+    """Everything needed to render ``len(self)`` frames of the avatar driven by one audio track."""
+
+    audio: torch.Tensor  # [N, S, D] raw features
+    viewmats: torch.Tensor  # [N, 4, 4] head frame -> tracked camera
+    poses: torch.Tensor  # [N, 6]
+    blink: torch.Tensor  # [N]
+    cameras: torch.Tensor  # [N, 4, 4] camera-frame transforms (identity: the training view)
+    K: torch.Tensor  # [3, 3] at (size, size)
+    size: int
+    samples: np.ndarray | None = None  # 16 kHz mono, len = N * 640 when built from audio
+
+    def __len__(self) -> int:
+        return int(self.audio.shape[0])
+
+    def inputs(self, index: int, avatar_cfg, camera: torch.Tensor | None = None, background: torch.Tensor | None = None,
+               device: str | torch.device = "cpu"):
+        """FrameInputs of frame ``index``; ``camera`` overrides the path's transform (the viewer's camera)."""
+        from gsavatar.model.avatar import FrameInputs, audio_context
+
+        cam = self.cameras[index] if camera is None else camera
+        return FrameInputs(
+            viewmat=self.viewmats[index].to(device), K=self.K.to(device), width=self.size, height=self.size,
+            audio=audio_context(self.audio, index, avatar_cfg.audio_window_radius, avatar_cfg.audio_smoothing_frames).to(device),
+            blink=self.blink[index].to(device), pose=self.poses[index].to(device), background=background,
+            camera=cam.to(device))
+
+
+def build_drive(subject: dict, samples: np.ndarray, cfg: DriveConfig | None = None, size: int | None = None,
+                features: torch.Tensor | None = None) -> DriveSequence:
+    """A :class:`DriveSequence` for a speech track (``features`` skips extraction when already made)."""
+    cfg = cfg or DriveConfig()
+    num = frame_count(samples)
+    feats = speech_features(subject, samples, num) if features is None else features
+    viewmats, poses, src = pose_sequence(subject, num, cfg)
+    blink = blink_sequence(subject, num, src, cfg)
+    cameras = camera_path(cfg, num, head_centre(subject))
+    trained = int(subject["render_size"])
+    size = trained if size is None else int(size)
+    if size < 16 or size % 2:
+        raise InputError(f"render size must be an even number of at least 16 pixels, got {size}")
+    K = subject["K"].detach().cpu().float().clone()
+    K[:2] *= size / trained
+    padded = np.pad(np.asarray(samples, np.float32), (0, max(0, num * SAMPLES_PER_FRAME - len(samples))))
+    return DriveSequence(feats, viewmats, poses, blink, cameras, K, size, padded[: num * SAMPLES_PER_FRAME])
