@@ -173,10 +173,50 @@ class Demo:
                 Train(self.out / "subject", self.out / "run", preset=self.preset)()
 
 
+@dataclasses.dataclass
+class Eval:
+    """Score a trained avatar on its held-out test split (the last 1/11 of frames) against two baselines.
+
+    Image metrics (PSNR, SSIM, LPIPS when its weights are on disk), LMD from an independent
+    landmark detector (dlib's 68 points), mouth- and eye-opening correlation with the truth,
+    the audio-visual offset (also for any --audio file, no reference video needed) and the
+    frame rate. Prints a table (or JSON) and writes RUN_DIR/eval.json.
+    """
+
+    run: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directory made by gsavatar train (holds avatar.pt)."""
+    audio: tuple[Path, ...] = ()
+    """Speech files (wav, mp3, m4a, mp4...) to drive the avatar with and measure lip-sync on."""
+    subject: Path | None = None
+    """The subject dataset, if it moved since training (default: the path recorded in the avatar)."""
+    max_frames: int = 0
+    """Score only the first MAX_FRAMES test frames (0: all)."""
+    baselines: bool = True
+    """Also score the mean-frame and nearest-audio-frame baselines (--no-baselines to skip)."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    json: bool = False
+    """Print the JSON result instead of the table."""
+
+    def __call__(self) -> None:
+        import json as _json
+
+        from gsavatar.config import EvalConfig
+        from gsavatar.eval.evaluate import evaluate_run, format_table
+
+        cfg = EvalConfig(audio=tuple(str(a) for a in self.audio), max_frames=self.max_frames, baselines=self.baselines,
+                         device=self.device)
+        result = evaluate_run(self.run, cfg, self.subject, progress=not self.json)
+        print(_json.dumps(result, indent=2, default=str) if self.json else format_table(result))
+        if not self.json:
+            print(f"written: {self.run / 'eval.json'}")
+
+
 COMMANDS = {
     "preprocess": Preprocess,
     "track": Track,
     "train": Train,
+    "eval": Eval,
     "demo": Demo,
 }
 

@@ -308,6 +308,30 @@ class TrainConfig:
 # Building configs from dicts (checkpoints, presets).
 
 
+@dataclasses.dataclass
+class EvalConfig:
+    """What ``gsavatar eval`` measures and how (see gsavatar.eval.evaluate)."""
+
+    audio: tuple[str, ...] = ()
+    """Extra speech files to drive the avatar with: each gets an AV offset and its correlation (no reference video needed)."""
+    max_frames: int = 0
+    """Score only the first MAX_FRAMES frames of the test split (0: all); the split stays contiguous for the signal metrics."""
+    baselines: bool = True
+    """Also score the mean training frame and the training frame nearest in audio feature, the same way."""
+    max_lag: int = 5
+    """AV offset search range in frames (+-)."""
+    fps_warmup: int = 3
+    """Renders before timing starts (allocator, caches, CUDA kernels)."""
+    fps_repeats: int = 5
+    """Timed repeats; the median is reported."""
+    fps_frames: int = 10
+    """Frames per timed repeat."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu or cuda."""
+    drive_pose: str = "loop"
+    """Head pose for the novel-audio drives (loop or still; see gsavatar.drive.DriveConfig)."""
+
+
 def config_from_dict(cls, data: dict, base=None):
     """Build dataclass ``cls`` from a (possibly partial) nested dict, over ``base`` (default: defaults).
 

