@@ -318,8 +318,12 @@ class EvalConfig:
     """Score only the first MAX_FRAMES frames of the test split (0: all); the split stays contiguous for the signal metrics."""
     baselines: bool = True
     """Also score the mean training frame and the training frame nearest in audio feature, the same way."""
-    max_lag: int = 5
-    """AV offset search range in frames (+-)."""
+    max_lag: int = 3
+    """AV offset search range in frames (+-). Speech has 4-5 syllables a second, so on clips of a few
+    seconds the mouth/energy correlation has side peaks one syllable (5-6 frames) away that can beat
+    the true one (seen on cnn2's 6.5 s test split: true peak r 0.29 at 0, side peak 0.38 at -6; on the
+    whole 71 s video the peak is at 0). +-3 frames (120 ms) keeps the search on the sync peak; an
+    offset at the edge means out of sync by at least that."""
     fps_warmup: int = 3
     """Renders before timing starts (allocator, caches, CUDA kernels)."""
     fps_repeats: int = 5
@@ -328,6 +332,9 @@ class EvalConfig:
     """Frames per timed repeat."""
     device: str = "auto"
     """auto (CUDA when available), cpu or cuda."""
+    cpu_threads: int = -1
+    """torch CPU threads: -1 uses the trained preset's cpu_threads (1 for the CPU presets: on a busy
+    2-core machine more threads are many times slower), 0 leaves torch's default."""
     drive_pose: str = "loop"
     """Head pose for the novel-audio drives (loop or still; see gsavatar.drive.DriveConfig)."""
 

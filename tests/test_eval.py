@@ -112,9 +112,12 @@ def test_av_offset_recovers_a_known_shift(k):
     assert r["correlation_at_0"] < r["correlation"] or k == 0
 
 
-def test_av_offset_of_a_still_mouth_is_undefined():
+def test_av_offset_of_a_still_or_anti_correlated_mouth_is_undefined():
     r = M.av_offset(np.ones(100), _smooth_random(100, 0))
     assert r["offset"] is None and r["correlation"] is None
+    energy = _smooth_random(100, 1)
+    r = M.av_offset(-energy, energy, max_lag=0)  # closes when it should open: no sync peak
+    assert r["offset"] is None and r["correlation"] == pytest.approx(-1.0)
 
 
 def test_speech_energy_follows_the_audio_each_frame_owns():
@@ -222,7 +225,7 @@ def test_eval_json_records_results_versions_device_and_settings(evaluated):
     env = saved["environment"]
     assert env["torch"] == version("torch") and env["gsavatar"] == version("gsavatar")
     assert env["device"] == "cpu" and ("dlib-bin" in env or "dlib" in env)
-    assert saved["settings"]["max_lag"] == 5 and saved["settings"]["lmd_units"].endswith("128 px")
+    assert saved["settings"]["max_lag"] == 3 and saved["settings"]["lmd_units"].endswith("128 px")
     s = saved["speed"]
     assert s["fps"] > 0 and s["fps_min"] <= s["fps"] <= s["fps_max"] and s["resolution"] == [128, 128]
     assert saved["lpips"]  # either the weights used or why LPIPS was not computed

@@ -104,6 +104,7 @@ def summarise(scores: list[FrameScore], truth_mouth, truth_eye, energy, max_lag:
         "landmark_frames": sum(s.lmd_mouth is not None for s in scores),
         "mouth_corr": M.pearson(mouth, truth_mouth), "blink_corr": M.pearson(eye, truth_eye),
         "av_offset": av["offset"], "av_corr": av["correlation"], "av_corr_at_0": av["correlation_at_0"],
+        "av_corr_by_lag": av["by_lag"],
     }
 
 
@@ -191,6 +192,9 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, subject_dir
     device = resolve_device(cfg.device)
     avatar_file = find_avatar_file(run_dir)
     avatar, tcfg, subject = load_avatar(avatar_file, device)
+    threads = tcfg.cpu_threads if cfg.cpu_threads < 0 else cfg.cpu_threads
+    if device.type == "cpu" and threads > 0:
+        torch.set_num_threads(threads)
     subject_dir = Path(subject_dir or subject["subject_dir"])
     if not (subject_dir / "manifest.json").is_file():
         raise InputError(f"the avatar's subject dataset {subject_dir} is missing; pass --subject DIR")
@@ -250,7 +254,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, subject_dir
         "split": {"name": "test", "frames": [int(idx[0]), int(idx[-1]) + 1], "count": int(len(idx)),
                   "resolution": int(subject["render_size"])},
         "methods": methods,
-        "ground_truth": {"av_offset": truth_av["offset"], "av_corr": truth_av["correlation"],
+        "ground_truth": {"av_offset": truth_av["offset"], "av_corr": truth_av["correlation"], "av_corr_by_lag": truth_av["by_lag"],
                          "landmark_frames": int(sum(t[2] is not None for t in truth.values()))},
         "drives": drives,
         "speed": speed,
@@ -269,7 +273,7 @@ def _av(mouth: np.ndarray, energy: np.ndarray, max_lag: int) -> dict:
     filled = np.nan_to_num(mouth, nan=float(np.nanmean(mouth)) if np.isfinite(mouth).any() else 0.0)
     r = M.av_offset(filled, energy, max_lag)
     return {"av_offset": r["offset"], "av_corr": r["correlation"], "av_corr_at_0": r["correlation_at_0"],
-            "landmark_frames": int(np.isfinite(mouth).sum()), "frames": int(len(mouth))}
+            "av_corr_by_lag": r["by_lag"], "landmark_frames": int(np.isfinite(mouth).sum()), "frames": int(len(mouth))}
 
 
 def _nearest_audio_mouth(data, subject, samples) -> np.ndarray:

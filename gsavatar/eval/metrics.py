@@ -12,7 +12,9 @@ Definitions (the usual ones in the talking-head literature):
 - Eye opening: the eye aspect ratio (Soukupova and Cech 2016), the mean of both eyes.
 - Speech energy: log energy of 300-3000 Hz in the 40 ms of audio each 25 fps frame owns.
 - AV offset: the lag (frames) in [-max_lag, max_lag] maximising the Pearson correlation of
-  mouth opening and speech energy; positive means the mouth moves *after* the sound.
+  mouth opening and speech energy; positive means the mouth moves *after* the sound. On short
+  clips keep max_lag below one syllable (about 5 frames): the syllable rhythm makes side peaks
+  there (gsavatar.config.EvalConfig.max_lag).
 """
 
 from __future__ import annotations
@@ -112,14 +114,16 @@ def lagged_correlation(mouth, energy, lag: int) -> float | None:
     return pearson(mouth[: n + lag], energy[-lag:n])
 
 
-def av_offset(mouth, energy, max_lag: int = 5) -> dict:
+def av_offset(mouth, energy, max_lag: int = 3) -> dict:
     """``{"offset": frames, "correlation": r at that lag, "correlation_at_0": r, "by_lag": {lag: r}}``.
 
-    The offset is None when no lag gives a defined correlation (e.g. a mouth that never moves).
+    The offset is None when no lag gives a positive correlation (e.g. a mouth that never moves).
     """
     by_lag = {lag: lagged_correlation(mouth, energy, lag) for lag in range(-max_lag, max_lag + 1)}
     defined = {k: v for k, v in by_lag.items() if v is not None}
     if not defined:
         return {"offset": None, "correlation": None, "correlation_at_0": None, "by_lag": by_lag}
     best = max(defined, key=lambda k: (defined[k], -abs(k)))
+    if defined[best] <= 0:  # no lag where mouth and sound go together: no offset to report
+        return {"offset": None, "correlation": defined[best], "correlation_at_0": by_lag[0], "by_lag": by_lag}
     return {"offset": int(best), "correlation": defined[best], "correlation_at_0": by_lag[0], "by_lag": by_lag}
