@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import tyro
 
@@ -139,11 +139,88 @@ class Train:
 
 
 @dataclasses.dataclass
+class Render:
+    """Render a trained avatar speaking any audio file to an mp4 (H.264 video, AAC audio, in sync).
+
+    The video has round(audio seconds x 25) frames at 25 fps; frame k shows the mouth for audio
+    [k/25, (k+1)/25) s. Head motion and blinks come from the training video (looped without
+    jumps), the camera from --camera.
+    """
+
+    run: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directory from gsavatar train (its avatar.pt; checkpoint.pt if training has not finished)."""
+    audio: Annotated[Path, tyro.conf.arg(metavar="SPEECH")]
+    """Speech to drive the avatar: wav, mp3, m4a, mp4 (its audio track)... at any sample rate."""
+    out: Annotated[Path, tyro.conf.arg(aliases=["-o"], metavar="OUT.mp4")]
+    """Output video; its directory must exist. Written atomically (nothing appears if rendering fails)."""
+    pose: Literal["loop", "still"] = "loop"
+    """Head motion: loop (the training video's, played back and forth) or still (its median pose)."""
+    blink: Literal["track", "generate", "none"] = "track"
+    """Blinks: track (the training video's, with the looped motion), generate (random, at a human rate) or none."""
+    camera: Annotated[str, tyro.conf.arg(metavar="train|orbit|zoom|PATH.json")] = "train"
+    """Camera path: train (the tracked camera), orbit (sways +-30 deg around the head), zoom (slow push-in),
+    or a JSON file {"keyframes": [{"t": 0, "yaw": 0, "pitch": 0, "roll": 0, "zoom": 1}, ...]} (seconds, degrees)."""
+    size: Annotated[int | None, tyro.conf.arg(metavar="N")] = None
+    """Output width and height in pixels, even (default: the resolution the avatar was trained at)."""
+    frames_dir: Annotated[Path | None, tyro.conf.arg(metavar="DIR")] = None
+    """Also write every frame as DIR/frame_00000.png, frame_00001.png, ..."""
+    background: Annotated[Path | None, tyro.conf.arg(metavar="IMAGE")] = None
+    """Replace the background plate with this image (png, jpg...; resized to the output size)."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    max_seconds: float = 600.0
+    """Refuse audio longer than this many seconds."""
+    cpu_threads: int = -1
+    """torch CPU threads: -1 uses the trained preset's (1 for the CPU presets: faster on a busy machine), 0 torch's default."""
+    seed: int = 0
+    """Seed of the generated blinks (--blink generate)."""
+
+    def __call__(self) -> None:
+        from gsavatar.drive import DriveConfig
+        from gsavatar.outputs.render_video import render_video
+
+        drive = DriveConfig(pose=self.pose, blink=self.blink, camera=self.camera, seed=self.seed)
+        r = render_video(self.run, self.audio, self.out, drive, size=self.size, frames_dir=self.frames_dir,
+                         background=self.background, device=self.device, max_seconds=self.max_seconds,
+                         cpu_threads=self.cpu_threads)
+        print(f"video: {r['out']}  ({r['frames']} frames, {r['seconds']:.2f} s at {r['size']} px; rendered at "
+              f"{r['render_fps']:.1f} frames/s, {r['end_to_end_fps']:.1f} frames/s with encoding, {r['total_s']:.1f} s in all)")
+
+
+@dataclasses.dataclass
+class Export:
+    """Export the avatar's 3D Gaussians as a standard 3D Gaussian Splatting PLY (SuperSplat, antimatter15/splat...).
+
+    Face, mouth and torso go into one file in the head frame (metres, OpenCV axes: y down);
+    a vertex property 'branch' (0 face, 1 mouth, 2 torso) and header comments say which is which.
+    """
+
+    run: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directory from gsavatar train."""
+    out: Annotated[Path, tyro.conf.arg(aliases=["-o"], metavar="AVATAR.ply")]
+    """Output PLY file; its directory must exist. Written atomically."""
+    frame: Annotated[int | None, tyro.conf.arg(metavar="K")] = None
+    """Export the Gaussians deformed for output frame K (default: the canonical, undeformed avatar)."""
+    audio: Annotated[Path | None, tyro.conf.arg(metavar="SPEECH")] = None
+    """With --frame: drive the avatar with this speech file (default: the training video's own audio, if its subject dataset still exists)."""
+
+    def __call__(self) -> None:
+        from gsavatar.outputs.ply import export_ply
+
+        r = export_ply(self.run, self.out, frame=self.frame, audio=self.audio)
+        g = r["gaussians"]
+        print(f"ply: {r['out']}  ({sum(g.values())} Gaussians: face {g['face']}, mouth {g['mouth']}, torso {g['torso']}; "
+              f"SH degree {r['sh_degree']}; " + ("canonical" if r["frame"] is None else f"frame {r['frame']}") + ")")
+
+
+@dataclasses.dataclass
 class Demo:
     """Make the built-in synthetic demo subject (scikit-image's astronaut speaking synthetic speech), preprocess it and train an avatar.
 
     Writes OUT/demo.mp4 (H.264 + AAC), the subject dataset OUT/subject (unless
-    --no-preprocess) and a cpu-tiny avatar in OUT/run (unless --no-train; a few minutes on a CPU).
+    --no-preprocess), a cpu-tiny avatar in OUT/run (unless --no-train; a few minutes on a CPU)
+    and OUT/avatar_orbit.mp4: the avatar speaking new synthetic words (OUT/novel_speech.wav)
+    seen from an orbiting camera.
     """
 
     out: Annotated[Path, tyro.conf.arg(aliases=["-o"], metavar="DIR")] = Path("demo")
@@ -171,6 +248,18 @@ class Demo:
             Preprocess(subject.video_path, self.out / "subject", size=self.size)()
             if self.train:
                 Train(self.out / "subject", self.out / "run", preset=self.preset)()
+                self._render_novel_speech()
+
+    def _render_novel_speech(self) -> None:
+        """The trained avatar speaking words it never heard, seen from an orbiting camera."""
+        import numpy as np
+
+        from gsavatar.data.synthetic import synthesize_speech
+        from gsavatar.data.video import SAMPLE_RATE, write_wav
+
+        speech, _ = synthesize_speech(min(self.duration, 8.0), SAMPLE_RATE, np.random.default_rng(self.seed + 1000))
+        write_wav(self.out / "novel_speech.wav", speech)
+        Render(self.out / "run", audio=self.out / "novel_speech.wav", out=self.out / "avatar_orbit.mp4", camera="orbit")()
 
 
 @dataclasses.dataclass
@@ -211,12 +300,46 @@ class Eval:
         if not self.json:
             print(f"written: {self.run / 'eval.json'}")
 
+@dataclasses.dataclass
+class View:
+    """Open a trained avatar in the browser (viser): orbit and zoom with the mouse, play, pause and scrub
+    the timeline with the sound in sync, upload other speech, toggle layers and the Gaussian centres.
+
+    Runs until Ctrl-C. Binds 127.0.0.1 (this machine only) unless --host says otherwise; each
+    browser tab has its own camera, timeline and render thread.
+    """
+
+    run: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directory from gsavatar train (its avatar.pt), or the avatar.pt file itself."""
+    audio: Annotated[Path | None, tyro.conf.arg(metavar="SPEECH")] = None
+    """Speech to drive the avatar (any file FFmpeg reads, up to 300 s; default: the first 10 s of the subject's own audio)."""
+    port: int = 8080
+    """Port to serve on (if taken, the next free one is used and printed)."""
+    host: str = "127.0.0.1"
+    """Interface to bind: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface: anyone on the network can connect)."""
+    size: Annotated[int | None, tyro.conf.arg(metavar="N")] = None
+    """Render about N x N pixels per frame (default: the avatar's training size)."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+
+    def __call__(self) -> None:
+        from gsavatar.viewer import serve
+
+        if not 0 <= self.port < 65536:
+            raise InputError(f"--port must be between 0 and 65535 (got {self.port})")
+        if self.size is not None and (self.size < 16 or self.size % 2):
+            raise InputError(f"--size must be an even number of at least 16 pixels (got {self.size})")
+        serve(self.run, self.audio, host=self.host, port=self.port, size=self.size, device=self.device)
+
 
 COMMANDS = {
     "preprocess": Preprocess,
     "track": Track,
     "train": Train,
+    "render": Render,
+    "export": Export,
     "eval": Eval,
+    "view": View,
     "demo": Demo,
 }
 

@@ -89,12 +89,18 @@ def load_speech(path: str | Path, max_seconds: float | None = None, min_seconds:
                     raise InputError(f"{path.name} is longer than the limit of {max_seconds:g} s")
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray().reshape(-1))
+            stream = container.streams.audio[0]
+            declared = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
     except InputError:
         raise
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as e:
         text = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise InputError(f"{path.name} is not a readable audio file ({text})") from None
     samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    if declared is not None and 0 < round(declared * SAMPLE_RATE) < samples.size:
+        # AAC pads its last frame to 1024 samples; the container's duration (edit list) says
+        # where the real audio ends (a 2.000 s m4a decodes to 2.048 s otherwise: one frame too many).
+        samples = samples[: int(round(declared * SAMPLE_RATE))]
     seconds = samples.size / SAMPLE_RATE
     if seconds < min_seconds:
         raise InputError(f"{path.name} holds {seconds:.2f} s of audio; at least {min_seconds:g} s is needed")

@@ -42,13 +42,6 @@ from gsavatar.eval import metrics as M
 EVAL_VERSION = 1
 
 
-def find_avatar_file(run_dir: Path) -> Path:
-    for name in ("avatar.pt", "checkpoint.pt"):
-        if (run_dir / name).is_file():
-            return run_dir / name
-    raise InputError(f"{run_dir} holds no trained avatar (avatar.pt or checkpoint.pt); run gsavatar train first")
-
-
 @dataclasses.dataclass
 class FrameScore:
     mse: float
@@ -179,7 +172,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, subject_dir
     from gsavatar.eval import landmarks68
     from gsavatar.eval.baselines import avatar_predictor, mean_frame, nearest_audio_frame
     from gsavatar.eval.lpips import lpips_function
-    from gsavatar.train.checkpoint import load_avatar
+    from gsavatar.train.checkpoint import find_avatar_file, load_avatar
     from gsavatar.train.data import TrainingData
     from gsavatar.train.trainer import resolve_device
 

@@ -1,1 +1,2 @@
-"""Ways out of the system: video files with muxed audio (more to come: camera paths, PLY)."""
+"""Ways out of the system: mp4 video with muxed audio (``render_video``, ``video_writer``) and
+standard 3D Gaussian Splatting PLY files (``ply``)."""

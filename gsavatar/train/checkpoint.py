@@ -88,6 +88,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return Checkpoint.from_dict(raw)
 
 
+AVATAR_FILES = ("avatar.pt", "checkpoint.pt")  # the final avatar first; a training checkpoint if the run is unfinished
+
+
+def find_avatar_file(run: str | Path) -> Path:
+    """``RUN_DIR/avatar.pt``, else ``RUN_DIR/checkpoint.pt`` (a run still training); a file path is used as is."""
+    run = Path(run)
+    if run.is_file():
+        return run
+    if not run.is_dir():
+        raise InputError(f"no such run directory: {run}")
+    for name in AVATAR_FILES:
+        if (run / name).is_file():
+            return run / name
+    raise InputError(f"{run} holds no trained avatar (avatar.pt or checkpoint.pt); train one with gsavatar train")
+
+
 def load_avatar(path: str | Path, device: str | torch.device = "cpu"):
     """``(avatar, config, subject)`` from ``avatar.pt`` (or a training ``checkpoint.pt``), in eval mode."""
     from gsavatar.config import TrainConfig, config_from_dict

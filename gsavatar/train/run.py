@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from gsavatar.config import PreprocessConfig, TrainConfig

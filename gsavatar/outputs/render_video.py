@@ -1,0 +1,143 @@
+"""``gsavatar render``: a trained avatar driven by any speech file, written as an H.264 + AAC mp4.
+
+    speech --drive.load_speech--> 16 kHz mono --drive.build_drive--> N = round(seconds x 25) frames
+    frame k --Avatar.forward--> RGB --write_mp4--> mp4 (frame k shown at k / 25 s, audio from 0 s)
+
+Frame ``k`` owns audio samples ``[640 k, 640 (k + 1))`` and the muxed audio is exactly those
+``N x 640`` samples, so picture and sound are in sync from the first frame to the last (the
+writer encodes the AAC track at 48 kHz; see :func:`gsavatar.outputs.video_writer.write_mp4`).
+Every user error (missing run, unreadable audio, bad camera path or background image, an
+output directory that does not exist) is an :class:`InputError` raised before any rendering.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gsavatar.drive import FPS, SAMPLE_RATE, DriveConfig, build_drive, load_keyframes, load_speech
+from gsavatar.errors import InputError
+
+DEFAULT_MAX_SECONDS = 600.0
+BUILTIN_CAMERAS = ("train", "orbit", "zoom")
+
+
+def check_output_path(path: str | Path, suffix: str) -> Path:
+    """The output file's directory must exist and the name must end in ``suffix``."""
+    path = Path(path)
+    if path.suffix.lower() != suffix:
+        raise InputError(f"the output must be a {suffix} file (got {path})")
+    if path.is_dir():
+        raise InputError(f"the output {path} is a directory")
+    if not path.parent.is_dir():
+        raise InputError(f"the output directory {path.parent} does not exist")
+    return path
+
+
+def check_camera(camera: str) -> None:
+    """Fail early (before audio features are made) on an unknown camera name or a bad keyframe file."""
+    if camera in BUILTIN_CAMERAS:
+        return
+    path = Path(camera)
+    if not path.exists() and path.suffix.lower() != ".json":
+        raise InputError(f"unknown camera {camera!r} (train, orbit, zoom or a .json keyframe file)")
+    load_keyframes(path)
+
+
+def load_background(path: str | Path, size: int) -> torch.Tensor:
+    """An image file as an ``[size, size, 3]`` float tensor in [0, 1] (resized to fill, no crop)."""
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no such background image: {path}")
+    image = cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_COLOR)  # fromfile: any path characters
+    if image is None or image.size == 0:
+        raise InputError(f"{path.name} is not a readable image (png, jpg, bmp, webp, tiff...)")
+    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    h, w = image.shape[:2]
+    interp = cv2.INTER_AREA if h > size or w > size else cv2.INTER_LINEAR
+    image = cv2.resize(image, (size, size), interpolation=interp)
+    return torch.from_numpy(image.astype(np.float32) / 255.0)
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """``[H, W, 3]`` float in [0, 1] -> uint8 (rounded)."""
+    return (image.detach().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+def render_video(run_dir: str | Path, audio_path: str | Path, out_path: str | Path, drive: DriveConfig | None = None,
+                 size: int | None = None, frames_dir: str | Path | None = None, background: str | Path | None = None,
+                 device: str = "cpu", max_seconds: float = DEFAULT_MAX_SECONDS, progress: bool = True,
+                 cpu_threads: int = -1) -> dict:
+    """Render the avatar of ``run_dir`` speaking ``audio_path`` to ``out_path`` (mp4); returns a summary dict.
+
+    ``frames_dir`` also receives every frame as ``frame_00000.png`` ...; ``background`` replaces
+    the background plate with an image. Nothing is written before the inputs are checked, and
+    the mp4 appears only once complete. ``cpu_threads``: torch threads on CPU (-1: the trained
+    preset's, 1 for the CPU presets: on a busy 2-core machine more threads are many times slower;
+    0: torch's default).
+    """
+    from tqdm import tqdm
+
+    from gsavatar.outputs.video_writer import write_mp4
+    from gsavatar.train.checkpoint import find_avatar_file, load_avatar
+    from gsavatar.train.trainer import resolve_device
+
+    t_start = time.perf_counter()
+    drive = drive or DriveConfig()
+    out_path = check_output_path(out_path, ".mp4")
+    if frames_dir is not None and Path(frames_dir).exists() and not Path(frames_dir).is_dir():
+        raise InputError(f"--frames-dir {frames_dir} exists and is not a directory")
+    if not max_seconds > 0:
+        raise InputError(f"the duration limit must be positive (got {max_seconds})")
+    check_camera(drive.camera)
+    dev = resolve_device(device)
+    avatar_path = find_avatar_file(run_dir)
+    samples = load_speech(audio_path, max_seconds=max_seconds)
+    avatar, cfg, subject = load_avatar(avatar_path, dev)
+    threads = cfg.cpu_threads if cpu_threads < 0 else cpu_threads
+    if dev.type == "cpu" and threads > 0:
+        torch.set_num_threads(threads)
+    render_size = int(subject["render_size"]) if size is None else int(size)
+    if render_size < 16 or render_size % 2:
+        raise InputError(f"--size must be an even number of at least 16 pixels (H.264 4:2:0 needs even sizes), got {render_size}")
+    plate = None if background is None else load_background(background, render_size).to(dev)
+    seq = build_drive(subject, samples, drive, size=render_size)
+    num = len(seq)
+    if frames_dir is not None:
+        frames_dir = Path(frames_dir)
+        frames_dir.mkdir(parents=True, exist_ok=True)
+    t_ready = time.perf_counter()
+
+    render_s = 0.0
+
+    def frames():
+        nonlocal render_s
+        import cv2
+
+        bar = tqdm(total=num, desc="render", unit="frame", disable=not progress, dynamic_ncols=True)
+        try:
+            for k in range(num):
+                t = time.perf_counter()
+                with torch.no_grad():
+                    image = to_uint8(avatar(seq.inputs(k, cfg.avatar, background=plate, device=dev), backend=cfg.backend).image)
+                render_s += time.perf_counter() - t
+                if frames_dir is not None:
+                    cv2.imwrite(str(frames_dir / f"frame_{k:05d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+                bar.update(1)
+                yield image
+        finally:
+            bar.close()
+
+    write_mp4(out_path, frames(), fps=FPS, audio=seq.samples, audio_rate=SAMPLE_RATE, aac_rate=48000)
+    total = time.perf_counter() - t_start
+    return {
+        "out": str(out_path), "avatar": str(avatar_path), "frames": num, "seconds": num / FPS, "size": render_size,
+        "setup_s": t_ready - t_start, "render_s": render_s, "total_s": total,
+        "render_fps": num / max(render_s, 1e-9), "end_to_end_fps": num / max(total - (t_ready - t_start), 1e-9),
+        "device": str(dev),
+    }

@@ -1,0 +1,358 @@
+"""The viewer's logic that needs no web server: play clock, camera mapping, audio, uploads, frames.
+
+Kept apart from :mod:`gsavatar.viewer.server` (which imports viser) so that it can be tested,
+and reused by other front ends, without the optional dependency.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+import tempfile
+import threading
+import time
+import wave
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from gsavatar.drive import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, DriveConfig, build_drive, frame_count, load_speech
+from gsavatar.errors import InputError
+
+LAYERS = ("face", "mouth", "torso", "background")
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_UPLOAD_SECONDS = 120.0
+MAX_AUDIO_SECONDS = 300.0  # --audio: the whole track travels to the browser (WAV) on every Play
+DEFAULT_SECONDS = 10.0
+AUDIO_ELEMENT_ID = "gsavatar-audio"
+
+
+# -- the play clock ---------------------------------------------------------------------------
+def frame_at(t: float, num_frames: int, fps: int = FPS) -> int:
+    """The frame shown at timeline time ``t`` seconds: ``floor(t * fps)``, clamped to the track.
+
+    Frame k owns [k / fps, (k + 1) / fps), the same time base as the audio (samples
+    [640 k, 640 (k + 1))). The tiny epsilon keeps ``frame_at(k / fps) == k`` despite rounding.
+    """
+    return int(min(max(num_frames - 1, 0), max(0, math.floor(t * fps + 1e-9))))
+
+
+class PlayClock:
+    """The server-owned timeline clock: time = start position + wall time since Play.
+
+    Frames are always chosen from this clock, never counted, so a renderer slower than 25 fps
+    drops frames instead of drifting behind the audio. ``now`` is injectable for tests.
+    """
+
+    def __init__(self, num_frames: int, fps: int = FPS, now: Callable[[], float] = time.monotonic):
+        self.num_frames = int(num_frames)
+        self.fps = int(fps)
+        self._now = now
+        self.playing = False
+        self._origin_media = 0.0  # timeline seconds at _origin_wall
+        self._origin_wall = 0.0
+
+    @property
+    def duration(self) -> float:
+        return self.num_frames / self.fps
+
+    def time(self) -> float:
+        """Timeline seconds now (not clamped to the track's end; see :meth:`ended`)."""
+        if not self.playing:
+            return self._origin_media
+        return self._origin_media + max(0.0, self._now() - self._origin_wall)
+
+    def frame(self, lookahead: float = 0.0) -> int:
+        """The frame to show now (``lookahead``: for the time a frame started now will be on screen)."""
+        return frame_at(self.time() + lookahead, self.num_frames, self.fps)
+
+    def play(self, start_frame: int | None = None, delay: float = 0.0) -> None:
+        """Run from ``start_frame`` (default: where it stands); the clock holds the start
+        position for ``delay`` seconds (the browser's time to start the audio)."""
+        if start_frame is not None:
+            self.seek(start_frame)
+        self._origin_wall = self._now() + max(0.0, delay)
+        self.playing = True
+
+    def pause(self) -> int:
+        """Stop the clock on the frame it shows; returns that frame."""
+        frame = frame_at(self.time(), self.num_frames, self.fps)
+        self.playing = False
+        self._origin_media = frame / self.fps
+        return frame
+
+    def seek(self, frame: int) -> None:
+        """Jump to ``frame`` (keeps running if playing)."""
+        self._origin_media = min(max(int(frame), 0), max(self.num_frames - 1, 0)) / self.fps
+        self._origin_wall = self._now()
+
+    def origin_epoch(self) -> float:
+        """Unix time at which the running clock is (or was) at its start position."""
+        return time.time() + (self._origin_wall - self._now())
+
+    def ended(self) -> bool:
+        return self.playing and self.time() >= self.duration
+
+    def time_to_next_frame(self) -> float:
+        """Seconds until the frame shown changes (while playing)."""
+        now = self._now()
+        if now < self._origin_wall:  # holding the start position
+            return self._origin_wall - now + 1.0 / self.fps
+        t = self.time()
+        return max(0.0, (math.floor(t * self.fps + 1e-9) + 1) / self.fps - t)
+
+
+# -- camera mapping ---------------------------------------------------------------------------
+def quat_to_matrix(wxyz) -> np.ndarray:
+    w, x, y, z = (float(v) for v in wxyz)
+    n = math.sqrt(w * w + x * x + y * y + z * z) or 1.0
+    w, x, y, z = w / n, x / n, y / n, z / n
+    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+                     [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+                     [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
+
+
+def camera_from_pose(wxyz, position, snap: float = 1e-6) -> np.ndarray:
+    """Our ``camera`` transform (acts on tracked-camera-frame points) from a viser client camera.
+
+    viser reports the browser camera as camera-to-world ``P_world = R p_cam + t`` in the OpenCV
+    convention (x right, y down, z forward); the viewer's world frame IS the tracked camera's
+    OpenCV frame, so the transform of world points into the browser camera is the inverse,
+    ``[R^T | -R^T t]``. Within ``snap`` of the identity it is returned as the exact identity, so
+    the untouched initial view renders bit-for-bit like ``camera=None``.
+    """
+    R = quat_to_matrix(wxyz)
+    t = np.asarray(position, np.float64).reshape(3)
+    out = np.eye(4)
+    out[:3, :3] = R.T
+    out[:3, 3] = -R.T @ t
+    if np.abs(out - np.eye(4)).max() < snap:
+        return np.eye(4)
+    return out
+
+
+def tracked_fov(K: torch.Tensor, size: int) -> float:
+    """Vertical field of view (radians) of the tracked camera at ``size`` x ``size``."""
+    return 2.0 * math.atan(size / (2.0 * float(K[1, 1])))
+
+
+def initial_camera(K: torch.Tensor, size: int, centre: np.ndarray) -> dict:
+    """The browser's initial camera = the tracked camera: at the origin, looking down +z (at
+    the head's depth, so orbiting turns about the head), up = -y, the tracked field of view."""
+    depth = float(centre[2]) if centre is not None and float(centre[2]) > 1e-3 else 1.0
+    return {"position": (0.0, 0.0, 0.0), "look_at": (0.0, 0.0, depth), "up": (0.0, -1.0, 0.0),
+            "fov": tracked_fov(K, size)}
+
+
+def _even(x: float) -> int:
+    return max(16, 2 * int(round(x / 2)))
+
+
+def view_intrinsics(K: torch.Tensor, size: int, fov_y: float | None = None, aspect: float = 1.0,
+                    tol: float = 1e-6) -> tuple[torch.Tensor, int, int]:
+    """``(K, width, height)`` of the image to draw for a browser camera.
+
+    The browser stretches the background image over its whole canvas, so the image has the
+    canvas's aspect ratio and vertical field of view ``fov_y``; it holds about ``size``^2
+    pixels whatever the shape. The tracked camera's principal-point offset is kept (in units of
+    the focal length), so a square canvas at the tracked field of view gives back ``K`` itself.
+    """
+    K = K.detach().cpu().float()
+    if fov_y is None:
+        fov_y = tracked_fov(K, size)
+    aspect = float(aspect) if aspect and math.isfinite(aspect) and aspect > 0 else 1.0
+    aspect = min(max(aspect, 0.2), 5.0)
+    if abs(aspect - 1.0) < 1e-3:
+        width = height = size
+    else:
+        width, height = _even(size * math.sqrt(aspect)), _even(size / math.sqrt(aspect))
+    if width == size and height == size and abs(fov_y - tracked_fov(K, size)) <= tol * max(1.0, fov_y):
+        return K.clone(), size, size
+    f = height / (2.0 * math.tan(min(max(fov_y, 1e-4), math.pi - 1e-3) / 2.0))
+    scale = f / float(K[1, 1])
+    out = torch.tensor([[f, 0.0, width / 2.0 + (float(K[0, 2]) - size / 2.0) * scale],
+                        [0.0, f, height / 2.0 + (float(K[1, 2]) - size / 2.0) * scale],
+                        [0.0, 0.0, 1.0]])
+    return out, width, height
+
+
+def view_background(plate: torch.Tensor, K_plate: torch.Tensor, K_view: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """The background plate as the view camera sees it: a screen-fixed image at the tracked
+    focal length, centred on the principal point, edges extended where the view is wider."""
+    hp, wp = plate.shape[:2]
+    u = torch.arange(width, dtype=torch.float32) + 0.5
+    v = torch.arange(height, dtype=torch.float32) + 0.5
+    s = float(K_plate[1, 1]) / float(K_view[1, 1])
+    up = (u - float(K_view[0, 2])) * s + float(K_plate[0, 2])
+    vp = (v - float(K_view[1, 2])) * s + float(K_plate[1, 2])
+    grid = torch.stack(torch.meshgrid(vp / hp * 2 - 1, up / wp * 2 - 1, indexing="ij")[::-1], -1)
+    out = torch.nn.functional.grid_sample(plate.permute(2, 0, 1)[None].float(), grid[None].to(plate.device),
+                                          mode="bilinear", padding_mode="border", align_corners=False)
+    return out[0].permute(1, 2, 0)
+
+
+# -- audio ------------------------------------------------------------------------------------
+def wav_bytes(samples: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
+    """16-bit PCM mono WAV of float samples in [-1, 1]."""
+    pcm = (np.clip(np.asarray(samples, np.float32), -1.0, 1.0) * 32767.0).round().astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
+
+
+def audio_html(samples: np.ndarray | None, start_frame: int = 0, playing: bool = False, muted: bool = False,
+               origin_epoch: float | None = None) -> str:
+    """The page's ``<audio>`` element (viser runs no ``<script>`` in HTML: the server drives it).
+
+    Playing: an autoplaying element whose source is the track from ``start_frame`` on (sliced
+    here, sample-exact: frame k starts at sample 640 k), sent when the server's clock starts.
+    ``origin_epoch`` (Unix time at which the server clock passes ``start_frame``) adds one-line
+    ``onplaying`` / ``ontimeupdate`` handlers that seek the sound to the server clock once it
+    really plays, taking out the browser's start-up latency (inline handlers do run in viser's
+    HTML, unlike ``<script>``; where they do not, the server's latency allowance remains). Paused: an element with no source (a tiny
+    message; scrubbing while paused sends no audio at all).
+    """
+    attrs = f'id="{AUDIO_ELEMENT_ID}" data-start-frame="{int(start_frame)}"'
+    if muted:
+        attrs += " muted"
+    if not playing or samples is None:
+        return f'<audio {attrs} data-state="paused" preload="none"></audio>'
+    clip = samples[int(start_frame) * SAMPLES_PER_FRAME:]
+    if origin_epoch is not None:
+        # e = where the server clock is minus where the sound is. When off by more than 1.5 frames,
+        # seek to the clock plus a lead k that learns the browser's seek latency (each later
+        # correction adds the error left by the previous one); not while seeking, 0.4 s apart at
+        # least, 5 times at most, so a remote browser with a badly set clock cannot loop.
+        fix = (f"if(this.seeking)return;var s=this.dataset,w=Date.now()/1000,d=w-{origin_epoch:.3f},"
+               f"e=d-this.currentTime,n=+(s.fixes||0),k=+(s.lead||0);"
+               f"if(n<5&&w-(+(s.at||0))>0.4&&d>0&&d<{len(clip) / SAMPLE_RATE:.3f}&&Math.abs(e)>0.06&&Math.abs(e)<2)"
+               f"{{if(n>0)k=Math.min(0.5,Math.max(0,k+e));s.fixes=n+1;s.lead=k;s.at=w;this.currentTime=d+k;}}")
+        attrs += f' data-origin="{origin_epoch:.3f}" onplaying="{fix}" ontimeupdate="{fix}"'
+    data = base64.b64encode(wav_bytes(clip)).decode("ascii")
+    return f'<audio {attrs} data-state="playing" autoplay src="data:audio/wav;base64,{data}"></audio>'
+
+
+def validate_upload(name: str, content: bytes, max_bytes: int = MAX_UPLOAD_BYTES,
+                    max_seconds: float = MAX_UPLOAD_SECONDS) -> np.ndarray:
+    """Decode an uploaded speech file to 16 kHz mono, or raise :class:`InputError` with one line.
+
+    The type is judged by decoding the bytes (FFmpeg probes the content; the name is only
+    shown in messages), then size and duration are limited.
+    """
+    label = Path(name or "upload").name or "upload"
+    if len(content) == 0:
+        raise InputError(f"{label} is empty")
+    if len(content) > max_bytes:
+        raise InputError(f"{label} is {len(content) / 2**20:.1f} MB, over the upload limit of {max_bytes / 2**20:g} MB")
+    fd, tmp = tempfile.mkstemp(prefix="gsavatar-upload-", suffix=".bin")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        try:
+            return load_speech(tmp, max_seconds=max_seconds)
+        except InputError as e:
+            raise InputError(str(e).replace(Path(tmp).name, label)) from None
+        except Exception as e:  # anything else the decoder throws at odd bytes: still one line
+            raise InputError(f"{label} is not a readable audio file ({type(e).__name__})") from None
+    finally:
+        os.unlink(tmp)
+
+
+def default_audio(subject: dict, seconds: float = DEFAULT_SECONDS) -> tuple[np.ndarray, str]:
+    """The first ``seconds`` of the subject's own audio if its dataset still exists, else silence."""
+    subject_dir = subject.get("subject_dir")
+    if subject_dir:
+        try:
+            from gsavatar.data.dataset import SubjectDataset
+
+            samples = SubjectDataset(subject_dir).audio[: int(seconds * SAMPLE_RATE)]
+            if samples.size >= SAMPLES_PER_FRAME:
+                return np.asarray(samples, np.float32), f"the subject's own audio (first {samples.size / SAMPLE_RATE:.1f} s)"
+        except Exception:  # dataset moved or incomplete: fall through to silence
+            pass
+    return np.zeros(int(seconds * SAMPLE_RATE), np.float32), (
+        f"{seconds:g} s of silence (the subject dataset {subject_dir} is not available; upload speech or pass --audio)")
+
+
+def make_drive(subject: dict, samples: np.ndarray, size: int):
+    """The viewer's :class:`~gsavatar.drive.DriveSequence` (looped pose, tracked blinks, the
+    browser's camera instead of a path)."""
+    if frame_count(samples) < 1:
+        raise InputError("the audio is empty")
+    return build_drive(subject, samples, DriveConfig(camera="train"), size=size)
+
+
+# -- frames -----------------------------------------------------------------------------------
+class FrameRenderer:
+    """Renders frames of a drive for any browser camera; shared by all clients.
+
+    The avatar is only read (inference under ``torch.no_grad``), so several threads may render
+    at once; ``slots`` bounds how many do (each render thread uses one torch thread).
+    """
+
+    def __init__(self, avatar, cfg, subject: dict, device: str | torch.device = "cpu", slots: int = 2):
+        self.avatar, self.cfg, self.subject = avatar, cfg, subject
+        self.device = torch.device(device)
+        self.slots = threading.BoundedSemaphore(max(1, int(slots)))
+        self._bg_cache: dict = {}
+        self._bg_lock = threading.Lock()
+
+    def _background(self, K_view: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        key = (width, height, tuple(round(float(v), 6) for v in K_view.flatten()))
+        with self._bg_lock:
+            bg = self._bg_cache.get(key)
+            if bg is None:
+                trained = int(self.subject["render_size"])
+                plate = self.avatar.background.detach()
+                K_plate = self.subject["K"].detach().cpu().float().clone()
+                K_plate[:2] *= plate.shape[0] / trained
+                bg = view_background(plate, K_plate, K_view, width, height).to(self.device)
+                if len(self._bg_cache) > 8:
+                    self._bg_cache.clear()
+                self._bg_cache[key] = bg
+            return bg
+
+    def inputs(self, drive, frame: int, camera: np.ndarray | None = None, fov_y: float | None = None, aspect: float = 1.0):
+        """FrameInputs of ``frame`` seen by the browser camera (``camera``: world -> view, 4x4)."""
+        import dataclasses
+
+        cam = None if camera is None else torch.as_tensor(np.asarray(camera), dtype=torch.float32)
+        inputs = drive.inputs(int(frame), self.cfg.avatar, camera=cam, device=self.device)
+        K, width, height = view_intrinsics(drive.K, drive.size, fov_y, aspect)
+        if width != drive.size or height != drive.size or not torch.equal(K, drive.K.float()):
+            inputs = dataclasses.replace(inputs, K=K.to(self.device), width=width, height=height,
+                                         background=self._background(K, width, height))
+        return inputs
+
+    @torch.no_grad()
+    def render(self, drive, frame: int, camera: np.ndarray | None = None, fov_y: float | None = None,
+               aspect: float = 1.0, layers=LAYERS) -> np.ndarray:
+        """uint8 ``[H, W, 3]``."""
+        inputs = self.inputs(drive, frame, camera, fov_y, aspect)
+        with self.slots:
+            image = self.avatar(inputs, layers=tuple(layers)).image
+        return (image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+
+    @torch.no_grad()
+    def centres(self, drive, frame: int, branches=("face", "mouth")) -> tuple[np.ndarray, np.ndarray]:
+        """Deformed Gaussian centres of the head branches in the world (tracked camera) frame,
+        ``(points [N, 3] float32, colours [N, 3] uint8)``: face orange, mouth red."""
+        inputs = drive.inputs(int(frame), self.cfg.avatar, device=self.device)
+        palette = {"face": (255, 170, 40), "mouth": (230, 30, 60), "torso": (60, 160, 255)}
+        pts, cols = [], []
+        with self.slots:
+            for b in branches:
+                means = self.avatar.deformed(b, inputs)[0]
+                if b != "torso":  # head frame -> tracked camera frame
+                    means = means @ inputs.viewmat[:3, :3].T + inputs.viewmat[:3, 3]
+                pts.append(means.float().cpu().numpy())
+                cols.append(np.tile(np.array(palette[b], np.uint8), (len(means), 1)))
+        return np.concatenate(pts).astype(np.float32), np.concatenate(cols)

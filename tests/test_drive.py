@@ -1,0 +1,151 @@
+"""gsavatar.drive: looping, frame counts, camera paths, keyframe files, blinks and speech loading."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gsavatar.data.video import write_wav
+from gsavatar.drive import (
+    FPS,
+    SAMPLES_PER_FRAME,
+    DriveConfig,
+    camera_path,
+    frame_count,
+    generated_blinks,
+    load_keyframes,
+    load_speech,
+    pingpong,
+)
+from gsavatar.errors import InputError
+
+CENTRE = np.array([0.01, -0.02, 0.6])  # the head centre in camera coordinates (m)
+
+
+@pytest.mark.parametrize("length", [2, 7, 50])
+def test_pingpong_has_no_jumps_and_covers_the_range(length):
+    idx = pingpong(5 * length, length)
+    assert idx[0] == 0 and np.abs(np.diff(idx)).max() <= 1
+    assert set(idx.tolist()) == set(range(length))
+    assert pingpong(10, 1).tolist() == [0] * 10
+
+
+def test_frame_count_rounds_to_the_nearest_frame():
+    assert frame_count(np.zeros(10 * SAMPLES_PER_FRAME + SAMPLES_PER_FRAME // 2 - 1)) == 10
+    assert frame_count(np.zeros(10 * SAMPLES_PER_FRAME + SAMPLES_PER_FRAME // 2 + 1)) == 11
+    assert frame_count(np.zeros(10 * SAMPLES_PER_FRAME)) == 10
+    assert frame_count(np.zeros(0)) == 1
+
+
+def _yaw_deg(mats: torch.Tensor) -> np.ndarray:
+    # orbit_transform's rotation is rz @ rx @ ry: with roll 0 its first row is ry's, (cos y, 0, sin y).
+    return np.degrees(np.arcsin(mats[:, 0, 2].double().numpy()))
+
+
+def test_train_camera_is_identity():
+    mats = camera_path(DriveConfig(camera="train"), 30, CENTRE)
+    assert mats.shape == (30, 4, 4) and torch.equal(mats, torch.eye(4).expand(30, 4, 4))
+
+
+def test_orbit_starts_at_identity_sweeps_30_degrees_and_keeps_the_head_centre():
+    cfg = DriveConfig(camera="orbit")
+    num = int(cfg.orbit_period_s * FPS)
+    mats = camera_path(cfg, num, CENTRE)
+    torch.testing.assert_close(mats[0], torch.eye(4), atol=1e-6, rtol=0)
+    yaw = _yaw_deg(mats)
+    assert yaw.max() == pytest.approx(cfg.orbit_yaw_deg, abs=0.5) and yaw.min() == pytest.approx(-cfg.orbit_yaw_deg, abs=0.5)
+    assert np.abs(np.diff(yaw)).max() < 2.0  # smooth: under 2 degrees per frame
+    centre = torch.tensor([*CENTRE, 1.0], dtype=torch.float32)
+    moved = torch.einsum("nij,j->ni", mats, centre)[:, :3]
+    torch.testing.assert_close(moved, centre[:3].expand(num, 3), atol=1e-5, rtol=0)
+
+
+def test_zoom_brings_the_head_closer_by_the_zoom_factor():
+    cfg = DriveConfig(camera="zoom", zoom_factor=1.6)
+    mats = camera_path(cfg, 100, CENTRE).double()
+    centre = torch.tensor([*CENTRE, 1.0], dtype=torch.float64)
+    depth = torch.einsum("nij,j->ni", mats, centre)[:, 2].numpy()
+    assert depth[0] == pytest.approx(CENTRE[2], rel=1e-6)
+    assert depth[-1] == pytest.approx(CENTRE[2] / cfg.zoom_factor, rel=1e-5)
+    assert np.all(np.diff(depth) <= 1e-9)  # monotonic push-in
+    # Projected size of the head scales as 1 / depth: 1.6x larger at the end.
+    assert depth[0] / depth[-1] == pytest.approx(1.6, rel=1e-5)
+
+
+def test_keyframe_file_interpolates(tmp_path):
+    path = tmp_path / "path.json"
+    path.write_text(json.dumps({"keyframes": [{"t": 0, "yaw": 0}, {"t": 1.0, "yaw": 20, "zoom": 2}, {"t": 2.0, "yaw": -10}]}))
+    mats = camera_path(DriveConfig(camera=str(path)), 51, CENTRE)
+    yaw = _yaw_deg(mats)
+    assert yaw[0] == pytest.approx(0, abs=1e-4) and yaw[25] == pytest.approx(20, abs=1e-3)
+    assert yaw[50] == pytest.approx(-10, abs=1e-3) and yaw[12] == pytest.approx(20 * 12 / 25, abs=1e-3)
+    centre = torch.tensor([*CENTRE, 1.0], dtype=torch.float32)
+    assert float((mats[25] @ centre)[2]) == pytest.approx(CENTRE[2] / 2, rel=1e-5)  # zoom 2 halves the distance
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "is not a camera path"),
+    ('{"keyframes": [{"yaw": 10}]}', "is not a camera path"),
+    ('{"frames": []}', "is not a camera path"),
+    ('{"keyframes": []}', "has no keyframes"),
+    ('{"keyframes": [{"t": 1}, {"t": 1}]}', "times must increase"),
+    ('{"keyframes": [{"t": 0, "zoom": 0}]}', "zoom must be positive"),
+    ('{"keyframes": [{"t": "soon"}]}', "is not a camera path"),
+])
+def test_bad_keyframe_files_are_one_line_input_errors(text, message, tmp_path):
+    path = tmp_path / "cam.json"
+    path.write_text(text)
+    with pytest.raises(InputError) as e:
+        load_keyframes(path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_keyframe_file(tmp_path):
+    with pytest.raises(InputError, match="no such camera path file"):
+        load_keyframes(tmp_path / "none.json")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_generated_blinks_have_a_human_rate(seed):
+    num = 60 * FPS
+    blink = generated_blinks(num, np.random.default_rng(seed))
+    assert blink.shape == (num,) and blink.min() >= 0 and blink.max() <= 1
+    closed = blink > 0.5
+    blinks = int(np.sum(closed[1:] & ~closed[:-1]) + closed[0])
+    assert 8 <= blinks <= 30, blinks  # people blink about 10 to 25 times a minute
+    starts = np.flatnonzero(closed[1:] & ~closed[:-1])
+    assert np.all(np.diff(starts) >= 1.5 * FPS - 2)  # never two blinks within 1.5 s
+    lengths = np.diff(np.flatnonzero(np.diff(np.r_[0, closed.astype(int), 0])))[::2]
+    assert lengths.max() <= 0.4 * FPS  # short: under 0.4 s closed
+
+
+def test_load_speech_resamples_to_16k(tmp_path):
+    path = tmp_path / "speech.wav"
+    write_wav(path, 0.3 * np.sin(2 * np.pi * 200 * np.arange(22050 * 2) / 22050), rate=22050)
+    samples = load_speech(path)
+    assert samples.dtype == np.float32 and abs(len(samples) - 32000) <= 16
+    assert frame_count(samples) == 50 and np.abs(samples).max() == pytest.approx(0.3, abs=0.02)
+
+
+def test_load_speech_errors(tmp_path):
+    from gsavatar.outputs.video_writer import write_mp4
+
+    with pytest.raises(InputError, match="no such audio file"):
+        load_speech(tmp_path / "missing.wav")
+    silent = write_mp4(tmp_path / "silent.mp4", [np.zeros((32, 32, 3), np.uint8)] * 10)
+    with pytest.raises(InputError, match="has no audio stream"):
+        load_speech(silent)
+    short = tmp_path / "short.wav"
+    write_wav(short, np.zeros(1600), rate=16000)  # 0.1 s
+    with pytest.raises(InputError, match="at least"):
+        load_speech(short)
+    long = tmp_path / "long.wav"
+    write_wav(long, np.zeros(16000 * 5), rate=16000)
+    with pytest.raises(InputError, match="limit") as e:
+        load_speech(long, max_seconds=2.0)
+    assert "\n" not in str(e.value)
+    assert math.isclose(len(load_speech(long, max_seconds=10.0)) / 16000, 5.0)
