@@ -308,3 +308,21 @@ def test_lpips_loads_local_weights_and_behaves_like_a_distance(tmp_path, monkeyp
     net.load_weights(backbone, heads)
     assert torch.equal(net.convs["0"].weight, backbone["features.0.weight"])
     assert torch.equal(net.heads[4].weight, heads["lin4.model.1.weight"])
+
+
+def test_training_lpips_is_the_same_network_and_passes_gradients(tmp_path, monkeypatch):
+    from gsavatar.train.losses import lpips_if_available
+
+    _fake_lpips_files(tmp_path)
+    monkeypatch.setenv("GSAVATAR_LPIPS_DIR", str(tmp_path))
+    net = lpips_if_available("cpu")
+    assert net is not None and not any(p.requires_grad for p in net.parameters())
+    g = torch.Generator().manual_seed(4)
+    truth = torch.rand(1, 3, 48, 48, generator=g)
+    pred = (truth + 0.1 * torch.randn(truth.shape, generator=g)).clamp(0, 1).requires_grad_(True)
+    d = net(pred, truth).sum()
+    d.backward()
+    assert float(d) > 0 and pred.grad is not None and float(pred.grad.abs().sum()) > 0
+    # A step against the gradient lowers the distance.
+    with torch.no_grad():
+        assert float(net(pred - 1e-2 * pred.grad / pred.grad.abs().max(), truth).sum()) < float(d)

@@ -86,8 +86,8 @@ def weight_paths() -> tuple[Path | None, Path | None]:
     return find(backbone_dirs, BACKBONE_FILE), find(heads_dirs, HEADS_FILE)
 
 
-def lpips_function(device) -> tuple[Callable[[torch.Tensor, torch.Tensor], float] | None, str]:
-    """``(fn(pred [H,W,3], truth [H,W,3]) -> float, note)``; fn is None when the weights are not on disk."""
+def load_lpips(device) -> tuple[AlexLPIPS | None, str]:
+    """``(network in eval mode, note)``, or ``(None, why)`` when the weight files are not on disk."""
     backbone, heads = weight_paths()
     if backbone is None or heads is None:
         missing = [n for n, p in ((BACKBONE_FILE, backbone), (HEADS_FILE, heads)) if p is None]
@@ -96,10 +96,19 @@ def lpips_function(device) -> tuple[Callable[[torch.Tensor, torch.Tensor], float
     net = AlexLPIPS()
     net.load_weights(torch.load(backbone, map_location="cpu", weights_only=True),
                      torch.load(heads, map_location="cpu", weights_only=True))
-    net = net.to(device).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)  # a fixed metric (also when used as a training loss)
+    return net.to(device).eval(), f"LPIPS AlexNet v0.1 from {backbone} and {heads}"
+
+
+def lpips_function(device) -> tuple[Callable[[torch.Tensor, torch.Tensor], float] | None, str]:
+    """``(fn(pred [H,W,3], truth [H,W,3]) -> float, note)``; fn is None when the weights are not on disk."""
+    net, note = load_lpips(device)
+    if net is None:
+        return None, note
 
     @torch.no_grad()
     def fn(pred: torch.Tensor, truth: torch.Tensor) -> float:
         return float(net(pred.permute(2, 0, 1)[None].float(), truth.permute(2, 0, 1)[None].float())[0])
 
-    return fn, f"LPIPS AlexNet v0.1 from {backbone} and {heads}"
+    return fn, note

@@ -66,19 +66,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> 
 
 
 def lpips_if_available(device):
-    """An LPIPS (AlexNet) module if the ``lpips`` package and its backbone weights are present locally, else None.
+    """The LPIPS network (AlexNet v0.1, images ``[B, 3, H, W]`` in [0, 1]) if its weight files are on
+    disk, else None; see gsavatar.eval.lpips. Nothing is ever downloaded."""
+    from gsavatar.eval.lpips import load_lpips
 
-    Nothing is ever downloaded: the backbone must already be in torch's hub cache.
-    """
-    import os
-
-    try:
-        import lpips  # noqa: F401
-    except ImportError:
-        return None
-    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
-    if not (os.path.isdir(hub) and any(f.startswith("alexnet") for f in os.listdir(hub))):
-        return None
-    import lpips
-
-    return lpips.LPIPS(net="alex", verbose=False).to(device).eval()
+    return load_lpips(device)[0]

@@ -305,8 +305,7 @@ class Trainer:
             # the tracking during the static warm-up too.
             loss = loss + L.landmark_deformation * self._landmark_loss(index, inputs)
             if self.lpips is not None and it > 0.8 * stage.iterations:
-                loss = loss + L.lpips * self.lpips(out.image.permute(2, 0, 1)[None] * 2 - 1,
-                                                   frame.image.permute(2, 0, 1)[None] * 2 - 1).mean()
+                loss = loss + L.lpips * self.lpips(out.image.permute(2, 0, 1)[None], frame.image.permute(2, 0, 1)[None]).mean()
         elif stage.name == "fuse":
             loss = losses.photometric(out.image, frame.image, L.ssim, mouth_weight)
         else:  # torso
