@@ -25,11 +25,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from gsavatar.data.timebase import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: F401 (re-exported)
 from gsavatar.errors import InputError
-
-FPS = 25
-SAMPLE_RATE = 16000
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS
 SPEECH_SUFFIXES = (".wav", ".mp3", ".m4a", ".mp4", ".aac", ".flac", ".ogg", ".webm", ".mov", ".mkv")
 
 PoseMode = Literal["loop", "still"]

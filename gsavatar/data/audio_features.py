@@ -37,14 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from gsavatar.data.timebase import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: F401 (re-exported)
 from gsavatar.errors import InputError, MissingDependencyError
-
-SAMPLE_RATE = 16000
-"""Sample rate (Hz) every extractor expects."""
-FPS = 25
-"""Video frame rate the features are aligned to."""
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS
-"""Audio samples per video frame (640)."""
 
 __all__ = [
     "FPS",

@@ -19,11 +19,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from gsavatar.data.timebase import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: F401 (re-exported)
 from gsavatar.errors import InputError
-
-FPS = 25
-SAMPLE_RATE = 16000
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS
 
 
 @dataclasses.dataclass(frozen=True)
