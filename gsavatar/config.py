@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 
 @dataclasses.dataclass
@@ -306,6 +307,35 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------------------------
 # Building configs from dicts (checkpoints, presets).
+
+
+PoseMode = Literal["loop", "still"]
+BlinkMode = Literal["track", "generate", "none"]
+CameraKind = Literal["train", "orbit", "zoom"]
+
+
+@dataclasses.dataclass
+class DriveConfig:
+    """How head pose, blinks and the camera are chosen when new audio drives the avatar."""
+
+    pose: PoseMode = "loop"
+    """loop: the training sequence's head motion, played back and forth (no jump at the ends); still: its median pose."""
+    blink: BlinkMode = "track"
+    """track: the training sequence's blinks (played with the pose); generate: random blinks at a human rate; none."""
+    pose_smoothing_frames: float = 2.0
+    """Gaussian sigma (frames) applied to the looped pose, so the turn-around points are smooth."""
+    camera: str = "train"
+    """train (the tracked camera), orbit (yaw +-orbit_yaw_deg, some pitch), zoom (slow push-in), or a JSON keyframe file."""
+    orbit_yaw_deg: float = 30.0
+    """Orbit amplitude in yaw (degrees)."""
+    orbit_pitch_deg: float = 8.0
+    """Orbit amplitude in pitch (degrees)."""
+    orbit_period_s: float = 8.0
+    """Seconds for one full left-right-left sweep."""
+    zoom_factor: float = 1.6
+    """Zoom path: the head appears this many times larger at the end than at the start."""
+    seed: int = 0
+    """Seed of the blink generator."""
 
 
 @dataclasses.dataclass

@@ -20,43 +20,14 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
+from gsavatar.config import DriveConfig
 from gsavatar.data.timebase import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: F401 (re-exported)
 from gsavatar.errors import InputError
 SPEECH_SUFFIXES = (".wav", ".mp3", ".m4a", ".mp4", ".aac", ".flac", ".ogg", ".webm", ".mov", ".mkv")
-
-PoseMode = Literal["loop", "still"]
-BlinkMode = Literal["track", "generate", "none"]
-CameraKind = Literal["train", "orbit", "zoom"]
-
-
-@dataclasses.dataclass
-class DriveConfig:
-    """How head pose, blinks and the camera are chosen when new audio drives the avatar."""
-
-    pose: PoseMode = "loop"
-    """loop: the training sequence's head motion, played back and forth (no jump at the ends); still: its median pose."""
-    blink: BlinkMode = "track"
-    """track: the training sequence's blinks (played with the pose); generate: random blinks at a human rate; none."""
-    pose_smoothing_frames: float = 2.0
-    """Gaussian sigma (frames) applied to the looped pose, so the turn-around points are smooth."""
-    camera: str = "train"
-    """train (the tracked camera), orbit (yaw +-orbit_yaw_deg, some pitch), zoom (slow push-in), or a JSON keyframe file."""
-    orbit_yaw_deg: float = 30.0
-    """Orbit amplitude in yaw (degrees)."""
-    orbit_pitch_deg: float = 8.0
-    """Orbit amplitude in pitch (degrees)."""
-    orbit_period_s: float = 8.0
-    """Seconds for one full left-right-left sweep."""
-    zoom_factor: float = 1.6
-    """Zoom path: the head appears this many times larger at the end than at the start."""
-    seed: int = 0
-    """Seed of the blink generator."""
-
 
 # -- audio ------------------------------------------------------------------------------------
 def load_speech(path: str | Path, max_seconds: float | None = None, min_seconds: float = 0.2) -> np.ndarray:
