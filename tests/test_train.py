@@ -188,3 +188,19 @@ def test_train_command_bad_input_gives_one_line(args, message, tmp_path, capsys)
     code = main([a.format(tmp=tmp_path) for a in args])
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_a_run_directory_in_use_is_refused_in_one_line(tmp_path, capsys):
+    """A second train on a RUN_DIR that another run holds stops at once; the lock goes with its holder."""
+    from gsavatar.cli import main
+    from gsavatar.train.run import run_dir_lock
+
+    run = tmp_path / "run"
+    args = ["train", str(tmp_path), "-o", str(run)]
+    with run_dir_lock(run):
+        code = main(args)
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and len(err.splitlines()) == 1 and "in use by another gsavatar train" in err, err
+    code = main(args)  # released: now it gets as far as checking the input
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "not a subject dataset" in err, err

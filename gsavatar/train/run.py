@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from gsavatar.config import PreprocessConfig, TrainConfig
@@ -32,14 +33,36 @@ def prepare_subject(source: Path, run_dir: Path, render_size: int) -> Path:
     return subject
 
 
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path):
+    """Hold an exclusive lock on RUN_DIR for the whole run, so that a second ``gsavatar train`` on
+    the same directory stops with one line instead of interleaving checkpoints. The operating
+    system drops the lock when the process ends, however it ends (SIGKILL included), so a
+    killed run never leaves a stale lock behind."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise InputError(f"{run_dir} is in use by another gsavatar train; wait for it to finish or use another RUN_DIR") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
 def train_command(source: Path, run_dir: Path, cfg: TrainConfig, force: bool = False) -> dict:
     from gsavatar.train.trainer import resolve_device, train
 
     resolve_device(cfg.device)  # a bad --device fails before any preprocessing
     source, run_dir = Path(source), Path(run_dir)
-    if force:
-        for name in ("checkpoint.pt", "avatar.pt", "summary.json", "config.json", "train.log"):
-            (run_dir / name).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    subject = prepare_subject(source, run_dir, cfg.render_size)
-    return train(subject, run_dir, cfg)
+    with run_dir_lock(run_dir):
+        if force:
+            for name in ("checkpoint.pt", "avatar.pt", "summary.json", "config.json", "train.log"):
+                (run_dir / name).unlink(missing_ok=True)
+        subject = prepare_subject(source, run_dir, cfg.render_size)
+        return train(subject, run_dir, cfg)
