@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
+
+from gsavatar.errors import InputError
 
 
 @dataclasses.dataclass
@@ -79,19 +82,54 @@ class PreprocessConfig:
 
 
 @dataclasses.dataclass
-class HashGridSettings:
-    """A multiresolution hash grid (see ``gsavatar.model.encoding.HashGrid``)."""
+class HashGridConfig:
+    """A multiresolution hash grid (Instant-NGP): levels, table size and resolutions."""
 
     num_levels: int = 12
-    """Resolution levels."""
+    """Number of resolution levels ``L``; the output has ``num_levels * features_per_level`` channels."""
     features_per_level: int = 1
-    """Features stored per table entry."""
+    """Feature channels ``F`` stored per grid vertex and level."""
     log2_table_size: int = 17
-    """Entries per level = 2 ** this (the published method uses 2^17)."""
+    """Entries per level's table is ``2**log2_table_size`` (``T``); finer levels that do not fit are hashed."""
     base_resolution: int = 16
-    """Grid resolution of the coarsest level."""
+    """Resolution ``N_0`` of the coarsest level (cells per axis over ``[0, 1]``)."""
     max_resolution: int = 512
-    """Grid resolution of the finest level (levels grow geometrically in between)."""
+    """Finest level's resolution; level ``l`` has ``floor(base * b**l)``, ``b = exp((ln max - ln base) / (L - 1))``."""
+    init_scale: float = 1e-4
+    """Table entries start uniform in ``[-init_scale, init_scale]`` (small: the encoding starts near zero)."""
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` naming the first field with an unusable value."""
+        def bad(field: str, rule: str) -> InputError:
+            return InputError(f"HashGridConfig.{field} must be {rule} (got {getattr(self, field)!r})")
+
+        if not _is_int(self.num_levels) or self.num_levels < 1:
+            raise bad("num_levels", "an integer >= 1")
+        if not _is_int(self.features_per_level) or self.features_per_level < 1:
+            raise bad("features_per_level", "an integer >= 1")
+        if not _is_int(self.log2_table_size) or not 4 <= self.log2_table_size <= 24:
+            raise bad("log2_table_size", "an integer in [4, 24]")
+        if not _is_int(self.base_resolution) or self.base_resolution < 2:
+            raise bad("base_resolution", "an integer >= 2")
+        if not _is_int(self.max_resolution) or self.max_resolution < self.base_resolution:
+            raise bad("max_resolution", f"an integer >= base_resolution ({self.base_resolution})")
+        if not (isinstance(self.init_scale, (int, float)) and math.isfinite(self.init_scale) and self.init_scale >= 0):
+            raise bad("init_scale", "a finite number >= 0")
+
+    def resolutions(self) -> list[int]:
+        """``N_l`` for every level, coarse to fine (the last one is ``max_resolution``)."""
+        self.validate()
+        if self.num_levels == 1:
+            return [self.base_resolution]
+        log_b = (math.log(self.max_resolution) - math.log(self.base_resolution)) / (self.num_levels - 1)
+        # The tiny epsilon keeps exact products (the last level: base * b**(L-1) = max) from flooring
+        # one below because of rounding in exp/log.
+        return [int(math.floor(self.base_resolution * math.exp(l * log_b) * (1 + 1e-12)))
+                for l in range(self.num_levels)]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass
@@ -104,7 +142,7 @@ class BranchConfig:
     """Densification never grows the branch beyond this."""
     sh_degree: int = 2
     """Spherical-harmonics degree of the colours (0: view-independent)."""
-    hash: HashGridSettings = dataclasses.field(default_factory=HashGridSettings)
+    hash: HashGridConfig = dataclasses.field(default_factory=HashGridConfig)
     """Tri-plane hash grids over the canonical Gaussian centres."""
     hidden: int = 64
     """Width of the deformation decoder MLP."""
@@ -120,12 +158,12 @@ class BranchConfig:
 
 def _mouth_branch() -> BranchConfig:
     return BranchConfig(num_gaussians=1500, max_gaussians=10000, hidden=32, layers=2,
-                        hash=HashGridSettings(base_resolution=64, max_resolution=1024), init_scale=0.003)
+                        hash=HashGridConfig(base_resolution=64, max_resolution=1024), init_scale=0.003)
 
 
 def _torso_branch() -> BranchConfig:
     return BranchConfig(num_gaussians=1500, max_gaussians=20000, sh_degree=0, hidden=32, layers=2,
-                        hash=HashGridSettings(num_levels=8, log2_table_size=14, max_resolution=128))
+                        hash=HashGridConfig(num_levels=8, log2_table_size=14, max_resolution=128))
 
 
 @dataclasses.dataclass
@@ -278,8 +316,6 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise a one-line InputError for settings that would only fail deep inside training."""
-        from gsavatar.errors import InputError
-
         known_stages, known_curricula = ("mouth", "face", "fuse", "torso"), (None, "mouth_open")
         checks = [
             (self.render_size >= 16, f"render_size must be at least 16 (got {self.render_size})"),
@@ -302,6 +338,8 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+        for b in ("face", "mouth", "torso"):
+            getattr(self.avatar, b).hash.validate()
         return self
 
 
@@ -376,8 +414,6 @@ def config_from_dict(cls, data: dict, base=None):
     """
     import typing
 
-    from gsavatar.errors import InputError
-
     obj = base if base is not None else cls()
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -416,8 +452,6 @@ def load_preset(name: str) -> TrainConfig:
     """A :class:`TrainConfig` from a preset name (configs/NAME.toml) or a path to a .toml file."""
     import tomllib
     from pathlib import Path
-
-    from gsavatar.errors import InputError
 
     path = Path(name) if name.endswith(".toml") else presets_dir() / f"{name}.toml"
     if not path.is_file():

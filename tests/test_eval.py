@@ -259,6 +259,8 @@ def test_cli_errors_are_one_line(tmp_path, trained):
     _, run, _ = trained
     p = _cli(run, "--audio", bad)
     assert p.returncode != 0 and "bad.wav" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = _cli(run, "--max-frames", "-1")
+    assert p.returncode != 0 and "--max-frames" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert not (run / "eval.json").exists()  # nothing half-written
 
 

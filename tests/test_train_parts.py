@@ -165,6 +165,7 @@ def test_densify_schedule_runs_densification_and_opacity_reset_on_their_own_peri
     ("[[stages]]\nname = 'hair'\niterations = 5\n", "unknown stage 'hair'"),
     ("log_every = 0\n", "log_every must be at least 1"),
     ("[densify]\nevery = 0\n", "densify.every"),
+    ("[avatar.face.hash]\nnum_levels = 0\n", "HashGridConfig.num_levels must be an integer >= 1"),
     ("[[stages]]\nname = 'face'\n", "preset"),
 ])
 def test_preset_values_that_would_fail_late_are_refused_up_front(tmp_path, toml, message):

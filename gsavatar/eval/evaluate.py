@@ -178,6 +178,8 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, subject_dir
 
     cfg = cfg or EvalConfig()
     run_dir = Path(run_dir)
+    if cfg.max_frames < 0 or cfg.max_lag < 0 or cfg.fps_repeats < 1 or cfg.fps_frames < 1 or cfg.fps_warmup < 0:
+        raise InputError("--max-frames and the lag / timing settings cannot be negative (repeats and frames at least 1)")
     if not run_dir.is_dir():
         raise InputError(f"{run_dir} is not a run directory")
     speech = {str(p): load_speech(p) for p in cfg.audio}  # bad files fail before any long work

@@ -13,14 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gsavatar.config import BranchConfig, HashGridSettings
-from gsavatar.model.encoding import HashGrid, HashGridConfig, TriPlaneEncoder
-
-
-def hash_config(s: HashGridSettings) -> HashGridConfig:
-    return HashGridConfig(num_levels=s.num_levels, features_per_level=s.features_per_level,
-                          log2_table_size=s.log2_table_size, base_resolution=s.base_resolution,
-                          max_resolution=s.max_resolution)
+from gsavatar.config import BranchConfig
+from gsavatar.model.encoding import HashGrid, TriPlaneEncoder
 
 
 def mlp(inp: int, hidden: int, out: int, layers: int) -> nn.Sequential:
@@ -95,7 +89,7 @@ class FaceDeformer(nn.Module):
     def __init__(self, cfg: BranchConfig, feature_dim: int, audio_steps: int, audio_frames: int, audio_dim: int, blink_dim: int, bound: float):
         super().__init__()
         self.position_scale = cfg.position_scale
-        self.spatial = TriPlaneEncoder(hash_config(cfg.hash), bound)
+        self.spatial = TriPlaneEncoder(cfg.hash, bound)
         f = self.spatial.output_dim
         self.audio = AudioConditioner(feature_dim, audio_dim, audio_steps, audio_frames)
         self.blink = nn.Linear(1, blink_dim)
@@ -121,7 +115,7 @@ class MouthDeformer(nn.Module):
     def __init__(self, cfg: BranchConfig, feature_dim: int, audio_steps: int, audio_frames: int, audio_dim: int, bound: float):
         super().__init__()
         self.position_scale = cfg.position_scale
-        self.spatial = TriPlaneEncoder(hash_config(cfg.hash), bound)
+        self.spatial = TriPlaneEncoder(cfg.hash, bound)
         f = self.spatial.output_dim
         self.audio = AudioConditioner(feature_dim, audio_dim, audio_steps, audio_frames)
         self.audio_gate = mlp(f, 32, audio_dim, 2)
@@ -144,7 +138,7 @@ class TorsoDeformer(nn.Module):
         super().__init__()
         self.position_scale = cfg.position_scale
         self.bound = bound
-        self.spatial = HashGrid(3, hash_config(cfg.hash))
+        self.spatial = HashGrid(3, cfg.hash)
         self.decoder = mlp(self.spatial.output_dim + self.POSE_DIM, cfg.hidden, 3, cfg.layers)
         nn.init.zeros_(self.decoder[-1].weight)
         nn.init.zeros_(self.decoder[-1].bias)

@@ -43,63 +43,13 @@ import math
 import torch
 from torch import Tensor, nn
 
+from gsavatar.config import HashGridConfig, _is_int  # noqa: F401 (HashGridConfig re-exported)
 from gsavatar.errors import InputError
 
 __all__ = ["HASH_PRIMES", "HashGrid", "HashGridConfig", "TriPlaneEncoder", "dense_index", "hash_index"]
 
 HASH_PRIMES = (1, 2654435761, 805459861)
 """Per-axis multipliers of the spatial hash (Instant-NGP, section 3)."""
-
-
-@dataclasses.dataclass
-class HashGridConfig:
-    """A multiresolution hash grid (Instant-NGP): levels, table size and resolutions."""
-
-    num_levels: int = 12
-    """Number of resolution levels ``L``; the output has ``num_levels * features_per_level`` channels."""
-    features_per_level: int = 1
-    """Feature channels ``F`` stored per grid vertex and level."""
-    log2_table_size: int = 17
-    """Entries per level's table is ``2**log2_table_size`` (``T``); finer levels that do not fit are hashed."""
-    base_resolution: int = 16
-    """Resolution ``N_0`` of the coarsest level (cells per axis over ``[0, 1]``)."""
-    max_resolution: int = 512
-    """Finest level's resolution; level ``l`` has ``floor(base * b**l)``, ``b = exp((ln max - ln base) / (L - 1))``."""
-    init_scale: float = 1e-4
-    """Table entries start uniform in ``[-init_scale, init_scale]`` (small: the encoding starts near zero)."""
-
-    def validate(self) -> None:
-        """Raise :class:`InputError` naming the first field with an unusable value."""
-        def bad(field: str, rule: str) -> InputError:
-            return InputError(f"HashGridConfig.{field} must be {rule} (got {getattr(self, field)!r})")
-
-        if not _is_int(self.num_levels) or self.num_levels < 1:
-            raise bad("num_levels", "an integer >= 1")
-        if not _is_int(self.features_per_level) or self.features_per_level < 1:
-            raise bad("features_per_level", "an integer >= 1")
-        if not _is_int(self.log2_table_size) or not 4 <= self.log2_table_size <= 24:
-            raise bad("log2_table_size", "an integer in [4, 24]")
-        if not _is_int(self.base_resolution) or self.base_resolution < 2:
-            raise bad("base_resolution", "an integer >= 2")
-        if not _is_int(self.max_resolution) or self.max_resolution < self.base_resolution:
-            raise bad("max_resolution", f"an integer >= base_resolution ({self.base_resolution})")
-        if not (isinstance(self.init_scale, (int, float)) and math.isfinite(self.init_scale) and self.init_scale >= 0):
-            raise bad("init_scale", "a finite number >= 0")
-
-    def resolutions(self) -> list[int]:
-        """``N_l`` for every level, coarse to fine (the last one is ``max_resolution``)."""
-        self.validate()
-        if self.num_levels == 1:
-            return [self.base_resolution]
-        log_b = (math.log(self.max_resolution) - math.log(self.base_resolution)) / (self.num_levels - 1)
-        # The tiny epsilon keeps exact products (the last level: base * b**(L-1) = max) from flooring
-        # one below because of rounding in exp/log.
-        return [int(math.floor(self.base_resolution * math.exp(l * log_b) * (1 + 1e-12)))
-                for l in range(self.num_levels)]
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def dense_index(coords: Tensor, resolution: int) -> Tensor:
