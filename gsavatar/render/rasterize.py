@@ -37,8 +37,11 @@ Outputs (:class:`RasterOutput`)
 
 Backends
     ``"torch"`` (always available): the pure-PyTorch reference in ``_torch_impl``, on CPU or CUDA,
-    float32 or float64, every input differentiable (``viewmat`` and ``K`` included). Compiled
-    backends plug into ``_BACKENDS`` below; :func:`available_backends` lists those that can run.
+    float32 or float64, every input differentiable (``viewmat`` and ``K`` included).
+    ``"cuda"``: our CUDA kernels (``cuda/``, built on first use), float32 CUDA tensors.
+    ``"cpp"``: the same kernels' host twins on CPU tensors (for testing the kernels' arithmetic on
+    machines without a GPU). See ``_compiled`` for how these two differ from the reference.
+    :func:`available_backends` lists those that can run here.
 """
 
 from __future__ import annotations
@@ -109,15 +112,26 @@ class _Backend:
     run: Callable[..., tuple[Tensor, ...]]
 
 
-# The dispatch table. A compiled backend registers here with a cheap availability check (an import
-# that may fail, a CUDA device) and a function with the same signature and semantics as
-# ``_torch_impl.rasterize_torch``, and gets a test against "torch". Planned: "cuda" (our fused
-# kernels, mirroring the ``_`` functions of ``_torch_impl``) and "gsplat" (``gsplat.rasterization``
-# on CUDA tensors; its screen-space means come batched per camera, so the adapter must hand back,
-# as ``means2d``, the very tensor that gsplat differentiates, not a view of it, and check gsplat's
-# ``radii`` shape, which differs between versions).
+# The dispatch table. A backend registers here with a cheap availability check and a function with
+# the same signature and semantics as ``_torch_impl.rasterize_torch``, and gets a parity test
+# against "torch". "cuda" is our CUDA kernels and "cpp" their host twins (the same per-element code
+# run as C++ loops on CPU tensors), both from ``cuda/`` through ``_compiled`` (see its docstring for
+# what they do differently: float32, constant camera, early stop at transmittance 1e-4).
+# Planned: "gsplat" (``gsplat.rasterization`` on CUDA tensors; its screen-space means come batched
+# per camera, so the adapter must hand back, as ``means2d``, the very tensor that gsplat
+# differentiates, and check gsplat's ``radii`` shape, which differs between versions).
+def _compiled_backend(name: str) -> _Backend:
+    from gsavatar import kernels
+    from gsavatar.render import _compiled
+
+    kind = _compiled.KIND_OF_BACKEND[name]
+    return _Backend(available=lambda: kernels.available(kind), run=_compiled.make_backend_run(kind))
+
+
 _BACKENDS: dict[str, _Backend] = {
     "torch": _Backend(available=lambda: True, run=_torch_impl.rasterize_torch),
+    "cuda": _compiled_backend("cuda"),
+    "cpp": _compiled_backend("cpp"),
 }
 
 

@@ -1,0 +1,19 @@
+// CUDA launchers of the rasterizer (raster_kernels.cu). Torch-free, so nvcc compiles the kernels
+// without the torch headers; raster_ops.cpp fills the argument structs from tensors.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "raster_math.h"
+
+namespace gsa {
+
+void launch_project_forward(const ProjectArgs& args, cudaStream_t stream);
+void launch_project_backward(const ProjectArgs& args, cudaStream_t stream);
+void launch_isect_count(const IsectArgs& args, cudaStream_t stream);
+void launch_isect_write(const IsectArgs& args, cudaStream_t stream);
+// images: number of output images (the tile lists of image k follow those of image k - 1).
+void launch_raster_forward(const RasterArgs& args, int images, cudaStream_t stream);
+void launch_raster_backward(const RasterArgs& args, int images, cudaStream_t stream);
+
+}  // namespace gsa

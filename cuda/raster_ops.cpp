@@ -1,0 +1,375 @@
+// Tensor-level rasterizer ops: checks, allocation, and dispatch to the CUDA launchers
+// (raster_kernels.cu) for CUDA tensors or to the host twins below for CPU tensors. The host twins
+// run the same per-element functions of raster_math.h in plain loops.
+#include "raster.h"
+
+#include <ATen/Parallel.h>
+
+#include "raster_math.h"
+
+#ifdef GSA_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "raster_launch.h"
+#endif
+
+namespace gsa {
+namespace {
+
+void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& device,
+                  std::initializer_list<int64_t> shape) {
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, " (got ", t.scalar_type(), ")");
+  TORCH_CHECK(t.device() == device, name, " must be on ", device, " (got ", t.device(), ")");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.dim() == static_cast<int64_t>(shape.size()), name, " must have ", shape.size(), " dimensions (got ",
+              t.sizes(), ")");
+  int64_t d = 0;
+  for (int64_t s : shape) {
+    TORCH_CHECK(s < 0 || t.size(d) == s, name, " has shape ", t.sizes(), "; dimension ", d, " must be ", s);
+    ++d;
+  }
+}
+
+const float* f32(const at::Tensor& t) { return t.data_ptr<float>(); }
+float* f32m(at::Tensor& t) { return t.data_ptr<float>(); }
+
+// Run fn(i) for i in [0, n) on the host, spread over torch's intra-op threads.
+template <typename Fn>
+void host_for(int64_t n, Fn fn) {
+  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) fn(i);
+  });
+}
+
+#ifdef GSA_WITH_CUDA
+cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+#define GSA_CUDA_OR_FAIL(call) \
+  do {                         \
+    call;                      \
+    C10_CUDA_KERNEL_LAUNCH_CHECK(); \
+  } while (0)
+#else
+#define GSA_CUDA_OR_FAIL(call) TORCH_CHECK(false, "gsavatar kernels were built without CUDA")
+#endif
+
+ProjectArgs project_args(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& sh, int64_t sh_degree, const at::Tensor& image_ids,
+                         const at::Tensor& viewmats, const at::Tensor& Ks, int64_t width, int64_t height,
+                         double eps2d, double near_plane, double far_plane) {
+  const auto device = means.device();
+  const int64_t n = means.size(0);
+  check_tensor(means, "means", at::kFloat, device, {n, 3});
+  check_tensor(quats, "quats", at::kFloat, device, {n, 4});
+  check_tensor(scales, "scales", at::kFloat, device, {n, 3});
+  check_tensor(image_ids, "image_ids", at::kInt, device, {n});
+  check_tensor(viewmats, "viewmats", at::kFloat, device, {-1, 4, 4});
+  check_tensor(Ks, "Ks", at::kFloat, device, {viewmats.size(0), 3, 3});
+  TORCH_CHECK(width > 0 && height > 0, "width and height must be positive");
+  ProjectArgs a{};
+  a.n = n;
+  a.means = f32(means);
+  a.quats = f32(quats);
+  a.scales = f32(scales);
+  if (sh.has_value()) {
+    check_tensor(*sh, "sh", at::kFloat, device, {n, -1, 3});
+    TORCH_CHECK(sh_degree >= 0 && sh_degree <= 3, "sh_degree must be 0..3 (got ", sh_degree, ")");
+    TORCH_CHECK(sh->size(1) >= (sh_degree + 1) * (sh_degree + 1), "sh has ", sh->size(1),
+                " coefficients, too few for degree ", sh_degree);
+    a.sh = f32(*sh);
+    a.sh_degree = static_cast<int>(sh_degree);
+    a.sh_stride = static_cast<int>(sh->size(1));
+  }
+  a.image_ids = image_ids.data_ptr<int32_t>();
+  a.viewmats = f32(viewmats);
+  a.Ks = f32(Ks);
+  a.width = static_cast<int>(width);
+  a.height = static_cast<int>(height);
+  a.eps2d = static_cast<float>(eps2d);
+  a.near_plane = static_cast<float>(near_plane);
+  a.far_plane = static_cast<float>(far_plane);
+  return a;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> project_forward(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
+                                        const std::optional<at::Tensor>& sh, int64_t sh_degree,
+                                        const at::Tensor& image_ids, const at::Tensor& viewmats, const at::Tensor& Ks,
+                                        int64_t width, int64_t height, double eps2d, double near_plane,
+                                        double far_plane) {
+  ProjectArgs a = project_args(means, quats, scales, sh, sh_degree, image_ids, viewmats, Ks, width, height, eps2d,
+                               near_plane, far_plane);
+  const int64_t n = a.n;
+  const auto opts = means.options();
+  at::Tensor means2d = at::empty({n, 2}, opts), conics = at::empty({n, 3}, opts), cov2d = at::empty({n, 3}, opts);
+  at::Tensor depths = at::empty({n}, opts), radii = at::empty({n}, opts.dtype(at::kInt));
+  at::Tensor colors = sh.has_value() ? at::empty({n, 3}, opts) : at::empty({0}, opts);
+  a.means2d = f32m(means2d);
+  a.conics = f32m(conics);
+  a.cov2d = f32m(cov2d);
+  a.depths = f32m(depths);
+  a.radii = radii.data_ptr<int32_t>();
+  a.colors = sh.has_value() ? f32m(colors) : nullptr;
+  if (means.is_cuda()) {
+    GSA_CUDA_OR_FAIL(launch_project_forward(a, stream_of(means)));
+  } else {
+    host_for(n, [&](int64_t i) { project_forward_one(a, i); });
+  }
+  return {means2d, conics, cov2d, depths, radii, colors};
+}
+
+std::vector<at::Tensor> project_backward(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
+                                         const std::optional<at::Tensor>& sh, int64_t sh_degree,
+                                         const at::Tensor& image_ids, const at::Tensor& viewmats, const at::Tensor& Ks,
+                                         int64_t width, int64_t height, double eps2d, double near_plane,
+                                         double far_plane, const at::Tensor& radii, const at::Tensor& v_means2d,
+                                         const at::Tensor& v_conics, const at::Tensor& v_depths,
+                                         const std::optional<at::Tensor>& v_colors) {
+  ProjectArgs a = project_args(means, quats, scales, sh, sh_degree, image_ids, viewmats, Ks, width, height, eps2d,
+                               near_plane, far_plane);
+  const int64_t n = a.n;
+  const auto device = means.device();
+  check_tensor(radii, "radii", at::kInt, device, {n});
+  check_tensor(v_means2d, "v_means2d", at::kFloat, device, {n, 2});
+  check_tensor(v_conics, "v_conics", at::kFloat, device, {n, 3});
+  check_tensor(v_depths, "v_depths", at::kFloat, device, {n});
+  TORCH_CHECK(sh.has_value() == v_colors.has_value(), "v_colors must be given exactly when sh is");
+  if (v_colors.has_value()) check_tensor(*v_colors, "v_colors", at::kFloat, device, {n, 3});
+  const auto opts = means.options();
+  at::Tensor v_means = at::empty({n, 3}, opts), v_quats = at::empty({n, 4}, opts), v_scales = at::empty({n, 3}, opts);
+  at::Tensor v_sh = sh.has_value() ? at::empty_like(*sh) : at::empty({0}, opts);
+  a.radii_in = radii.data_ptr<int32_t>();
+  a.v_means2d = f32(v_means2d);
+  a.v_conics = f32(v_conics);
+  a.v_depths = f32(v_depths);
+  a.v_colors = v_colors.has_value() ? f32(*v_colors) : nullptr;
+  a.v_means = f32m(v_means);
+  a.v_quats = f32m(v_quats);
+  a.v_scales = f32m(v_scales);
+  a.v_sh = sh.has_value() ? f32m(v_sh) : nullptr;
+  if (means.is_cuda()) {
+    GSA_CUDA_OR_FAIL(launch_project_backward(a, stream_of(means)));
+  } else {
+    host_for(n, [&](int64_t i) { project_backward_one(a, i); });
+  }
+  return {v_means, v_quats, v_scales, v_sh};
+}
+
+std::vector<at::Tensor> isect_tiles(const at::Tensor& means2d, const at::Tensor& cov2d, const at::Tensor& opacities,
+                                    const at::Tensor& depths, const at::Tensor& radii, const at::Tensor& image_ids,
+                                    int64_t images, int64_t width, int64_t height) {
+  const auto device = means2d.device();
+  const int64_t n = means2d.size(0);
+  check_tensor(means2d, "means2d", at::kFloat, device, {n, 2});
+  check_tensor(cov2d, "cov2d", at::kFloat, device, {n, 3});
+  check_tensor(opacities, "opacities", at::kFloat, device, {n});
+  check_tensor(depths, "depths", at::kFloat, device, {n});
+  check_tensor(radii, "radii", at::kInt, device, {n});
+  check_tensor(image_ids, "image_ids", at::kInt, device, {n});
+  TORCH_CHECK(images > 0 && width > 0 && height > 0, "images, width and height must be positive");
+  IsectArgs a{};
+  a.n = n;
+  a.means2d = f32(means2d);
+  a.cov2d = f32(cov2d);
+  a.opacities = f32(opacities);
+  a.depths = f32(depths);
+  a.radii = radii.data_ptr<int32_t>();
+  a.image_ids = image_ids.data_ptr<int32_t>();
+  a.width = static_cast<int>(width);
+  a.height = static_cast<int>(height);
+  a.tiles_x = static_cast<int>((width + kTile - 1) / kTile);
+  a.tiles_y = static_cast<int>((height + kTile - 1) / kTile);
+  const auto int_opts = means2d.options().dtype(at::kInt);
+  at::Tensor counts = at::empty({n}, int_opts);
+  a.counts = counts.data_ptr<int32_t>();
+  if (means2d.is_cuda()) {
+    GSA_CUDA_OR_FAIL(launch_isect_count(a, stream_of(means2d)));
+  } else {
+    host_for(n, [&](int64_t i) { isect_count_one(a, i); });
+  }
+  at::Tensor ends = at::cumsum(counts, 0, at::kLong);
+  at::Tensor starts = ends - counts;
+  const int64_t pairs = n > 0 ? ends[n - 1].item<int64_t>() : 0;  // the one host synchronisation
+  at::Tensor keys = at::empty({pairs}, means2d.options().dtype(at::kLong));
+  at::Tensor ids = at::empty({pairs}, int_opts);
+  a.starts = starts.data_ptr<int64_t>();
+  a.keys = keys.data_ptr<int64_t>();
+  a.ids = ids.data_ptr<int32_t>();
+  if (means2d.is_cuda()) {
+    GSA_CUDA_OR_FAIL(launch_isect_write(a, stream_of(means2d)));
+  } else {
+    host_for(n, [&](int64_t i) { isect_write_one(a, i); });
+  }
+  // Pairs are written in Gaussian order, so a stable sort keeps depth ties in input order.
+  auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  at::Tensor gauss_ids = ids.index_select(0, std::get<1>(sorted));
+  at::Tensor tiles_of_pairs = at::bitwise_right_shift(std::get<0>(sorted), 32);
+  at::Tensor boundaries = at::arange(images * a.tiles_x * a.tiles_y + 1, keys.options());
+  at::Tensor tile_offsets = at::searchsorted(tiles_of_pairs, boundaries);
+  return {tile_offsets, gauss_ids};
+}
+
+namespace {
+
+RasterArgs raster_args(const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& opacities,
+                       const at::Tensor& features, const at::Tensor& tile_offsets, const at::Tensor& gauss_ids,
+                       int64_t images, int64_t width, int64_t height) {
+  const auto device = means2d.device();
+  const int64_t n = means2d.size(0);
+  check_tensor(means2d, "means2d", at::kFloat, device, {n, 2});
+  check_tensor(conics, "conics", at::kFloat, device, {n, 3});
+  check_tensor(opacities, "opacities", at::kFloat, device, {n});
+  check_tensor(features, "features", at::kFloat, device, {n, -1});
+  TORCH_CHECK(features.size(1) >= 1 && features.size(1) <= kMaxChannels, "features must have 1..", kMaxChannels,
+              " channels (got ", features.size(1), ")");
+  RasterArgs a{};
+  a.channels = static_cast<int>(features.size(1));
+  a.width = static_cast<int>(width);
+  a.height = static_cast<int>(height);
+  a.tiles_x = static_cast<int>((width + kTile - 1) / kTile);
+  a.tiles_y = static_cast<int>((height + kTile - 1) / kTile);
+  check_tensor(tile_offsets, "tile_offsets", at::kLong, device, {images * a.tiles_x * a.tiles_y + 1});
+  check_tensor(gauss_ids, "gauss_ids", at::kInt, device, {-1});
+  a.tile_offsets = tile_offsets.data_ptr<int64_t>();
+  a.gauss_ids = gauss_ids.data_ptr<int32_t>();
+  a.means2d = f32(means2d);
+  a.conics = f32(conics);
+  a.opacities = f32(opacities);
+  a.features = f32(features);
+  return a;
+}
+
+// Host twin of raster_forward_kernel: each pixel walks its tile's list straight from memory.
+void raster_forward_host(const RasterArgs& a, int64_t images) {
+  const int64_t tiles = static_cast<int64_t>(a.tiles_x) * a.tiles_y;
+  at::parallel_for(0, images * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t list = begin; list < end; ++list) {
+      const int64_t image = list / tiles, tile = list % tiles;
+      const int64_t start = a.tile_offsets[list], stop = a.tile_offsets[list + 1];
+      for (int ly = 0; ly < kTile; ++ly)
+        for (int lx = 0; lx < kTile; ++lx) {
+          const int col = static_cast<int>(tile % a.tiles_x) * kTile + lx;
+          const int row = static_cast<int>(tile / a.tiles_x) * kTile + ly;
+          if (col >= a.width || row >= a.height) continue;
+          PixelForward st;
+          forward_begin(st, true);
+          for (int64_t k = start; k < stop && !st.done; ++k) {
+            const int64_t g = a.gauss_ids[k];
+            forward_step(st, col + 0.5f, row + 0.5f, a.means2d + 2 * g, a.conics + 3 * g, a.opacities[g],
+                         a.features + g * a.channels, a.channels, a.min_T, static_cast<int>(k - start));
+          }
+          const int64_t pixel = (image * a.height + row) * a.width + col;
+          for (int c = 0; c < a.channels; ++c) a.image[pixel * a.channels + c] = st.acc[c];
+          a.T_final[pixel] = st.T;
+          a.last[pixel] = st.last;
+        }
+    }
+  });
+}
+
+// Host twin of raster_backward_kernel. Each worker thread sums into its own gradient buffer
+// (rows of 6 + C: u, v, A, B, C, o, features); the buffers are added up at the end.
+at::Tensor raster_backward_host(const RasterArgs& a, int64_t images, int64_t n) {
+  const int64_t tiles = static_cast<int64_t>(a.tiles_x) * a.tiles_y;
+  const int64_t row_size = 6 + a.channels;
+  const int threads = at::get_num_threads();
+  at::Tensor buffers = at::zeros({threads, n, row_size}, at::TensorOptions().dtype(at::kFloat));
+  float* base = buffers.data_ptr<float>();
+  at::parallel_for(0, images * tiles, 1, [&](int64_t begin, int64_t end) {
+    float* grads = base + static_cast<int64_t>(at::get_thread_num()) * n * row_size;
+    for (int64_t list = begin; list < end; ++list) {
+      const int64_t image = list / tiles, tile = list % tiles;
+      const int64_t start = a.tile_offsets[list], stop = a.tile_offsets[list + 1];
+      for (int ly = 0; ly < kTile; ++ly)
+        for (int lx = 0; lx < kTile; ++lx) {
+          const int col = static_cast<int>(tile % a.tiles_x) * kTile + lx;
+          const int row = static_cast<int>(tile / a.tiles_x) * kTile + ly;
+          if (col >= a.width || row >= a.height) continue;
+          const int64_t pixel = (image * a.height + row) * a.width + col;
+          PixelBackward st;
+          backward_begin(st, true, a.image + pixel * a.channels, a.v_image + pixel * a.channels, a.T_final[pixel],
+                         a.v_alpha[pixel], a.last[pixel], a.channels);
+          for (int64_t k = start; k < stop && k - start < st.last; ++k) {
+            const int64_t g = a.gauss_ids[k];
+            PairGrad pg;
+            float v_feature[kMaxChannels];
+            if (!backward_step(st, col + 0.5f, row + 0.5f, a.means2d + 2 * g, a.conics + 3 * g, a.opacities[g],
+                               a.features + g * a.channels, a.channels, static_cast<int>(k - start), pg, v_feature))
+              continue;
+            float* out = grads + g * row_size;
+            out[0] += pg.u;
+            out[1] += pg.v;
+            out[2] += pg.A;
+            out[3] += pg.B;
+            out[4] += pg.C;
+            out[5] += pg.o;
+            for (int c = 0; c < a.channels; ++c) out[6 + c] += v_feature[c];
+          }
+        }
+    }
+  });
+  return buffers.sum(0);
+}
+
+}  // namespace
+
+std::vector<at::Tensor> rasterize_forward(const at::Tensor& means2d, const at::Tensor& conics,
+                                          const at::Tensor& opacities, const at::Tensor& features,
+                                          const at::Tensor& tile_offsets, const at::Tensor& gauss_ids, int64_t images,
+                                          int64_t width, int64_t height, double min_T) {
+  RasterArgs a = raster_args(means2d, conics, opacities, features, tile_offsets, gauss_ids, images, width, height);
+  TORCH_CHECK(min_T >= 0.0 && min_T < 1.0, "min_T must be in [0, 1) (got ", min_T, ")");
+  a.min_T = static_cast<float>(min_T);
+  const auto opts = means2d.options();
+  at::Tensor image = at::empty({images, height, width, a.channels}, opts);
+  at::Tensor T_final = at::empty({images, height, width}, opts);
+  at::Tensor last = at::empty({images, height, width}, opts.dtype(at::kInt));
+  a.image = f32m(image);
+  a.T_final = f32m(T_final);
+  a.last = last.data_ptr<int32_t>();
+  if (means2d.is_cuda()) {
+    GSA_CUDA_OR_FAIL(launch_raster_forward(a, static_cast<int>(images), stream_of(means2d)));
+  } else {
+    raster_forward_host(a, images);
+  }
+  return {image, T_final, last};
+}
+
+std::vector<at::Tensor> rasterize_backward(const at::Tensor& means2d, const at::Tensor& conics,
+                                           const at::Tensor& opacities, const at::Tensor& features,
+                                           const at::Tensor& tile_offsets, const at::Tensor& gauss_ids,
+                                           const at::Tensor& image, const at::Tensor& T_final,
+                                           const at::Tensor& last, const at::Tensor& v_image,
+                                           const at::Tensor& v_alpha, int64_t width, int64_t height) {
+  const int64_t images = image.size(0);
+  RasterArgs a = raster_args(means2d, conics, opacities, features, tile_offsets, gauss_ids, images, width, height);
+  const auto device = means2d.device();
+  check_tensor(image, "image", at::kFloat, device, {images, height, width, a.channels});
+  check_tensor(T_final, "T_final", at::kFloat, device, {images, height, width});
+  check_tensor(last, "last", at::kInt, device, {images, height, width});
+  check_tensor(v_image, "v_image", at::kFloat, device, {images, height, width, a.channels});
+  check_tensor(v_alpha, "v_alpha", at::kFloat, device, {images, height, width});
+  a.image = const_cast<float*>(f32(image));
+  a.T_final = const_cast<float*>(f32(T_final));
+  a.last = const_cast<int32_t*>(last.data_ptr<int32_t>());
+  a.v_image = f32(v_image);
+  a.v_alpha = f32(v_alpha);
+  const int64_t n = means2d.size(0);
+  if (means2d.is_cuda()) {
+    const auto opts = means2d.options();
+    at::Tensor v_means2d = at::zeros({n, 2}, opts), v_conics = at::zeros({n, 3}, opts);
+    at::Tensor v_opacities = at::zeros({n}, opts), v_features = at::zeros({n, a.channels}, opts);
+    a.v_means2d = f32m(v_means2d);
+    a.v_conics = f32m(v_conics);
+    a.v_opacities = f32m(v_opacities);
+    a.v_features = f32m(v_features);
+    GSA_CUDA_OR_FAIL(launch_raster_backward(a, static_cast<int>(images), stream_of(means2d)));
+    return {v_means2d, v_conics, v_opacities, v_features};
+  }
+  at::Tensor grads = raster_backward_host(a, images, n);
+  return {grads.slice(1, 0, 2).contiguous(), grads.slice(1, 2, 5).contiguous(), grads.select(1, 5).contiguous(),
+          grads.slice(1, 6, 6 + a.channels).contiguous()};
+}
+
+}  // namespace gsa

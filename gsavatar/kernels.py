@@ -1,0 +1,158 @@
+"""Our compiled kernels (the sources are in ``cuda/`` at the repository root), built on first use.
+
+One set of sources, two builds of the same extension:
+
+``"cuda"``
+    The CUDA kernels (``cuda/*.cu``) with the binding file, for CUDA tensors. Built the first time
+    a CUDA tensor needs them (about 1-2 minutes with ``nvcc``; a message says so), then cached.
+``"cpu"``
+    The *host twins* of the same kernels: every kernel's per-element math lives in ``__host__
+    __device__`` functions in ``cuda/*_math.h``, and ``cuda/*_ops.cpp`` runs it in plain C++ loops
+    over CPU tensors. This build needs only a C++ compiler and ninja (about a minute with gcc). It
+    lets the CPU machines test the kernels' arithmetic against the PyTorch reference; the CUDA
+    build differs from it only in how work is spread over threads.
+
+Neither is needed to import gsavatar or to use the PyTorch reference path. The build directory is
+``$GSAVATAR_KERNEL_CACHE`` (default ``~/.cache/gsavatar/kernels``), one subfolder per build keyed by
+a hash of the sources, torch and Python versions, so a changed source or a new torch rebuilds and an
+unchanged one loads in about a second. Nothing is ever written into the source tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import threading
+import types
+from pathlib import Path
+
+from gsavatar.errors import MissingDependencyError
+
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "cuda"
+"""Where the kernel sources live (the repository's ``cuda/`` folder)."""
+
+HOST_SOURCES = ("bindings.cpp", "raster_ops.cpp", "hashgrid_ops.cpp")
+"""Compiled into both builds: the one binding file and the tensor-level ops with their host twins."""
+CUDA_SOURCES = ("raster_kernels.cu", "hashgrid_kernels.cu")
+"""Compiled into the ``"cuda"`` build only."""
+
+# (torch's builder adds -std=c++20 itself.) No --use_fast_math: the parity tests hold the kernels to
+# float32 tolerances of the PyTorch reference.
+_CXX_FLAGS = ["-O3"]
+_NVCC_FLAGS = ["-O3", "-lineinfo"]
+
+_lock = threading.Lock()
+_loaded: dict[str, types.ModuleType] = {}
+_failed: dict[str, str] = {}
+
+
+class KernelBuildError(MissingDependencyError):
+    """The compiled kernels cannot be built or loaded here (the message says why, in one line)."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GSAVATAR_KERNEL_CACHE", Path.home() / ".cache" / "gsavatar" / "kernels"))
+
+
+def _sources(kind: str) -> list[Path]:
+    names = HOST_SOURCES + (CUDA_SOURCES if kind == "cuda" else ())
+    return [SOURCE_DIR / n for n in names]
+
+
+def _build_key(kind: str) -> str:
+    import torch
+
+    digest = hashlib.sha256()
+    for path in sorted(SOURCE_DIR.glob("*")):
+        if path.suffix in (".h", ".cuh", ".cpp", ".cu"):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    digest.update(f"{torch.__version__}|{sys.version_info[:3]}|{_CXX_FLAGS}|{_NVCC_FLAGS}".encode())
+    return f"gsavatar_kernels_{kind}_{digest.hexdigest()[:12]}"
+
+
+def missing_requirements(kind: str) -> str | None:
+    """Why the ``kind`` build cannot be made here (one line), or None when it can. Cheap: builds nothing."""
+    if kind not in ("cpu", "cuda"):
+        return f"unknown kernel build {kind!r} (choose 'cpu' or 'cuda')"
+    missing = [p.name for p in _sources(kind) if not p.is_file()]
+    if missing:
+        return f"kernel sources not found in {SOURCE_DIR} ({', '.join(missing)}); install gsavatar from its repository (pip install -e .)"
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # noqa: F401  (the pip package puts the binary on PATH only in some layouts)
+        except ImportError:
+            return "ninja is not installed (pip install ninja)"
+    if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
+        return "no C++ compiler found (install g++)"
+    if kind == "cuda":
+        import torch
+        from torch.utils import cpp_extension
+
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        if torch.version.cuda is None:
+            return "this torch build has no CUDA support"
+        if cpp_extension.CUDA_HOME is None:
+            return "nvcc / CUDA_HOME not found (install the CUDA toolkit or set CUDA_HOME)"
+    return None
+
+
+def _ensure_ninja_on_path() -> None:
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except (ImportError, AttributeError):
+        pass
+
+
+def load(kind: str) -> types.ModuleType:
+    """The compiled extension for ``kind`` (``"cpu"`` or ``"cuda"``), building it on first use.
+
+    Raises :class:`KernelBuildError` (one line) when it cannot be built here; the failure is
+    remembered, so a failing build is tried once per process.
+    """
+    with _lock:
+        if kind in _loaded:
+            return _loaded[kind]
+        if kind in _failed:
+            raise KernelBuildError(_failed[kind])
+        reason = missing_requirements(kind)
+        if reason is not None:
+            _failed[kind] = f"cannot build the {kind} kernels: {reason}"
+            raise KernelBuildError(_failed[kind])
+        from torch.utils import cpp_extension
+
+        _ensure_ninja_on_path()
+        name = _build_key(kind)
+        build_dir = cache_root() / name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        fresh = not any(build_dir.glob(f"{name}*.so"))
+        if fresh:
+            what = "CUDA kernels with nvcc (about 1-2 minutes" if kind == "cuda" else "CPU twins of the kernels (about a minute"
+            print(f"gsavatar: compiling the {what}, once; cached in {build_dir})", file=sys.stderr, flush=True)
+        defines = ["-DGSA_WITH_CUDA"] if kind == "cuda" else []
+        try:
+            module = cpp_extension.load(
+                name=name, sources=[str(p) for p in _sources(kind)], build_directory=str(build_dir),
+                extra_cflags=_CXX_FLAGS + defines, extra_cuda_cflags=_NVCC_FLAGS + defines,
+                extra_include_paths=[str(SOURCE_DIR)], with_cuda=kind == "cuda", verbose=False)
+        except Exception as exc:  # compiler errors arrive as RuntimeError / CalledProcessError
+            last = [line for line in str(exc).strip().splitlines() if line.strip()]
+            _failed[kind] = (f"building the {kind} kernels failed ({last[-1][:200] if last else type(exc).__name__}); "
+                             f"build log in {build_dir}")
+            raise KernelBuildError(_failed[kind]) from exc
+        if fresh:
+            print(f"gsavatar: {kind} kernels ready", file=sys.stderr, flush=True)
+        _loaded[kind] = module
+        return module
+
+
+def available(kind: str) -> bool:
+    """Whether ``load(kind)`` can be expected to work (cheap; does not build)."""
+    return kind in _loaded or (kind not in _failed and missing_requirements(kind) is None)

@@ -1,0 +1,151 @@
+"""The compiled rasterizer backends: ``"cuda"`` (our CUDA kernels) and ``"cpp"`` (their host twins).
+
+Both run the kernels in ``cuda/`` (built on first use by :mod:`gsavatar.kernels`) through two
+autograd functions that mirror the reference's stages (``_torch_impl``):
+
+* :class:`_Project` = ``_fully_fused_projection`` + ``_spherical_harmonics`` (one kernel each way),
+* binning = ``_isect_tiles`` + ``_isect_offset_encode`` (no gradient; one host synchronisation for
+  the number of (tile, Gaussian) pairs, as in every tile rasterizer),
+* :class:`_Composite` = ``_rasterize_to_pixels`` (one kernel each way).
+
+They render a *batch* of images in one pass: every Gaussian carries the index of the camera (and
+output image) it belongs to, so the avatar's face and mouth branches share one binning, one sort
+and one compositing launch (:func:`rasterize_batch`).
+
+Differences from the ``"torch"`` reference, all deliberate:
+
+* float32 only; ``viewmat`` and ``K`` are constants (no gradient: the trainer never optimises them);
+* a pixel stops compositing before the Gaussian that would take its transmittance below
+  ``min_transmittance`` (1e-4, as 3DGS and gsplat). What is dropped weighs less than 1e-4 in
+  total. ``min_transmittance=0`` composites everything, like the reference (the parity tests use it);
+* tiles are always 16 x 16 (``tile_size`` is ignored; the image does not depend on it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from gsavatar import kernels
+from gsavatar.errors import InputError
+
+MIN_TRANSMITTANCE = 1e-4
+"""Default early-stop threshold of the compiled backends (3DGS's value)."""
+
+KIND_OF_BACKEND = {"cuda": "cuda", "cpp": "cpu"}
+"""Rasterizer backend name -> kernel build (:func:`gsavatar.kernels.load`)."""
+
+
+class _Project(torch.autograd.Function):
+    """EWA projection and SH colours of every Gaussian; gradients to means, quats, scales and SH."""
+
+    @staticmethod
+    def forward(ctx, means, quats, scales, sh, ext, sh_degree, image_ids, viewmats, Ks, width, height, eps2d, near,
+                far):
+        means, quats, scales = means.contiguous(), quats.contiguous(), scales.contiguous()
+        sh = sh.contiguous() if sh is not None else None
+        degree = sh_degree if sh is not None else 0
+        means2d, conics, cov2d, depths, radii, colors = ext.project_forward(
+            means, quats, scales, sh, degree, image_ids, viewmats, Ks, width, height, eps2d, near, far)
+        ctx.save_for_backward(means, quats, scales, radii, *([sh] if sh is not None else []))
+        ctx.settings = (ext, degree, image_ids, viewmats, Ks, width, height, eps2d, near, far)
+        ctx.mark_non_differentiable(cov2d, radii)
+        return means2d, conics, depths, colors, cov2d, radii
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, v_means2d, v_conics, v_depths, v_colors, _v_cov2d, _v_radii):
+        means, quats, scales, radii, *rest = ctx.saved_tensors
+        sh = rest[0] if rest else None
+        ext, degree, image_ids, viewmats, Ks, width, height, eps2d, near, far = ctx.settings
+        v_means, v_quats, v_scales, v_sh = ext.project_backward(
+            means, quats, scales, sh, degree, image_ids, viewmats, Ks, width, height, eps2d, near, far, radii,
+            v_means2d.contiguous(), v_conics.contiguous(), v_depths.contiguous(),
+            v_colors.contiguous() if sh is not None else None)
+        return (v_means, v_quats, v_scales, v_sh if sh is not None else None) + (None,) * 10
+
+
+class _Composite(torch.autograd.Function):
+    """Front-to-back compositing of the binned Gaussians: ``(sum_i w_i f_i [B,H,W,C], 1 - T [B,H,W,1])``."""
+
+    @staticmethod
+    def forward(ctx, means2d, conics, opacities, features, ext, tile_offsets, gauss_ids, images, width, height,
+                min_transmittance):
+        means2d, conics = means2d.contiguous(), conics.contiguous()
+        opacities, features = opacities.contiguous(), features.contiguous()
+        image, T, last = ext.rasterize_forward(means2d, conics, opacities, features, tile_offsets, gauss_ids, images,
+                                               width, height, min_transmittance)
+        ctx.save_for_backward(means2d, conics, opacities, features, tile_offsets, gauss_ids, image, T, last)
+        ctx.settings = (ext, width, height)
+        return image, (1 - T).unsqueeze(-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, v_image, v_alpha):
+        ext, width, height = ctx.settings
+        grads = ext.rasterize_backward(*ctx.saved_tensors, v_image.contiguous(), v_alpha[..., 0].contiguous(), width,
+                                       height)
+        return tuple(grads) + (None,) * 7
+
+
+def _check(kind: str, tensors: dict[str, Tensor]) -> None:
+    backend = "cuda" if kind == "cuda" else "cpp"
+    want = "cuda" if kind == "cuda" else "cpu"
+    for name, t in tensors.items():
+        if t.dtype != torch.float32:
+            raise InputError(f"rasterize: the {backend!r} backend takes float32 only ({name} is {t.dtype}); "
+                             f"use backend='torch' for float64")
+        if t.device.type != want:
+            raise InputError(f"rasterize: the {backend!r} backend needs {want} tensors ({name} is on {t.device})")
+    for name in ("viewmats", "Ks"):
+        if tensors[name].requires_grad:
+            raise InputError(f"rasterize: the {backend!r} backend treats the camera as a constant "
+                             f"({name[:-1]} requires grad); use backend='torch' to optimise cameras")
+
+
+def rasterize_batch(kind: str, means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor,
+                    image_ids: Tensor, viewmats: Tensor, Ks: Tensor, width: int, height: int, *,
+                    sh_degree: int | None, near: float = 0.01, far: float = 1e3, eps2d: float = 0.3,
+                    min_transmittance: float = MIN_TRANSMITTANCE) -> tuple[Tensor, ...]:
+    """Render ``B = len(viewmats)`` images at once; Gaussian ``i`` is drawn only into image ``image_ids[i]``.
+
+    Inputs as :func:`gsavatar.render.rasterize` (colours ``[G, 3]`` or SH ``[G, K, 3]`` with
+    ``sh_degree``), plus ``image_ids [G]`` (int) and per-image ``viewmats [B, 4, 4]``, ``Ks [B, 3, 3]``.
+    Returns ``(color [B,H,W,3], alpha [B,H,W,1], depth [B,H,W,1], means2d [G,2], radii [G] long,
+    visible [G] bool)``; colours are premultiplied, without background.
+    """
+    _check(kind, {"means": means, "quats": quats, "scales": scales, "opacities": opacities, "colors": colors,
+                  "viewmats": viewmats, "Ks": Ks})
+    ext = kernels.load(kind)
+    images = int(viewmats.shape[0])
+    ids = image_ids.to(device=means.device, dtype=torch.int32).contiguous()
+    viewmats, Ks = viewmats.detach().contiguous(), Ks.detach().contiguous()
+    sh = colors if sh_degree is not None else None
+    means2d, conics, depths, sh_colors, cov2d, radii = _Project.apply(
+        means, quats, scales, sh, ext, sh_degree, ids, viewmats, Ks, width, height, eps2d, near, far)
+    rgb = sh_colors if sh is not None else colors
+    features = torch.cat([rgb, depths[:, None]], 1)
+    tile_offsets, gauss_ids = ext.isect_tiles(means2d.detach(), cov2d, opacities.detach().contiguous(),
+                                              depths.detach(), radii, ids, images, width, height)
+    image, alpha = _Composite.apply(means2d, conics, opacities, features, ext, tile_offsets, gauss_ids, images, width,
+                                    height, float(min_transmittance))
+    return image[..., :3], alpha, image[..., 3:], means2d, radii.long(), radii > 0
+
+
+def make_backend_run(kind: str):
+    """The ``_BACKENDS`` entry's ``run`` for one build: a single image, the reference's signature."""
+
+    def run(means, quats, scales, opacities, colors, viewmat, K, width, height, *, sh_degree, background, near, far,
+            eps2d, tile_size, min_transmittance: float = MIN_TRANSMITTANCE):
+        del tile_size  # always 16 x 16 here; the image does not depend on it
+        ids = torch.zeros(len(means), dtype=torch.int32, device=means.device)
+        color, alpha, depth, means2d, radii, visible = rasterize_batch(
+            kind, means, quats, scales, opacities, colors, ids, viewmat[None], K[None], width, height,
+            sh_degree=sh_degree, near=near, far=far, eps2d=eps2d, min_transmittance=min_transmittance)
+        color, alpha, depth = color[0], alpha[0], depth[0]
+        if background is not None:
+            color = color + (1 - alpha) * background
+        return color, alpha, depth, means2d, radii, visible
+
+    return run
