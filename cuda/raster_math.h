@@ -440,23 +440,21 @@ GSA_HD void forward_begin(PixelForward& st, bool inside) {
   st.done = !inside;
 }
 
-// Composite the Gaussian at `position` in the tile's list. As 3DGS, a pixel stops before the
-// Gaussian that would bring its transmittance below min_T (min_T = 0: never; the reference).
+// Composite the Gaussian at `position` in the tile's list. A pixel stops *after* the Gaussian that
+// takes its transmittance below min_T (min_T = 0: never, like the reference), so everything it
+// leaves out weighs less than min_T in total. (3DGS stops before that Gaussian, which can leave
+// out up to min_T / (1 - 0.99) = 100 min_T.)
 GSA_HD void forward_step(PixelForward& st, float px, float py, const float* mean2d, const float* conic, float o,
                          const float* feature, int channels, float min_T, int position) {
   if (st.done) return;
   bool capped;
   const float alpha = pixel_alpha(px - mean2d[0], py - mean2d[1], conic[0], conic[1], conic[2], o, capped);
   if (alpha == 0.0f) return;
-  const float next_T = st.T * (1.0f - alpha);
-  if (next_T < min_T) {
-    st.done = true;
-    return;
-  }
   const float w = alpha * st.T;
   for (int c = 0; c < channels; ++c) st.acc[c] += w * feature[c];
-  st.T = next_T;
+  st.T *= 1.0f - alpha;
   st.last = position + 1;
+  st.done = st.T < min_T;
 }
 
 // One pixel's state in the backward pass, also front to back: with v_i = g . f_i + g_alpha,

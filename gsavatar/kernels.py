@@ -30,8 +30,8 @@ from pathlib import Path
 
 from gsavatar.errors import MissingDependencyError
 
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "cuda"
-"""Where the kernel sources live (the repository's ``cuda/`` folder)."""
+SOURCE_DIR = Path(os.environ.get("GSAVATAR_KERNEL_SOURCES", Path(__file__).resolve().parent.parent / "cuda"))
+"""Where the kernel sources live: the repository's ``cuda/`` folder (``$GSAVATAR_KERNEL_SOURCES`` overrides it)."""
 
 HOST_SOURCES = ("bindings.cpp", "raster_ops.cpp", "hashgrid_ops.cpp")
 """Compiled into both builds: the one binding file and the tensor-level ops with their host twins."""

@@ -15,9 +15,10 @@ and one compositing launch (:func:`rasterize_batch`).
 Differences from the ``"torch"`` reference, all deliberate:
 
 * float32 only; ``viewmat`` and ``K`` are constants (no gradient: the trainer never optimises them);
-* a pixel stops compositing before the Gaussian that would take its transmittance below
-  ``min_transmittance`` (1e-4, as 3DGS and gsplat). What is dropped weighs less than 1e-4 in
-  total. ``min_transmittance=0`` composites everything, like the reference (the parity tests use it);
+* a pixel stops compositing after the Gaussian that takes its transmittance below
+  ``min_transmittance`` (1e-4, 3DGS's threshold), so what it leaves out weighs less than 1e-4 in
+  total (3DGS stops *before* that Gaussian, which can drop up to 100 times more).
+  ``min_transmittance=0`` composites everything, like the reference (the parity tests use it);
 * tiles are always 16 x 16 (``tile_size`` is ignored; the image does not depend on it).
 """
 

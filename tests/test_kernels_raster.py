@@ -1,0 +1,206 @@
+"""Our rasterizer kernels (cuda/) against the PyTorch reference, forward and backward.
+
+The kernels' per-element math is shared by the CUDA build and the host twins (the ``"cpp"``
+backend), so on a CPU machine these tests check the kernels' arithmetic; on a GPU the same tests
+run the CUDA build. The reference runs in float64, so the tolerances measure the kernels' float32
+rounding only. gsplat is a further cross-check where it is installed (GPU only).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gsavatar import kernels
+from gsavatar.errors import InputError
+from gsavatar.render import _compiled, rasterize
+from gsavatar.render.synthetic import random_scene
+
+_CPU_MISSING = kernels.missing_requirements("cpu")
+_CUDA_MISSING = kernels.missing_requirements("cuda")
+
+BACKENDS = [
+    pytest.param("cpp", marks=pytest.mark.skipif(_CPU_MISSING is not None, reason=f"host twins: {_CPU_MISSING}")),
+    pytest.param("cuda", marks=pytest.mark.skipif(_CUDA_MISSING is not None, reason=f"CUDA kernels: {_CUDA_MISSING}")),
+]
+DEVICE = {"cpp": "cpu", "cuda": "cuda"}
+
+
+def _render(backend, scene, width, height, sh_degree, grads_out, dtype, device, **kwargs):
+    """Render with gradients; returns the outputs and the gradients of the five Gaussian inputs and means2d."""
+    leaves = [t.to(device=device, dtype=dtype).requires_grad_(i < 5) for i, t in enumerate(scene)]
+    if backend == "torch":
+        out = rasterize(*leaves, width, height, sh_degree=sh_degree, backend="torch", tile_size=8)
+    else:
+        out = _compiled.make_backend_run(_compiled.KIND_OF_BACKEND[backend])(
+            *leaves, width, height, sh_degree=sh_degree, background=None, near=0.01, far=1e3, eps2d=0.3,
+            tile_size=16, **kwargs)
+    color, alpha, depth, means2d, radii, visible = out
+    means2d.retain_grad()
+    g_color, g_alpha, g_depth = (g.to(device=device, dtype=dtype) for g in grads_out)
+    ((color * g_color).sum() + (alpha * g_alpha).sum() + (depth * g_depth).sum()).backward()
+    grads = [t.grad for t in leaves[:5]] + [means2d.grad]
+    return [color, alpha, depth, means2d, radii, visible], grads
+
+
+def _random_grads(width, height, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(height, width, 3, generator=g), torch.randn(height, width, 1, generator=g),
+            0.1 * torch.randn(height, width, 1, generator=g))
+
+
+CASES = [
+    # (Gaussians, width, height, sh_degree): one tile; sizes that are not multiples of 16; SH 0..3;
+    # a crowded frame where many Gaussians overlap every pixel.
+    (40, 16, 16, None),
+    (300, 37, 29, 0),
+    (500, 70, 53, 1),
+    (800, 96, 64, 2),
+    (600, 64, 80, 3),
+    (3000, 128, 128, None),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n, width, height, sh_degree", CASES)
+def test_matches_reference_forward_and_backward(backend, n, width, height, sh_degree):
+    scene = random_scene(n, width, height, seed=n + width, sh=sh_degree is not None)
+    grads_out = _random_grads(width, height, seed=n)
+    ref, ref_grads = _render("torch", scene, width, height, sh_degree, grads_out, torch.float64, "cpu")
+    # The reference's own float32 error sets the scale of what float32 rounding can do on this scene.
+    ref32, ref32_grads = _render("torch", scene, width, height, sh_degree, grads_out, torch.float32, "cpu")
+    out, grads = _render(backend, scene, width, height, sh_degree, grads_out, torch.float32, DEVICE[backend],
+                         min_transmittance=0.0)
+    visible = ref[5]
+    assert 0 < int(visible.sum()) < n  # the hard cases culled some, most are drawn
+    assert torch.equal(out[5].cpu(), visible)
+    assert torch.equal(out[4].cpu(), ref[4])
+
+    def check(name, a, b, b32, floor):
+        # floor: relative to the largest value (observed 1e-7 .. 8e-6); or 4x the float32 reference's error.
+        tol = max(floor * max(1.0 if name in ("color", "alpha", "depth", "means2d") else 0.0, b.abs().max().item()),
+                  4 * (b32.double() - b).abs().max().item())
+        torch.testing.assert_close(a.cpu().double(), b, rtol=0, atol=tol, msg=lambda m: f"{name}: {m}")
+
+    for name, i in (("color", 0), ("alpha", 1), ("depth", 2)):
+        check(name, out[i], ref[i], ref32[i], 4e-6)
+    check("means2d", out[3][visible], ref[3][visible], ref32[3][visible], 4e-6)
+    names = ("means", "quats", "scales", "opacities", "colors", "means2d")
+    for name, a, b, b32 in zip(names, grads, ref_grads, ref32_grads):
+        if name == "means2d":
+            a, b, b32 = a[visible.to(a.device)], b[visible], b32[visible]
+        assert b.abs().max() > 0, name
+        check(f"grad {name}", a, b, b32, 5e-5)
+    # Culled Gaussians get exactly zero gradients.
+    assert (grads[0][~visible.to(grads[0].device)] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_early_stop_leaves_out_less_than_its_threshold(backend):
+    """With the default min_transmittance (1e-4) the image differs from the full composite by less than that."""
+    width = height = 64
+    scene = random_scene(4000, width, height, seed=3, pixel_size=10.0)  # deep stacks: most pixels stop early
+    grads_out = _random_grads(width, height, seed=4)
+    full, _ = _render(backend, scene, width, height, None, grads_out, torch.float32, DEVICE[backend],
+                      min_transmittance=0.0)
+    early, grads = _render(backend, scene, width, height, None, grads_out, torch.float32, DEVICE[backend])
+    stopped = (1 - full[1]) < 1e-4
+    assert stopped.float().mean() > 0.3  # the test exercises the early stop
+    assert (early[1] - full[1]).abs().max() < 1e-4 + 1e-6
+    assert (early[0] - full[0]).abs().max() < 1e-4 * scene.colors.max() + 1e-6
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_images_equal_separate_renders(backend):
+    """Two Gaussian sets seen by two cameras in one call (the avatar's face and mouth) = two calls."""
+    device = DEVICE[backend]
+    kind = _compiled.KIND_OF_BACKEND[backend]
+    width, height = 48, 40
+    scenes = [random_scene(400, width, height, seed=s, sh=True) for s in (10, 11)]
+    scenes[1] = scenes[1]._replace(viewmat=torch.eye(4))
+    sh_degree = 2
+    leaves = [[t.to(device).requires_grad_(i < 5) for i, t in enumerate(sc)] for sc in scenes]
+    cat = [torch.cat([leaves[0][i], leaves[1][i]]) for i in range(5)]
+    ids = torch.cat([torch.zeros(400), torch.ones(400)]).int().to(device)
+    viewmats = torch.stack([leaves[0][5], leaves[1][5]])
+    Ks = torch.stack([leaves[0][6], leaves[1][6]])
+    color, alpha, depth, *_ = _compiled.rasterize_batch(kind, *cat, ids, viewmats, Ks, width, height,
+                                                        sh_degree=sh_degree)
+    weights = torch.randn(2, height, width, 3, device=device)
+    (color * weights).sum().backward()
+    batched_grads = [t.grad.clone() for t in leaves[0][:5] + leaves[1][:5]]
+    for t in leaves[0][:5] + leaves[1][:5]:
+        t.grad = None
+    for k in range(2):
+        c1, a1, d1, *_ = _compiled.make_backend_run(kind)(*leaves[k], width, height, sh_degree=sh_degree,
+                                                          background=None, near=0.01, far=1e3, eps2d=0.3,
+                                                          tile_size=16)
+        torch.testing.assert_close(color[k], c1, rtol=0, atol=1e-6)
+        torch.testing.assert_close(alpha[k], a1, rtol=0, atol=1e-6)
+        torch.testing.assert_close(depth[k], d1, rtol=0, atol=1e-5)
+        (c1 * weights[k]).sum().backward()
+    separate = [t.grad for t in leaves[0][:5] + leaves[1][:5]]
+    for a, b in zip(batched_grads, separate):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_background_and_entry_point(backend):
+    """``rasterize(..., backend=...)`` validates and composites the background like the reference."""
+    width, height = 32, 24
+    scene = random_scene(200, width, height, seed=5)
+    bg = torch.tensor([0.2, 0.5, 0.9])
+    ref = rasterize(*scene, width, height, background=bg, backend="torch")
+    out = rasterize(*scene.to(DEVICE[backend]), width, height, background=bg.to(DEVICE[backend]), backend=backend)
+    # Default early stop: within 1e-4 of the full composite.
+    torch.testing.assert_close(out.color.cpu(), ref.color, rtol=0, atol=2e-4)
+    torch.testing.assert_close(out.alpha.cpu(), ref.alpha, rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_backends_reject_what_they_do_not_support(backend):
+    device = DEVICE[backend]
+    scene = random_scene(20, 16, 16, seed=1).to(device)
+    with pytest.raises(InputError, match="float32 only"):
+        rasterize(*scene.to(torch.float64), 16, 16, backend=backend)
+    viewmat = scene.viewmat.clone().requires_grad_(True)
+    with pytest.raises(InputError, match="camera as a constant"):
+        rasterize(*scene[:5], viewmat, scene.K, 16, 16, backend=backend)
+
+
+@pytest.mark.skipif(_CPU_MISSING is not None, reason=f"host twins: {_CPU_MISSING}")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_twin_backend_rejects_cuda_tensors():
+    scene = random_scene(20, 16, 16, seed=1).to("cuda")
+    with pytest.raises(InputError, match="needs cpu tensors"):
+        rasterize(*scene, 16, 16, backend="cpp")
+
+
+def _gsplat_missing() -> str | None:
+    if _CUDA_MISSING is not None:
+        return f"CUDA kernels: {_CUDA_MISSING}"
+    try:
+        import gsplat  # noqa: F401
+    except ImportError:
+        return "gsplat is not installed"
+    return None
+
+
+@pytest.mark.skipif(_gsplat_missing() is not None, reason=f"{_gsplat_missing()}")
+def test_cuda_agrees_with_gsplat():
+    """gsplat's rasterization on the same scene. It caps alpha at 0.999 (ours 0.99) and bins a 3-sigma
+    square (ours: wherever alpha can exceed 1/255), so opacities stay below 0.99 and the comparison is
+    by mean and by a loose maximum."""
+    import gsplat
+
+    width, height = 96, 64
+    scene = random_scene(2000, width, height, seed=8, hard_cases=False).to("cuda")
+    scene = scene._replace(opacities=scene.opacities.clamp_max(0.9))
+    ours = rasterize(*scene, width, height, backend="cuda")
+    colors, alphas, _ = gsplat.rasterization(scene.means, scene.quats, scene.scales, scene.opacities, scene.colors,
+                                             scene.viewmat[None], scene.K[None], width, height, near_plane=0.01,
+                                             far_plane=1e3, eps2d=0.3, packed=False)
+    diff = (ours.color - colors[0]).abs()
+    assert diff.mean() < 2e-3 and diff.max() < 0.05
+    assert (ours.alpha - alphas[0]).abs().mean() < 2e-3
