@@ -24,6 +24,8 @@ Differences from the ``"torch"`` reference, all deliberate:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -108,13 +110,16 @@ def _check(kind: str, tensors: dict[str, Tensor]) -> None:
 def rasterize_batch(kind: str, means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor,
                     image_ids: Tensor, viewmats: Tensor, Ks: Tensor, width: int, height: int, *,
                     sh_degree: int | None, near: float = 0.01, far: float = 1e3, eps2d: float = 0.3,
-                    min_transmittance: float = MIN_TRANSMITTANCE) -> tuple[Tensor, ...]:
+                    min_transmittance: float = MIN_TRANSMITTANCE,
+                    group_sizes: list[int] | None = None) -> tuple[Tensor, ...]:
     """Render ``B = len(viewmats)`` images at once; Gaussian ``i`` is drawn only into image ``image_ids[i]``.
 
     Inputs as :func:`gsavatar.render.rasterize` (colours ``[G, 3]`` or SH ``[G, K, 3]`` with
     ``sh_degree``), plus ``image_ids [G]`` (int) and per-image ``viewmats [B, 4, 4]``, ``Ks [B, 3, 3]``.
     Returns ``(color [B,H,W,3], alpha [B,H,W,1], depth [B,H,W,1], means2d [G,2], radii [G] long,
-    visible [G] bool)``; colours are premultiplied, without background.
+    visible [G] bool)``; colours are premultiplied, without background. With ``group_sizes`` (the
+    Gaussians come in consecutive groups of these sizes), ``means2d``, ``radii`` and ``visible`` are
+    tuples with one tensor per group, and ``retain_grad()`` works on each ``means2d`` part.
     """
     _check(kind, {"means": means, "quats": quats, "scales": scales, "opacities": opacities, "colors": colors,
                   "viewmats": viewmats, "Ks": Ks})
@@ -129,9 +134,50 @@ def rasterize_batch(kind: str, means: Tensor, quats: Tensor, scales: Tensor, opa
     features = torch.cat([rgb, depths[:, None]], 1)
     tile_offsets, gauss_ids = ext.isect_tiles(means2d.detach(), cov2d, opacities.detach().contiguous(),
                                               depths.detach(), radii, ids, images, width, height)
+    if group_sizes is not None:
+        # Split, then join again: the compositing consumes the parts, so each part gets its gradient.
+        parts = means2d.split(group_sizes)
+        means2d = torch.cat(parts)
     image, alpha = _Composite.apply(means2d, conics, opacities, features, ext, tile_offsets, gauss_ids, images, width,
                                     height, float(min_transmittance))
-    return image[..., :3], alpha, image[..., 3:], means2d, radii.long(), radii > 0
+    radii = radii.long()
+    if group_sizes is None:
+        return image[..., :3], alpha, image[..., 3:], means2d, radii, radii > 0
+    radii_parts = radii.split(group_sizes)
+    return image[..., :3], alpha, image[..., 3:], parts, radii_parts, tuple(r > 0 for r in radii_parts)
+
+
+class Group(NamedTuple):
+    """Gaussians drawn into one image of :func:`rasterize_groups` (SH colours)."""
+
+    means: Tensor  # [G, 3]
+    quats: Tensor  # [G, 4]
+    scales: Tensor  # [G, 3]
+    opacities: Tensor  # [G]
+    sh: Tensor  # [G, K, 3]
+    sh_degree: int
+    viewmat: Tensor  # [4, 4]
+
+
+def rasterize_groups(kind: str, groups: list[Group], K: Tensor, width: int, height: int, *, near: float = 0.01,
+                     far: float = 1e3, eps2d: float = 0.3,
+                     min_transmittance: float = MIN_TRANSMITTANCE) -> list[tuple[Tensor, ...]]:
+    """Each group into its own image, all in one projection, binning and compositing pass.
+
+    Returns per group ``(color [H,W,3], alpha [H,W,1], depth [H,W,1], means2d, radii, visible)``.
+    Groups with fewer SH coefficients are padded with zeros, which leaves their colours unchanged.
+    """
+    coeffs = max(g.sh.shape[1] for g in groups)
+    sh = torch.cat([torch.nn.functional.pad(g.sh, (0, 0, 0, coeffs - g.sh.shape[1])) for g in groups])
+    sizes = [len(g.means) for g in groups]
+    ids = torch.cat([torch.full((n,), k, dtype=torch.int32, device=K.device) for k, n in enumerate(sizes)])
+    color, alpha, depth, means2d, radii, visible = rasterize_batch(
+        kind, torch.cat([g.means for g in groups]), torch.cat([g.quats for g in groups]),
+        torch.cat([g.scales for g in groups]), torch.cat([g.opacities for g in groups]), sh, ids,
+        torch.stack([g.viewmat for g in groups]), K.expand(len(groups), 3, 3), width, height,
+        sh_degree=max(g.sh_degree for g in groups), near=near, far=far, eps2d=eps2d,
+        min_transmittance=min_transmittance, group_sizes=sizes)
+    return [(color[k], alpha[k], depth[k], means2d[k], radii[k], visible[k]) for k in range(len(groups))]
 
 
 def make_backend_run(kind: str):
