@@ -3,7 +3,8 @@
 // gsavatar/render/_compiled.py; the reference it mirrors is gsavatar/render/_torch_impl.py.
 #pragma once
 
-#include <torch/extension.h>
+// ATen only (not torch/extension.h): half the parse time; only bindings.cpp needs pybind11.
+#include <ATen/ATen.h>
 
 #include <optional>
 #include <vector>

@@ -43,7 +43,7 @@ def avatar_predictor(avatar, cfg, data: TrainingData, audio: torch.Tensor | None
         inputs = data.inputs(index, a.audio_smoothing_frames, a.audio_window_radius)
         if audio is not None:
             inputs.audio = audio_context(audio, index, a.audio_window_radius, a.audio_smoothing_frames)
-        return avatar(inputs, backend=cfg.backend).image.clamp(0, 1)
+        return avatar(inputs).image.clamp(0, 1)
 
     return predict
 

@@ -132,7 +132,7 @@ def drive_signals(avatar, train_cfg, subject, samples: np.ndarray, pose: str, pr
     mouth, box = [], None
     for k in _bar(range(len(drive)), progress, label):
         with torch.no_grad():
-            image = avatar(drive.inputs(k, train_cfg.avatar, device=device), backend=train_cfg.backend).image.clamp(0, 1)
+            image = avatar(drive.inputs(k, train_cfg.avatar, device=device)).image.clamp(0, 1)
         found = landmarks68.detect_face(image)
         box = found or box  # a missed detection reuses the last box (the head barely moves)
         pts = landmarks68.landmarks(image, box) if box is not None else None

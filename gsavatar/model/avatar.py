@@ -154,11 +154,15 @@ class Avatar(nn.Module):
                                            mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
         return bg
 
-    def forward(self, inputs: FrameInputs, layers=LAYERS, deform: bool | dict = True, backend: str = "torch") -> AvatarRender:
-        """Render one frame. ``layers`` picks what is drawn; ``deform`` may be a per-branch dict."""
+    def forward(self, inputs: FrameInputs, layers=LAYERS, deform: bool | dict = True, backend: str = "auto") -> AvatarRender:
+        """Render one frame. ``layers`` picks what is drawn; ``deform`` may be a per-branch dict;
+        ``backend`` is the rasterizer's (``"auto"``: our CUDA kernels on a GPU, else the reference)."""
+        from gsavatar.render import resolve_backend
+
         unknown = set(layers) - set(LAYERS)
         if unknown:
             raise ValueError(f"unknown layers {sorted(unknown)}; choose from {LAYERS}")
+        backend = resolve_backend(backend, self.background.device)
         h, w = inputs.height, inputs.width
         zeros = inputs.viewmat.new_zeros(h, w, 3)
         wanted = [b for b in BRANCHES if b in layers and not (b == "torso" and inputs.back is not None)]

@@ -124,7 +124,7 @@ def render_video(run_dir: str | Path, audio_path: str | Path, out_path: str | Pa
             for k in range(num):
                 t = time.perf_counter()
                 with torch.no_grad():
-                    image = to_uint8(avatar(seq.inputs(k, cfg.avatar, background=plate, device=dev), backend=cfg.backend).image)
+                    image = to_uint8(avatar(seq.inputs(k, cfg.avatar, background=plate, device=dev)).image)
                 render_s += time.perf_counter() - t
                 if frames_dir is not None:
                     cv2.imwrite(str(frames_dir / f"frame_{k:05d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))

@@ -7,6 +7,7 @@ from gsavatar.render.rasterize import (
     eval_sh,
     project_gaussians,
     rasterize,
+    resolve_backend,
 )
 
-__all__ = ["Projection", "RasterOutput", "available_backends", "eval_sh", "project_gaussians", "rasterize"]
+__all__ = ["Projection", "RasterOutput", "available_backends", "eval_sh", "project_gaussians", "rasterize", "resolve_backend"]

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import warnings
 from typing import Callable, NamedTuple
 
 import torch
@@ -133,6 +134,25 @@ _BACKENDS: dict[str, _Backend] = {
     "cuda": _compiled_backend("cuda"),
     "cpp": _compiled_backend("cpp"),
 }
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """``"auto"`` -> ``"cuda"`` for a CUDA device where our kernels build, else ``"torch"``; other names unchanged.
+
+    A failing CUDA build under ``"auto"`` warns (once, with the reason) and falls back to the
+    reference, so rendering never stops for it; name ``"cuda"`` explicitly to make it an error.
+    """
+    if name != "auto":
+        return name
+    if torch.device(device).type == "cuda" and _BACKENDS["cuda"].available():
+        from gsavatar import kernels
+
+        try:
+            kernels.load("cuda")
+            return "cuda"
+        except kernels.KernelBuildError as exc:
+            warnings.warn(f"{exc}; rendering with the PyTorch reference rasterizer instead", stacklevel=2)
+    return "torch"
 
 
 def available_backends() -> list[str]:

@@ -1,0 +1,221 @@
+"""Speed of our kernels against the references: rasterizer, whole avatar frame, training iterations.
+
+    python bench/bench_kernels.py raster [--device cuda] [--size 512] [--counts 10000 50000 200000] [--write]
+    python bench/bench_kernels.py frame RUN_DIR [--device cuda] [--size 512] [--write]
+    python bench/bench_kernels.py train SUBJECT [--device cuda] [--iterations 200] [--write]
+
+raster: one random scene (gsavatar.render.synthetic.random_scene) per Gaussian count at SIZE x SIZE,
+    forward and forward+backward milliseconds (median of --repeats after --warmup) for every
+    backend that runs on the device: "torch" (the reference), "cpp" (host twins, CPU), "cuda" (ours)
+    and gsplat (GPU, when installed). The ratio column is ours / gsplat on a GPU, ours / torch on
+    the CPU (lower is better).
+frame: the whole avatar frame of a trained run (audio window -> deformation nets -> rasterize all
+    branches -> composite) in frames per second at SIZE, per backend, under torch.no_grad().
+train: training iterations per second of the `default` preset's loop (cpu-tiny's on CPU) on
+    SUBJECT for --iterations, per backend.
+
+The hash-grid encoder has its own script (bench/bench_hashgrid.py). Timings synchronise the GPU
+around each measured call. --write appends rows to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_row, machine  # noqa: E402
+
+RASTER_TABLE = "## Rasterizer kernels (`bench/bench_kernels.py raster`)"
+FRAME_TABLE = "## Whole avatar frame (`bench/bench_kernels.py frame`)"
+TRAIN_TABLE = "## Training iterations (`bench/bench_kernels.py train`)"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_ms(fn, device: str, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _backends(device: str) -> list[str]:
+    from gsavatar.render import available_backends
+
+    names = ["torch"] + [b for b in ("cpp", "cuda") if b in available_backends()
+                         and (b == "cuda") == (device == "cuda")]
+    if device == "cuda":
+        try:
+            import gsplat  # noqa: F401
+
+            names.append("gsplat")
+        except ImportError:
+            print("gsplat is not installed: no gsplat column (pip install gsplat==1.5.3 packaging)")
+    return names
+
+
+def _raster_call(backend: str, scene, size: int, grad: bool):
+    from gsavatar.render import rasterize
+
+    leaves = [t.detach().requires_grad_(grad and i < 5) for i, t in enumerate(scene)]
+
+    def run():
+        if backend == "gsplat":
+            import gsplat
+
+            color, alpha, _ = gsplat.rasterization(*leaves[:5], leaves[5][None], leaves[6][None], size, size,
+                                                   near_plane=0.01, far_plane=1e3, eps2d=0.3, packed=False)
+        else:
+            out = rasterize(*leaves, size, size, backend=backend, tile_size=16 if backend != "torch" or
+                            scene.means.is_cuda else 8)
+            color, alpha = out.color, out.alpha
+        if grad:
+            (color.sum() + alpha.sum()).backward()
+
+    return run
+
+
+def bench_raster(args) -> None:
+    from gsavatar.render.synthetic import random_scene
+
+    rows = []
+    print(f"rasterizer, {args.size}x{args.size}, device {args.device}")
+    print(f"{'gaussians':>10} {'backend':>8} {'forward ms':>11} {'fwd+bwd ms':>11}")
+    for count in args.counts:
+        scene = random_scene(count, args.size, args.size, seed=count, hard_cases=False,
+                             pixel_size=args.pixel_size).to(args.device)
+        results = {}
+        for backend in _backends(args.device):
+            if backend == "torch" and args.device == "cpu" and count > args.torch_max:
+                continue  # minutes per call: skipped above --torch-max
+            fwd = _time_ms(_raster_call(backend, scene, args.size, False), args.device, args.warmup, args.repeats)
+            both = _time_ms(_raster_call(backend, scene, args.size, True), args.device, args.warmup, args.repeats)
+            results[backend] = (fwd, both)
+            print(f"{count:>10} {backend:>8} {fwd:>11.2f} {both:>11.2f}")
+        ours = "cuda" if args.device == "cuda" else "cpp"
+        base = "gsplat" if args.device == "cuda" else "torch"
+        if ours in results and base in results:
+            ratio = (results[ours][0] / results[base][0], results[ours][1] / results[base][1])
+            print(f"{'':>10} {ours}/{base}: forward {ratio[0]:.2f}x, fwd+bwd {ratio[1]:.2f}x")
+        else:
+            ratio = None
+        cells = " | ".join(f"{results[b][0]:.1f} / {results[b][1]:.1f}" if b in results else "n/a"
+                           for b in ("torch", "cpp", "cuda", "gsplat"))
+        ratio_cell = f"{ratio[0]:.2f} / {ratio[1]:.2f} ({ours}/{base})" if ratio else "n/a"
+        rows.append(f"| {args.date} | {args.size}x{args.size}, {count} Gaussians | {cells} | {ratio_cell} | "
+                    f"{args.device}: {args.machine} | `{args.command}` |")
+    if args.write:
+        for row in rows:
+            append_row(RASTER_TABLE, row)
+
+
+def bench_frame(args) -> None:
+    from gsavatar.train.checkpoint import find_avatar_file, load_avatar
+    from gsavatar.train.data import TrainingData
+
+    avatar, cfg, subject = load_avatar(find_avatar_file(args.run), args.device)
+    subject_dir = Path(args.subject or subject["subject_dir"])
+    size = args.size or subject["render_size"]
+    data = TrainingData(subject_dir, size, subject["audio_kind"], args.device)
+    frames = data.test_indices
+    inputs = [data.inputs(i, cfg.avatar.audio_smoothing_frames, cfg.avatar.audio_window_radius) for i in frames]
+    counts = avatar.num_gaussians()
+    print(f"avatar frame at {size}x{size}, {sum(counts.values())} Gaussians {counts}, device {args.device}")
+    results = {}
+    for backend in [b for b in _backends(args.device) if b != "gsplat"]:
+        position = iter(range(10**9))
+
+        @torch.no_grad()
+        def frame(backend=backend):
+            avatar(inputs[next(position) % len(inputs)], backend=backend)
+
+        ms = _time_ms(frame, args.device, args.warmup, args.repeats)
+        results[backend] = 1e3 / ms
+        print(f"  {backend:>6}: {1e3 / ms:8.1f} frames/s ({ms:.2f} ms)")
+    if args.write:
+        cells = " | ".join(f"{results[b]:.1f}" if b in results else "n/a" for b in ("torch", "cpp", "cuda"))
+        append_row(FRAME_TABLE, f"| {args.date} | {args.run} ({sum(counts.values())} Gaussians), {size}x{size} | "
+                                f"{cells} | {args.device}: {args.machine} | `{args.command}` |")
+
+
+def bench_train(args) -> None:
+    from gsavatar.config import load_preset
+    from gsavatar.train.trainer import train
+
+    preset = "default" if args.device == "cuda" else "cpu-tiny"
+    results = {}
+    for backend in [b for b in _backends(args.device) if b != "gsplat"]:
+        cfg = load_preset(preset)
+        cfg = dataclasses.replace(cfg, backend=backend, device=args.device)
+        cfg = _limit_iterations(cfg, args.iterations)
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            train(args.subject, Path(tmp) / "run", cfg, show_progress=False)
+            seconds = time.perf_counter() - start
+        results[backend] = args.iterations / seconds
+        print(f"  {backend:>6}: {results[backend]:.2f} iterations/s ({seconds:.1f} s for {args.iterations}, "
+              f"set-up and evaluation included)")
+    if args.write:
+        cells = " | ".join(f"{results[b]:.2f}" if b in results else "n/a" for b in ("torch", "cpp", "cuda"))
+        append_row(TRAIN_TABLE, f"| {args.date} | {args.subject}, {preset} loop, {args.iterations} iterations | "
+                                f"{cells} | {args.device}: {args.machine} | `{args.command}` |")
+
+
+def _limit_iterations(cfg, total: int):
+    """The preset's stages scaled so that they add up to ``total`` iterations."""
+    stages = cfg.stages
+    scale = total / sum(s.iterations for s in stages)
+    scaled = [dataclasses.replace(s, iterations=max(1, round(s.iterations * scale))) for s in stages]
+    return dataclasses.replace(cfg, stages=scaled)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    raster = sub.add_parser("raster")
+    raster.add_argument("--counts", type=int, nargs="+", default=[10000, 50000, 200000])
+    raster.add_argument("--pixel-size", type=float, default=3.0, help="typical Gaussian size in pixels")
+    raster.add_argument("--torch-max", type=int, default=20000, help="on CPU, skip the torch reference above this count")
+    frame = sub.add_parser("frame")
+    frame.add_argument("run", type=Path)
+    frame.add_argument("--subject", type=Path, default=None)
+    train_p = sub.add_parser("train")
+    train_p.add_argument("subject", type=Path)
+    train_p.add_argument("--iterations", type=int, default=200)
+    for p in (raster, frame, train_p):
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--size", type=int, default=512 if p is not frame else None)
+        p.add_argument("--warmup", type=int, default=3)
+        p.add_argument("--repeats", type=int, default=10)
+        p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+        p.add_argument("--write", action="store_true", help="append rows to BENCHMARKS.md")
+        p.add_argument("--note", default="", help="added to the machine column")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.command = "python bench/bench_kernels.py " + " ".join(sys.argv[1:]).replace(" --write", "")
+    args.machine = machine() + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else "") + \
+        (f", {args.note}" if args.note else "") + f", {args.threads} torch thread(s)"
+    args.date = datetime.date.today().isoformat()
+    {"raster": bench_raster, "frame": bench_frame, "train": bench_train}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
