@@ -9,6 +9,7 @@
 
 #ifdef GSA_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "raster_launch.h"
@@ -44,13 +45,22 @@ void host_for(int64_t n, Fn fn) {
 
 #ifdef GSA_WITH_CUDA
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
-#define GSA_CUDA_OR_FAIL(call) \
-  do {                         \
-    call;                      \
-    C10_CUDA_KERNEL_LAUNCH_CHECK(); \
+// Launch on the tensor's device and stream; report launch errors as exceptions.
+#define GSA_ON_CUDA(tensor, launch)                               \
+  do {                                                            \
+    const c10::cuda::CUDAGuard device_guard((tensor).device());   \
+    launch(a, stream_of(tensor));                                 \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                               \
+  } while (0)
+#define GSA_ON_CUDA_IMAGES(tensor, launch, images)                \
+  do {                                                            \
+    const c10::cuda::CUDAGuard device_guard((tensor).device());   \
+    launch(a, static_cast<int>(images), stream_of(tensor));       \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                               \
   } while (0)
 #else
-#define GSA_CUDA_OR_FAIL(call) TORCH_CHECK(false, "gsavatar kernels were built without CUDA")
+#define GSA_ON_CUDA(tensor, launch) TORCH_CHECK(false, "gsavatar kernels were built without CUDA")
+#define GSA_ON_CUDA_IMAGES(tensor, launch, images) TORCH_CHECK(false, "gsavatar kernels were built without CUDA")
 #endif
 
 ProjectArgs project_args(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
@@ -112,7 +122,7 @@ std::vector<at::Tensor> project_forward(const at::Tensor& means, const at::Tenso
   a.radii = radii.data_ptr<int32_t>();
   a.colors = sh.has_value() ? f32m(colors) : nullptr;
   if (means.is_cuda()) {
-    GSA_CUDA_OR_FAIL(launch_project_forward(a, stream_of(means)));
+    GSA_ON_CUDA(means, launch_project_forward);
   } else {
     host_for(n, [&](int64_t i) { project_forward_one(a, i); });
   }
@@ -149,7 +159,7 @@ std::vector<at::Tensor> project_backward(const at::Tensor& means, const at::Tens
   a.v_scales = f32m(v_scales);
   a.v_sh = sh.has_value() ? f32m(v_sh) : nullptr;
   if (means.is_cuda()) {
-    GSA_CUDA_OR_FAIL(launch_project_backward(a, stream_of(means)));
+    GSA_ON_CUDA(means, launch_project_backward);
   } else {
     host_for(n, [&](int64_t i) { project_backward_one(a, i); });
   }
@@ -184,7 +194,7 @@ std::vector<at::Tensor> isect_tiles(const at::Tensor& means2d, const at::Tensor&
   at::Tensor counts = at::empty({n}, int_opts);
   a.counts = counts.data_ptr<int32_t>();
   if (means2d.is_cuda()) {
-    GSA_CUDA_OR_FAIL(launch_isect_count(a, stream_of(means2d)));
+    GSA_ON_CUDA(means2d, launch_isect_count);
   } else {
     host_for(n, [&](int64_t i) { isect_count_one(a, i); });
   }
@@ -197,7 +207,7 @@ std::vector<at::Tensor> isect_tiles(const at::Tensor& means2d, const at::Tensor&
   a.keys = keys.data_ptr<int64_t>();
   a.ids = ids.data_ptr<int32_t>();
   if (means2d.is_cuda()) {
-    GSA_CUDA_OR_FAIL(launch_isect_write(a, stream_of(means2d)));
+    GSA_ON_CUDA(means2d, launch_isect_write);
   } else {
     host_for(n, [&](int64_t i) { isect_write_one(a, i); });
   }
@@ -329,7 +339,7 @@ std::vector<at::Tensor> rasterize_forward(const at::Tensor& means2d, const at::T
   a.T_final = f32m(T_final);
   a.last = last.data_ptr<int32_t>();
   if (means2d.is_cuda()) {
-    GSA_CUDA_OR_FAIL(launch_raster_forward(a, static_cast<int>(images), stream_of(means2d)));
+    GSA_ON_CUDA_IMAGES(means2d, launch_raster_forward, images);
   } else {
     raster_forward_host(a, images);
   }
@@ -364,7 +374,7 @@ std::vector<at::Tensor> rasterize_backward(const at::Tensor& means2d, const at::
     a.v_conics = f32m(v_conics);
     a.v_opacities = f32m(v_opacities);
     a.v_features = f32m(v_features);
-    GSA_CUDA_OR_FAIL(launch_raster_backward(a, static_cast<int>(images), stream_of(means2d)));
+    GSA_ON_CUDA_IMAGES(means2d, launch_raster_backward, images);
     return {v_means2d, v_conics, v_opacities, v_features};
   }
   at::Tensor grads = raster_backward_host(a, images, n);

@@ -244,3 +244,30 @@ def test_trained_avatar_renders_the_same_through_the_kernels(trained, monkeypatc
         assert torch.equal(ours.branches[b].radii, r.radii)
         rel = (ours.branches[b].means2d.grad - r.means2d.grad).norm() / r.means2d.grad.norm()
         assert rel < grad_tolerance, f"{b} means2d grad: {rel:.2e}"
+
+
+@pytest.mark.skipif(_CUDA_MISSING is not None, reason=f"CUDA kernels: {_CUDA_MISSING}")
+def test_avatar_frame_synchronises_with_the_host_once(trained):
+    """The whole frame on the GPU (deformation, all branches in one kernel pass, composite) waits for
+    the device only once: for the number of (tile, Gaussian) pairs that sizes the sort."""
+    import warnings
+
+    from gsavatar.train.checkpoint import find_avatar_file, load_avatar
+    from gsavatar.train.data import TrainingData
+
+    subject_dir, run_dir, _ = trained
+    avatar, cfg, subject = load_avatar(find_avatar_file(run_dir), "cuda")
+    data = TrainingData(subject_dir, subject["render_size"], subject["audio_kind"], "cuda")
+    inputs = data.inputs(data.test_indices[0], cfg.avatar.audio_smoothing_frames, cfg.avatar.audio_window_radius)
+    with torch.no_grad():
+        avatar(inputs)  # builds / loads the kernels, warms up the caches
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                avatar(inputs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1, [str(w.message) for w in syncs]

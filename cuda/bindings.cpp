@@ -1,0 +1,31 @@
+// The one binding file: every compiled op that Python sees is declared in raster.h / hashgrid.h
+// and bound here. Built twice by gsavatar/kernels.py: with -DGSA_WITH_CUDA (CUDA kernels for
+// CUDA tensors, host twins for CPU tensors) and without (host twins only).
+#include <torch/extension.h>
+
+#include "hashgrid.h"
+#include "raster.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("with_cuda") =
+#ifdef GSA_WITH_CUDA
+      true;
+#else
+      false;
+#endif
+
+  // ---- rasterizer (raster.h) ----
+  m.def("project_forward", &gsa::project_forward, "EWA projection (+ SH colours) of Gaussians");
+  m.def("project_backward", &gsa::project_backward, "gradients of project_forward");
+  m.def("isect_tiles", &gsa::isect_tiles, "tile binning: per-tile depth-sorted Gaussian lists");
+  m.def("rasterize_forward", &gsa::rasterize_forward, "front-to-back alpha compositing per tile");
+  m.def("rasterize_backward", &gsa::rasterize_backward, "gradients of rasterize_forward");
+
+  // ---- hash grid (hashgrid.h) ----
+  m.def("hashgrid_forward", &gsa::hashgrid_forward, "multiresolution hash-grid encoding: x [P,dim] -> [P,L*F]",
+        py::arg("x"), py::arg("table"), py::arg("resolutions"));
+  m.def("hashgrid_backward", &gsa::hashgrid_backward, "gradients of hashgrid_forward: (grad_table, grad_x or None)",
+        py::arg("grad_out"), py::arg("x"), py::arg("table"), py::arg("resolutions"), py::arg("need_x_grad"));
+  m.attr("hashgrid_max_levels") = gsa::hashgrid::kMaxLevels;
+  m.attr("hashgrid_max_features") = gsa::hashgrid::kMaxFeatures;
+}
