@@ -183,7 +183,11 @@ def _limit_iterations(cfg, total: int):
     """The preset's stages scaled so that they add up to ``total`` iterations."""
     stages = cfg.stages
     scale = total / sum(s.iterations for s in stages)
-    scaled = [dataclasses.replace(s, iterations=max(1, round(s.iterations * scale))) for s in stages]
+    scaled = []
+    for s in stages:
+        iterations = max(1, round(s.iterations * scale))
+        scaled.append(dataclasses.replace(s, iterations=iterations,
+                                          static_iterations=min(iterations, round(s.static_iterations * scale))))
     return dataclasses.replace(cfg, stages=scaled)
 
 
