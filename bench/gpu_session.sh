@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Everything that only a GPU can check, in one call on a lent GPU machine (the `device` tool):
+# builds our CUDA kernels, runs every CUDA test (kernel parity against the PyTorch reference,
+# gsplat cross-check, one host sync per avatar frame), then the kernel benchmarks with --write.
+# Results land in $OUT: logs and the updated BENCHMARKS.md (merge its new rows by hand).
+#
+# Prepare here first (the GPU machine has torch, numpy, opencv, ninja, pytest, but no gsplat and
+# no internet). In the repository root:
+#   echo /.whl/ >> .git/info/exclude; echo /.gpu_data/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl gsplat==1.5.3
+# Optional, for the whole-frame benchmark: a trained run and its subject dataset under .gpu_data/
+# (.gpu_data/run/avatar.pt and .gpu_data/subject/; under 64 MiB together with the rest).
+# Then: run(command="bash bench/gpu_session.sh", carry=[".whl", ".gpu_data"], timeout_s=600)
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 GSAVATAR_KERNEL_CACHE=/tmp/gsavatar_kernels
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+
+start=$(date +%s)
+python3 -c "from gsavatar import kernels; kernels.load('cuda')" 2>&1 | tee "$OUT/build.log"
+echo "kernel build: $(( $(date +%s) - start )) s" | tee -a "$OUT/build.log"
+
+python3 -m pytest -q -ra tests/test_kernels_raster.py tests/test_kernels_hashgrid.py tests/test_rasterize.py \
+  2>&1 | tee "$OUT/tests.log"
+
+python3 bench/bench_kernels.py raster --write 2>&1 | tee "$OUT/bench_raster.log"
+python3 bench/bench_hashgrid.py --write 2>&1 | tee "$OUT/bench_hashgrid.log"
+if [ -f .gpu_data/run/avatar.pt ] && [ -d .gpu_data/subject ]; then
+  python3 bench/bench_kernels.py frame .gpu_data/run --subject .gpu_data/subject --size 512 --write \
+    2>&1 | tee "$OUT/bench_frame.log"
+fi
+cp BENCHMARKS.md "$OUT/BENCHMARKS.md"
