@@ -13,24 +13,16 @@ namespace {
 constexpr int kTilePixels = kTile * kTile;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-__global__ void project_forward_kernel(ProjectArgs args) {
+// One thread per Gaussian running `Work` (a per-Gaussian function of raster_math.h).
+template <class Args, void (*Work)(const Args&, int64_t)>
+__global__ void each_gaussian(Args args) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < args.n) project_forward_one(args, i);
+  if (i < args.n) Work(args, i);
 }
 
-__global__ void project_backward_kernel(ProjectArgs args) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < args.n) project_backward_one(args, i);
-}
-
-__global__ void isect_count_kernel(IsectArgs args) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < args.n) isect_count_one(args, i);
-}
-
-__global__ void isect_write_kernel(IsectArgs args) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < args.n) isect_write_one(args, i);
+template <class Args, void (*Work)(const Args&, int64_t)>
+void launch_each_gaussian(const Args& args, cudaStream_t stream) {
+  if (args.n > 0) each_gaussian<Args, Work><<<num_blocks(args.n), kBlock, 0, stream>>>(args);
 }
 
 // The Gaussian data a tile's threads share, one batch at a time.
@@ -155,19 +147,19 @@ __global__ void __launch_bounds__(kTilePixels) raster_backward_kernel(RasterArgs
 }  // namespace
 
 void launch_project_forward(const ProjectArgs& args, cudaStream_t stream) {
-  if (args.n > 0) project_forward_kernel<<<num_blocks(args.n), kBlock, 0, stream>>>(args);
+  launch_each_gaussian<ProjectArgs, project_forward_one>(args, stream);
 }
 
 void launch_project_backward(const ProjectArgs& args, cudaStream_t stream) {
-  if (args.n > 0) project_backward_kernel<<<num_blocks(args.n), kBlock, 0, stream>>>(args);
+  launch_each_gaussian<ProjectArgs, project_backward_one>(args, stream);
 }
 
 void launch_isect_count(const IsectArgs& args, cudaStream_t stream) {
-  if (args.n > 0) isect_count_kernel<<<num_blocks(args.n), kBlock, 0, stream>>>(args);
+  launch_each_gaussian<IsectArgs, isect_count_one>(args, stream);
 }
 
 void launch_isect_write(const IsectArgs& args, cudaStream_t stream) {
-  if (args.n > 0) isect_write_kernel<<<num_blocks(args.n), kBlock, 0, stream>>>(args);
+  launch_each_gaussian<IsectArgs, isect_write_one>(args, stream);
 }
 
 void launch_raster_forward(const RasterArgs& args, int images, cudaStream_t stream) {

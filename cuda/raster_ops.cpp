@@ -250,8 +250,10 @@ RasterArgs raster_args(const at::Tensor& means2d, const at::Tensor& conics, cons
   return a;
 }
 
-// Host twin of raster_forward_kernel: each pixel walks its tile's list straight from memory.
-void raster_forward_host(const RasterArgs& a, int64_t images) {
+// Calls fn(pixel, col, row, start, stop) for every pixel inside the image with its tile's list
+// [start, stop) in gauss_ids, the (image, tile) lists spread over torch's threads.
+template <typename Fn>
+void for_each_pixel(const RasterArgs& a, int64_t images, Fn fn) {
   const int64_t tiles = static_cast<int64_t>(a.tiles_x) * a.tiles_y;
   at::parallel_for(0, images * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t list = begin; list < end; ++list) {
@@ -262,61 +264,54 @@ void raster_forward_host(const RasterArgs& a, int64_t images) {
           const int col = static_cast<int>(tile % a.tiles_x) * kTile + lx;
           const int row = static_cast<int>(tile / a.tiles_x) * kTile + ly;
           if (col >= a.width || row >= a.height) continue;
-          PixelForward st;
-          forward_begin(st, true);
-          for (int64_t k = start; k < stop && !st.done; ++k) {
-            const int64_t g = a.gauss_ids[k];
-            forward_step(st, col + 0.5f, row + 0.5f, a.means2d + 2 * g, a.conics + 3 * g, a.opacities[g],
-                         a.features + g * a.channels, a.channels, a.min_T, static_cast<int>(k - start));
-          }
-          const int64_t pixel = (image * a.height + row) * a.width + col;
-          for (int c = 0; c < a.channels; ++c) a.image[pixel * a.channels + c] = st.acc[c];
-          a.T_final[pixel] = st.T;
-          a.last[pixel] = st.last;
+          fn((image * a.height + row) * a.width + col, col, row, start, stop);
         }
     }
+  });
+}
+
+// Host twin of raster_forward_kernel: each pixel walks its tile's list straight from memory.
+void raster_forward_host(const RasterArgs& a, int64_t images) {
+  for_each_pixel(a, images, [&](int64_t pixel, int col, int row, int64_t start, int64_t stop) {
+    PixelForward st;
+    forward_begin(st, true);
+    for (int64_t k = start; k < stop && !st.done; ++k) {
+      const int64_t g = a.gauss_ids[k];
+      forward_step(st, col + 0.5f, row + 0.5f, a.means2d + 2 * g, a.conics + 3 * g, a.opacities[g],
+                   a.features + g * a.channels, a.channels, a.min_T, static_cast<int>(k - start));
+    }
+    for (int c = 0; c < a.channels; ++c) a.image[pixel * a.channels + c] = st.acc[c];
+    a.T_final[pixel] = st.T;
+    a.last[pixel] = st.last;
   });
 }
 
 // Host twin of raster_backward_kernel. Each worker thread sums into its own gradient buffer
 // (rows of 6 + C: u, v, A, B, C, o, features); the buffers are added up at the end.
 at::Tensor raster_backward_host(const RasterArgs& a, int64_t images, int64_t n) {
-  const int64_t tiles = static_cast<int64_t>(a.tiles_x) * a.tiles_y;
   const int64_t row_size = 6 + a.channels;
-  const int threads = at::get_num_threads();
-  at::Tensor buffers = at::zeros({threads, n, row_size}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor buffers = at::zeros({at::get_num_threads(), n, row_size}, at::TensorOptions().dtype(at::kFloat));
   float* base = buffers.data_ptr<float>();
-  at::parallel_for(0, images * tiles, 1, [&](int64_t begin, int64_t end) {
+  for_each_pixel(a, images, [&](int64_t pixel, int col, int row, int64_t start, int64_t stop) {
     float* grads = base + static_cast<int64_t>(at::get_thread_num()) * n * row_size;
-    for (int64_t list = begin; list < end; ++list) {
-      const int64_t image = list / tiles, tile = list % tiles;
-      const int64_t start = a.tile_offsets[list], stop = a.tile_offsets[list + 1];
-      for (int ly = 0; ly < kTile; ++ly)
-        for (int lx = 0; lx < kTile; ++lx) {
-          const int col = static_cast<int>(tile % a.tiles_x) * kTile + lx;
-          const int row = static_cast<int>(tile / a.tiles_x) * kTile + ly;
-          if (col >= a.width || row >= a.height) continue;
-          const int64_t pixel = (image * a.height + row) * a.width + col;
-          PixelBackward st;
-          backward_begin(st, true, a.image + pixel * a.channels, a.v_image + pixel * a.channels, a.T_final[pixel],
-                         a.v_alpha[pixel], a.last[pixel], a.channels);
-          for (int64_t k = start; k < stop && k - start < st.last; ++k) {
-            const int64_t g = a.gauss_ids[k];
-            PairGrad pg;
-            float v_feature[kMaxChannels];
-            if (!backward_step(st, col + 0.5f, row + 0.5f, a.means2d + 2 * g, a.conics + 3 * g, a.opacities[g],
-                               a.features + g * a.channels, a.channels, static_cast<int>(k - start), pg, v_feature))
-              continue;
-            float* out = grads + g * row_size;
-            out[0] += pg.u;
-            out[1] += pg.v;
-            out[2] += pg.A;
-            out[3] += pg.B;
-            out[4] += pg.C;
-            out[5] += pg.o;
-            for (int c = 0; c < a.channels; ++c) out[6 + c] += v_feature[c];
-          }
-        }
+    PixelBackward st;
+    backward_begin(st, true, a.image + pixel * a.channels, a.v_image + pixel * a.channels, a.T_final[pixel],
+                   a.v_alpha[pixel], a.last[pixel], a.channels);
+    for (int64_t k = start; k < stop && k - start < st.last; ++k) {
+      const int64_t g = a.gauss_ids[k];
+      PairGrad pg;
+      float v_feature[kMaxChannels];
+      if (!backward_step(st, col + 0.5f, row + 0.5f, a.means2d + 2 * g, a.conics + 3 * g, a.opacities[g],
+                         a.features + g * a.channels, a.channels, static_cast<int>(k - start), pg, v_feature))
+        continue;
+      float* out = grads + g * row_size;
+      out[0] += pg.u;
+      out[1] += pg.v;
+      out[2] += pg.A;
+      out[3] += pg.B;
+      out[4] += pg.C;
+      out[5] += pg.o;
+      for (int c = 0; c < a.channels; ++c) out[6 + c] += v_feature[c];
     }
   });
   return buffers.sum(0);
