@@ -452,6 +452,18 @@ def test_available_backends():
     assert available_backends()[0] == "torch"
 
 
+def test_auto_backend_is_the_reference_on_cpu(monkeypatch):
+    """On CPU tensors "auto" renders with the reference and builds nothing."""
+    from gsavatar import kernels
+
+    monkeypatch.setattr(kernels, "load", lambda kind: pytest.fail("auto must not build kernels for CPU tensors"))
+    means, quats, scales, opacities, colors = random_scene(30, 24, 16, 40.0, seed=3, dtype=torch.float32)
+    viewmat, K = camera(24, 16, 40.0, dtype=torch.float32)
+    auto = rasterize(means, quats, scales, opacities, colors, viewmat, K, 24, 16, backend="auto")
+    ref = rasterize(means, quats, scales, opacities, colors, viewmat, K, 24, 16, backend="torch")
+    assert torch.equal(auto.color, ref.color) and auto.alpha.max() > 0.5
+
+
 # ---------------------------------------------------------------------------------------------
 # 9. Screen-space gradients for densification
 # ---------------------------------------------------------------------------------------------

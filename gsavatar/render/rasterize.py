@@ -166,7 +166,8 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, c
               backend: str = "torch") -> RasterOutput:
     """Render ``G`` Gaussians seen by one pinhole camera into a ``height`` x ``width`` image.
 
-    See the module docstring for conventions. Every floating input may require grad. Raises
+    See the module docstring for conventions (and :func:`resolve_backend` for ``backend="auto"``).
+    Every floating input may require grad. Raises
     :class:`~gsavatar.errors.InputError` with a one-line message for inputs it cannot use.
     """
     G = _check_geometry("rasterize", means, quats, scales, viewmat, K, width, height)
@@ -190,6 +191,7 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, c
         raise InputError(f"rasterize: need 0 < near < far (got near={near!r}, far={far!r})")
     if not eps2d >= 0:
         raise InputError(f"rasterize: eps2d must be >= 0 (got {eps2d!r})")
+    backend = resolve_backend(backend, means.device)
     if backend not in _BACKENDS or not _BACKENDS[backend].available():
         raise InputError(f"rasterize: unknown or unavailable backend {backend!r} "
                          f"(available: {', '.join(available_backends())})")
