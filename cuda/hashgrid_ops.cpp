@@ -133,6 +133,7 @@ std::tuple<at::Tensor, at::Tensor> hashgrid_backward(const at::Tensor& grad_out_
   float* grad_x_ptr = need_x_grad ? grad_x.data_ptr<float>() : nullptr;
   if (x.is_cuda()) {
 #ifdef GSA_WITH_CUDA
+    at::globalContext().alertNotDeterministic("gsavatar hashgrid_backward (float atomicAdd on CUDA)");
     const c10::cuda::CUDAGuard guard(x.device());
     hashgrid::launch_backward(p, x.data_ptr<float>(), table.data_ptr<float>(), grad_out.data_ptr<float>(),
                               grad_table.data_ptr<float>(), grad_x_ptr, c10::cuda::getCurrentCUDAStream().stream());

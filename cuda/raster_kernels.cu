@@ -36,8 +36,8 @@ __device__ __forceinline__ void load_batch(const RasterArgs& a, SharedBatch& bat
                                            int thread) {
   const int64_t k = begin + thread;
   if (k < end) {
-    const int32_t g = a.gauss_ids[k];
-    batch.id[thread] = g;
+    const int64_t g = a.gauss_ids[k];  // 64-bit: 3 * g overflows int32 beyond ~715M Gaussians
+    batch.id[thread] = static_cast<int32_t>(g);
     batch.mean[thread] = make_float2(a.means2d[2 * g], a.means2d[2 * g + 1]);
     batch.conic_opacity[thread] = make_float4(a.conics[3 * g], a.conics[3 * g + 1], a.conics[3 * g + 2], a.opacities[g]);
   }
@@ -117,12 +117,12 @@ __global__ void __launch_bounds__(kTilePixels) raster_backward_kernel(RasterArgs
       const float2 mean = batch.mean[m];
       const float4 co = batch.conic_opacity[m];
       const float mean_xy[2] = {mean.x, mean.y}, conic[3] = {co.x, co.y, co.z};
-      const int32_t g = batch.id[m];
+      const int64_t g = batch.id[m];
       PairGrad grad = {0, 0, 0, 0, 0, 0};
       float v_feature[CH];
 #pragma unroll
       for (int c = 0; c < CH; ++c) v_feature[c] = 0.0f;
-      const bool hit = backward_step(st, px, py, mean_xy, conic, co.w, a.features + static_cast<int64_t>(g) * CH, CH,
+      const bool hit = backward_step(st, px, py, mean_xy, conic, co.w, a.features + g * CH, CH,
                                      static_cast<int>(base - start) + m, grad, v_feature);
       if (!__any_sync(kFullMask, hit)) continue;  // most pairs touch few pixels of a tile
       const float gu = warp_sum(grad.u), gv = warp_sum(grad.v);
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kTilePixels) raster_backward_kernel(RasterArgs
         atomicAdd(a.v_conics + 3 * g + 2, gC);
         atomicAdd(a.v_opacities + g, go);
 #pragma unroll
-        for (int c = 0; c < CH; ++c) atomicAdd(a.v_features + static_cast<int64_t>(g) * CH + c, gf[c]);
+        for (int c = 0; c < CH; ++c) atomicAdd(a.v_features + g * CH + c, gf[c]);
       }
     }
   }

@@ -522,6 +522,7 @@ struct ProjectArgs {
   const int32_t* image_ids;   // [n]: which camera / output image
   const float* viewmats;      // [images, 4, 4]
   const float* Ks;            // [images, 3, 3]
+  int images;                 // an image id outside [0, images) culls the Gaussian
   int width, height;
   float eps2d, near_plane, far_plane;
   // forward outputs
@@ -549,6 +550,14 @@ GSA_HD void sh_direction(const ProjectArgs& a, const Camera& cam, int64_t i, flo
 }
 
 GSA_HD void project_forward_one(const ProjectArgs& a, int64_t i) {
+  if (a.image_ids[i] < 0 || a.image_ids[i] >= a.images) {  // no such camera: culled, never read out of bounds
+    for (int k = 0; k < 3; ++k) a.conics[3 * i + k] = a.cov2d[3 * i + k] = 0.0f;
+    a.means2d[2 * i] = a.means2d[2 * i + 1] = a.depths[i] = 0.0f;
+    a.radii[i] = 0;
+    if (a.sh != nullptr)
+      for (int k = 0; k < 3; ++k) a.colors[3 * i + k] = 0.0f;
+    return;
+  }
   const Camera cam = camera_of(a, i);
   Projected pr;
   ProjectionState s;
@@ -629,9 +638,11 @@ GSA_HD void isect_write_one(const IsectArgs& a, int64_t i) {
   int tx0, tx1, ty0, ty1;
   if (!isect_range(a, i, tx0, tx1, ty0, ty1)) return;
   int64_t out = a.starts[i];
+  // Bounded by the count pass's answer, so a range recomputed differently can never overrun.
+  const int64_t stop = out + a.counts[i];
   const int64_t image_tiles = static_cast<int64_t>(a.image_ids[i]) * a.tiles_x * a.tiles_y;
   for (int ty = ty0; ty <= ty1; ++ty)
-    for (int tx = tx0; tx <= tx1; ++tx, ++out) {
+    for (int tx = tx0; tx <= tx1 && out < stop; ++tx, ++out) {
       a.keys[out] = isect_key(image_tiles + static_cast<int64_t>(ty) * a.tiles_x + tx, a.depths[i]);
       a.ids[out] = static_cast<int32_t>(i);
     }

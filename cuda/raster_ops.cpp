@@ -93,6 +93,7 @@ ProjectArgs project_args(const at::Tensor& means, const at::Tensor& quats, const
   a.image_ids = image_ids.data_ptr<int32_t>();
   a.viewmats = f32(viewmats);
   a.Ks = f32(Ks);
+  a.images = static_cast<int>(viewmats.size(0));
   a.width = static_cast<int>(width);
   a.height = static_cast<int>(height);
   a.eps2d = static_cast<float>(eps2d);
@@ -233,6 +234,8 @@ RasterArgs raster_args(const at::Tensor& means2d, const at::Tensor& conics, cons
   check_tensor(features, "features", at::kFloat, device, {n, -1});
   TORCH_CHECK(features.size(1) >= 1 && features.size(1) <= kMaxChannels, "features must have 1..", kMaxChannels,
               " channels (got ", features.size(1), ")");
+  // One CUDA grid row (gridDim.y) per image.
+  TORCH_CHECK(images >= 1 && images <= 65535, "images must be in [1, 65535] (got ", images, ")");
   RasterArgs a{};
   a.channels = static_cast<int>(features.size(1));
   a.width = static_cast<int>(width);
@@ -369,6 +372,7 @@ std::vector<at::Tensor> rasterize_backward(const at::Tensor& means2d, const at::
     a.v_conics = f32m(v_conics);
     a.v_opacities = f32m(v_opacities);
     a.v_features = f32m(v_features);
+    at::globalContext().alertNotDeterministic("gsavatar rasterize_backward (float atomicAdd on CUDA)");
     GSA_ON_CUDA_IMAGES(means2d, launch_raster_backward, images);
     return {v_means2d, v_conics, v_opacities, v_features};
   }

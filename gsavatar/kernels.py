@@ -70,6 +70,11 @@ def _build_key(kind: str) -> str:
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
     digest.update(f"{torch.__version__}|{sys.version_info[:3]}|{_CXX_FLAGS}|{_NVCC_FLAGS}".encode())
+    if kind == "cuda":
+        # torch compiles for the visible GPUs' architectures (or TORCH_CUDA_ARCH_LIST): a cache
+        # built on another GPU generation would fail at launch with "no kernel image".
+        capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        digest.update(f"{os.environ.get('TORCH_CUDA_ARCH_LIST')}|{capabilities}".encode())
     return f"gsavatar_kernels_{kind}_{digest.hexdigest()[:12]}"
 
 

@@ -271,3 +271,20 @@ def test_avatar_frame_synchronises_with_the_host_once(trained):
             torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= 1, [str(w.message) for w in syncs]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_image_id_without_a_camera_culls_the_gaussian(backend):
+    """Gaussians whose image id has no camera are culled (never read past the cameras)."""
+    device = DEVICE[backend]
+    scene = random_scene(50, 32, 32, seed=2, hard_cases=False).to(device)
+    ids = torch.zeros(50, dtype=torch.int32, device=device)
+    ids[::5] = 7  # only one camera
+    ids[1::5] = -1
+    color, alpha, depth, means2d, radii, visible = _compiled.rasterize_batch(
+        _compiled.KIND_OF_BACKEND[backend], *scene[:5], ids, scene.viewmat[None], scene.K[None], 32, 32,
+        sh_degree=None)
+    assert not visible[ids != 0].any() and visible[ids == 0].any()
+    kept = ids == 0
+    ref = rasterize(*(t[kept] for t in scene[:5]), scene.viewmat, scene.K, 32, 32, backend=backend)
+    torch.testing.assert_close(color[0], ref.color, rtol=0, atol=1e-6)

@@ -51,17 +51,18 @@ class _Project(torch.autograd.Function):
         degree = sh_degree if sh is not None else 0
         means2d, conics, cov2d, depths, radii, colors = ext.project_forward(
             means, quats, scales, sh, degree, image_ids, viewmats, Ks, width, height, eps2d, near, far)
-        ctx.save_for_backward(means, quats, scales, radii, *([sh] if sh is not None else []))
-        ctx.settings = (ext, degree, image_ids, viewmats, Ks, width, height, eps2d, near, far)
+        # The cameras are saved too, so that changing them in place before backward() is caught.
+        ctx.save_for_backward(means, quats, scales, radii, image_ids, viewmats, Ks, *([sh] if sh is not None else []))
+        ctx.settings = (ext, degree, width, height, eps2d, near, far)
         ctx.mark_non_differentiable(cov2d, radii)
         return means2d, conics, depths, colors, cov2d, radii
 
     @staticmethod
     @once_differentiable
     def backward(ctx, v_means2d, v_conics, v_depths, v_colors, _v_cov2d, _v_radii):
-        means, quats, scales, radii, *rest = ctx.saved_tensors
+        means, quats, scales, radii, image_ids, viewmats, Ks, *rest = ctx.saved_tensors
         sh = rest[0] if rest else None
-        ext, degree, image_ids, viewmats, Ks, width, height, eps2d, near, far = ctx.settings
+        ext, degree, width, height, eps2d, near, far = ctx.settings
         v_means, v_quats, v_scales, v_sh = ext.project_backward(
             means, quats, scales, sh, degree, image_ids, viewmats, Ks, width, height, eps2d, near, far, radii,
             v_means2d.contiguous(), v_conics.contiguous(), v_depths.contiguous(),
