@@ -1,7 +1,7 @@
 """Speed of our kernels against the references: rasterizer, whole avatar frame, training iterations.
 
     python bench/bench_kernels.py raster [--device cuda] [--size 512] [--counts 10000 50000 200000] [--write]
-    python bench/bench_kernels.py frame RUN_DIR [--device cuda] [--size 512] [--write]
+    python bench/bench_kernels.py frame RUN_DIR [--audio SPEECH] [--device cuda] [--size 512] [--write]
     python bench/bench_kernels.py train SUBJECT [--device cuda] [--iterations 200] [--write]
 
 raster: one random scene (gsavatar.render.synthetic.random_scene) per Gaussian count at SIZE x SIZE,
@@ -10,7 +10,9 @@ raster: one random scene (gsavatar.render.synthetic.random_scene) per Gaussian c
     and gsplat (GPU, when installed). The ratio column is ours / gsplat on a GPU, ours / torch on
     the CPU (lower is better).
 frame: the whole avatar frame of a trained run (audio window -> deformation nets -> rasterize all
-    branches -> composite) in frames per second at SIZE, per backend, under torch.no_grad().
+    branches -> composite) in frames per second at SIZE (default: the trained size), per backend,
+    under torch.no_grad(), driven as `gsavatar render` drives it (pose loop, blinks) from the
+    checkpoint alone, by --audio or 8 s of noise.
 train: training iterations per second of the `default` preset's loop (cpu-tiny's on CPU) on
     SUBJECT for --iterations, per backend.
 
@@ -128,17 +130,23 @@ def bench_raster(args) -> None:
 
 
 def bench_frame(args) -> None:
+    import numpy as np
+
+    from gsavatar.drive import build_drive, load_speech
     from gsavatar.train.checkpoint import find_avatar_file, load_avatar
-    from gsavatar.train.data import TrainingData
 
     avatar, cfg, subject = load_avatar(find_avatar_file(args.run), args.device)
-    subject_dir = Path(args.subject or subject["subject_dir"])
-    size = args.size or subject["render_size"]
-    data = TrainingData(subject_dir, size, subject["audio_kind"], args.device)
-    frames = data.test_indices
-    inputs = [data.inputs(i, cfg.avatar.audio_smoothing_frames, cfg.avatar.audio_window_radius) for i in frames]
+    # Driven the way `gsavatar render` drives it, from the checkpoint alone (no subject dataset):
+    # the given speech, or 8 s of noise (the speed does not depend on what is said).
+    if args.audio:
+        samples, speech = load_speech(args.audio), args.audio.name
+    else:
+        samples, speech = 0.1 * np.random.default_rng(0).standard_normal(8 * 16000).astype(np.float32), "8 s noise"
+    seq = build_drive(subject, samples, size=args.size)
+    inputs = [seq.inputs(k, cfg.avatar, device=args.device) for k in range(len(seq))]  # on the device up front
     counts = avatar.num_gaussians()
-    print(f"avatar frame at {size}x{size}, {sum(counts.values())} Gaussians {counts}, device {args.device}")
+    print(f"avatar frame at {seq.size}x{seq.size}, {sum(counts.values())} Gaussians {counts}, device {args.device}, "
+          f"driven by {speech}")
     results = {}
     for backend in [b for b in _backends(args.device) if b != "gsplat"]:
         position = iter(range(10**9))
@@ -152,7 +160,7 @@ def bench_frame(args) -> None:
         print(f"  {backend:>6}: {1e3 / ms:8.1f} frames/s ({ms:.2f} ms)")
     if args.write:
         cells = " | ".join(f"{results[b]:.1f}" if b in results else "n/a" for b in ("torch", "cpp", "cuda"))
-        append_row(FRAME_TABLE, f"| {args.date} | {args.run} ({sum(counts.values())} Gaussians), {size}x{size} | "
+        append_row(FRAME_TABLE, f"| {args.date} | {args.run} ({sum(counts.values())} Gaussians), {seq.size}x{seq.size} | "
                                 f"{cells} | {args.device}: {args.machine} | `{args.command}` |")
 
 
@@ -199,8 +207,8 @@ def main() -> None:
     raster.add_argument("--pixel-size", type=float, default=3.0, help="typical Gaussian size in pixels")
     raster.add_argument("--torch-max", type=int, default=50000, help="skip the torch reference above this count")
     frame = sub.add_parser("frame")
-    frame.add_argument("run", type=Path)
-    frame.add_argument("--subject", type=Path, default=None)
+    frame.add_argument("run", type=Path, help="run directory (or avatar.pt): the checkpoint is all it needs")
+    frame.add_argument("--audio", type=Path, default=None, help="speech to drive it (default: 8 s of noise)")
     train_p = sub.add_parser("train")
     train_p.add_argument("subject", type=Path)
     train_p.add_argument("--iterations", type=int, default=200)
