@@ -8,6 +8,8 @@ rounding only. gsplat is a further cross-check where it is installed (GPU only).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -206,31 +208,52 @@ def test_cuda_agrees_with_gsplat():
     assert (ours.alpha - alphas[0]).abs().mean() < 2e-3
 
 
-@pytest.mark.skipif(_CPU_MISSING is not None, reason=f"host twins: {_CPU_MISSING}")
+@pytest.fixture(scope="module")
+def avatar_file(request):
+    """A trained avatar: ``$GSAVATAR_TEST_AVATAR`` (an avatar.pt; how a GPU machine without the
+    preprocessing dependencies runs these tests) or the session's cpu-tiny run on the demo subject."""
+    from gsavatar.train.checkpoint import find_avatar_file
+
+    given = os.environ.get("GSAVATAR_TEST_AVATAR")
+    if given:
+        return find_avatar_file(given)
+    _, run_dir, _ = request.getfixturevalue("trained")
+    return find_avatar_file(run_dir)
+
+
+def _driven_avatar(path, device):
+    """(avatar, one frame's inputs), driven from the checkpoint alone as `gsavatar render` drives it."""
+    import numpy as np
+
+    from gsavatar.drive import build_drive
+    from gsavatar.train.checkpoint import load_avatar
+
+    avatar, cfg, subject = load_avatar(path, device)
+    speech = 0.1 * np.random.default_rng(0).standard_normal(16000).astype(np.float32)
+    return avatar, build_drive(subject, speech).inputs(12, cfg.avatar, device=device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("min_transmittance, grad_tolerance", [(0.0, 2e-4), (_compiled.MIN_TRANSMITTANCE, 1e-2)])
-def test_trained_avatar_renders_the_same_through_the_kernels(trained, monkeypatch, min_transmittance, grad_tolerance):
-    """The whole frame (deformation nets -> all three branches in one kernel pass -> composite) with
-    the host twins matches the reference backend, and so do the training gradients, the screen-space
+def test_trained_avatar_renders_the_same_through_the_kernels(avatar_file, monkeypatch, backend, min_transmittance,
+                                                              grad_tolerance):
+    """The whole frame (deformation nets -> all three branches in one kernel pass -> composite) through
+    the kernels matches the reference backend, and so do the training gradients, the screen-space
     gradients the densification reads and the radii. With the default early stop, Gaussians hidden
     behind an opaque layer lose their last tiny gradients: hence the looser tolerance."""
-    from gsavatar.train.checkpoint import find_avatar_file, load_avatar
-    from gsavatar.train.data import TrainingData
-
-    subject_dir, run_dir, _ = trained
-    avatar, cfg, subject = load_avatar(find_avatar_file(run_dir))
-    data = TrainingData(subject_dir, subject["render_size"], subject["audio_kind"], "cpu")
-    inputs = data.inputs(data.test_indices[0], cfg.avatar.audio_smoothing_frames, cfg.avatar.audio_window_radius)
+    avatar, inputs = _driven_avatar(avatar_file, DEVICE[backend])
     weights = torch.randn(inputs.height, inputs.width, 3, generator=torch.Generator().manual_seed(0))
     monkeypatch.setitem(_compiled.rasterize_groups.__kwdefaults__, "min_transmittance", min_transmittance)
+    weights = weights.to(DEVICE[backend])
     results = {}
-    for backend in ("torch", "cpp"):
+    for name in ("torch", backend):
         avatar.zero_grad()
-        out = avatar(inputs, backend=backend)
+        out = avatar(inputs, backend=name)
         for branch in out.branches.values():
             branch.means2d.retain_grad()
         (out.image * weights).sum().backward()
-        results[backend] = (out, {n: p.grad.clone() for n, p in avatar.named_parameters() if p.grad is not None})
-    (ref, ref_grads), (ours, our_grads) = results["torch"], results["cpp"]
+        results[name] = (out, {n: p.grad.clone() for n, p in avatar.named_parameters() if p.grad is not None})
+    (ref, ref_grads), (ours, our_grads) = results["torch"], results[backend]
     assert set(ours.branches) == {"face", "mouth", "torso"}
     torch.testing.assert_close(ours.image, ref.image, rtol=0, atol=5e-4)  # early stop: < 1e-4 per layer
     assert (ours.image - ref.image).abs().mean() < 1e-5
@@ -247,18 +270,12 @@ def test_trained_avatar_renders_the_same_through_the_kernels(trained, monkeypatc
 
 
 @pytest.mark.skipif(_CUDA_MISSING is not None, reason=f"CUDA kernels: {_CUDA_MISSING}")
-def test_avatar_frame_synchronises_with_the_host_once(trained):
+def test_avatar_frame_synchronises_with_the_host_once(avatar_file):
     """The whole frame on the GPU (deformation, all branches in one kernel pass, composite) waits for
     the device only once: for the number of (tile, Gaussian) pairs that sizes the sort."""
     import warnings
 
-    from gsavatar.train.checkpoint import find_avatar_file, load_avatar
-    from gsavatar.train.data import TrainingData
-
-    subject_dir, run_dir, _ = trained
-    avatar, cfg, subject = load_avatar(find_avatar_file(run_dir), "cuda")
-    data = TrainingData(subject_dir, subject["render_size"], subject["audio_kind"], "cuda")
-    inputs = data.inputs(data.test_indices[0], cfg.avatar.audio_smoothing_frames, cfg.avatar.audio_window_radius)
+    avatar, inputs = _driven_avatar(avatar_file, "cuda")
     with torch.no_grad():
         avatar(inputs)  # builds / loads the kernels, warms up the caches
         torch.cuda.synchronize()
