@@ -112,6 +112,9 @@ class Train:
     """Random seed (default: the preset's, 0; CPU training is deterministic for a given seed)."""
     device: str | None = None
     """auto | cpu | cuda (default: the preset's, auto)."""
+    backend: str | None = None
+    """Rasterizer: auto (our CUDA kernels on a GPU, else the PyTorch reference) | torch | cuda | cpp
+    (default: the preset's, auto)."""
     force: bool = False
     """Discard an existing run in RUN_DIR and start again."""
 
@@ -121,7 +124,8 @@ class Train:
 
         cfg = load_preset(self.preset)
         cfg = dataclasses.replace(cfg, seed=cfg.seed if self.seed is None else self.seed,
-                                  device=self.device or cfg.device, render_size=self.render_size or cfg.render_size)
+                                  device=self.device or cfg.device, render_size=self.render_size or cfg.render_size,
+                                  backend=self.backend or cfg.backend)
         if not self.iterations_scale > 0:
             raise InputError(f"--iterations-scale must be positive (got {self.iterations_scale})")
         if self.iterations_scale != 1.0:
@@ -131,6 +135,7 @@ class Train:
             d = cfg.densify  # the densification schedule is in stage iterations too
             cfg.densify = dataclasses.replace(d, start=round(d.start * k), every=max(1, round(d.every * k)),
                                               reset_opacity_every=round(d.reset_opacity_every * k))
+        cfg.validate()  # a bad setting fails now, not after preprocessing a video
         summary = train_command(self.input, self.out, cfg, force=self.force)
         g = summary["gaussians"]
         print(f"avatar: {self.out / 'avatar.pt'}  ({summary['wall_s'] / 60:.1f} min, Gaussians face {g['face']}, "

@@ -181,6 +181,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(demo_subject, tmp_pat
     (["train", "{tmp}", "-o", "{tmp}/run", "--preset", "nope"], "unknown preset 'nope'"),
     (["train", "{tmp}", "-o", "{tmp}/run", "--iterations-scale", "0"], "iterations-scale must be positive"),
     (["train", "{tmp}", "-o", "{tmp}/run", "--device", "tpu"], "unknown device"),
+    (["train", "/nonexistent/video.mp4", "-o", "{tmp}/run", "--backend", "vulkan"],
+     "backend must be auto, torch, cuda or cpp"),
 ])
 def test_train_command_bad_input_gives_one_line(args, message, tmp_path, capsys):
     from gsavatar.cli import main
