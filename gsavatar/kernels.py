@@ -20,7 +20,9 @@ unchanged one loads in about a second. Nothing is ever written into the source t
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -116,6 +118,30 @@ def _ensure_ninja_on_path() -> None:
         pass
 
 
+_MARKER = "gsavatar-loaded.json"
+
+
+def _vouch_for(build_dir: Path, library: Path) -> None:
+    """Record (atomically) that ``library`` loaded: its name, size and modification time."""
+    st = library.stat()
+    tmp = build_dir / (_MARKER + ".tmp")
+    tmp.write_text(json.dumps({"library": library.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+    os.replace(tmp, build_dir / _MARKER)
+
+
+def cached_build_is_trusted(build_dir: Path) -> bool:
+    """Whether a build folder holds no library yet, or exactly the one a successful load vouched for."""
+    libraries = list(build_dir.glob("*.so"))
+    if not libraries:
+        return True  # nothing that could be loaded: ninja builds into it
+    try:
+        record = json.loads((build_dir / _MARKER).read_text())
+        st = (build_dir / record["library"]).stat()
+        return st.st_size == record["size"] and st.st_mtime_ns == record["mtime_ns"] and len(libraries) == 1
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def load(kind: str) -> types.ModuleType:
     """The compiled extension for ``kind`` (``"cpu"`` or ``"cuda"``), building it on first use.
 
@@ -135,27 +161,41 @@ def load(kind: str) -> types.ModuleType:
 
         _ensure_ninja_on_path()
         name = _build_key(kind)
-        build_dir = cache_root() / name
-        build_dir.mkdir(parents=True, exist_ok=True)
-        fresh = not any(build_dir.glob(f"{name}*.so"))
-        if fresh:
-            what = "CUDA kernels with nvcc (about 1-2 minutes" if kind == "cuda" else "CPU twins of the kernels (about a minute"
-            print(f"gsavatar: compiling the {what}, once; cached in {build_dir})", file=sys.stderr, flush=True)
-        defines = ["-DGSA_WITH_CUDA"] if kind == "cuda" else []
-        try:
-            module = cpp_extension.load(
-                name=name, sources=[str(p) for p in _sources(kind)], build_directory=str(build_dir),
-                extra_cflags=_CXX_FLAGS + defines, extra_cuda_cflags=_NVCC_FLAGS + defines,
-                extra_include_paths=[str(SOURCE_DIR)], with_cuda=kind == "cuda", verbose=False)
-        except Exception as exc:  # compiler errors arrive as RuntimeError / CalledProcessError
-            last = [line for line in str(exc).strip().splitlines() if line.strip()]
-            _failed[kind] = (f"building the {kind} kernels failed ({last[-1][:200] if last else type(exc).__name__}); "
-                             f"build log in {build_dir}")
-            raise KernelBuildError(_failed[kind]) from exc
-        if fresh:
-            print(f"gsavatar: {kind} kernels ready", file=sys.stderr, flush=True)
-        _loaded[kind] = module
-        return module
+        cache_root().mkdir(parents=True, exist_ok=True)
+        # Across processes too: another process's build in progress is never judged or discarded.
+        with open(cache_root() / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return _load_locked(kind, name, cpp_extension)
+
+
+def _load_locked(kind: str, name: str, cpp_extension) -> types.ModuleType:
+    """:func:`load`'s work, under both locks."""
+    build_dir = cache_root() / name
+    if build_dir.exists() and not cached_build_is_trusted(build_dir):
+        # A build killed mid-link leaves a broken .so that ninja takes as up to date, and loading
+        # it kills the process (SIGBUS): never trust one that no successful load vouched for.
+        shutil.rmtree(build_dir, ignore_errors=True)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    fresh = not any(build_dir.glob(f"{name}*.so"))
+    if fresh:
+        what = "CUDA kernels with nvcc (about 1-2 minutes" if kind == "cuda" else "CPU twins of the kernels (about a minute"
+        print(f"gsavatar: compiling the {what}, once; cached in {build_dir})", file=sys.stderr, flush=True)
+    defines = ["-DGSA_WITH_CUDA"] if kind == "cuda" else []
+    try:
+        module = cpp_extension.load(
+            name=name, sources=[str(p) for p in _sources(kind)], build_directory=str(build_dir),
+            extra_cflags=_CXX_FLAGS + defines, extra_cuda_cflags=_NVCC_FLAGS + defines,
+            extra_include_paths=[str(SOURCE_DIR)], with_cuda=kind == "cuda", verbose=False)
+    except Exception as exc:  # compiler errors arrive as RuntimeError / CalledProcessError
+        last = [line for line in str(exc).strip().splitlines() if line.strip()]
+        _failed[kind] = (f"building the {kind} kernels failed ({last[-1][:200] if last else type(exc).__name__}); "
+                         f"build log in {build_dir}")
+        raise KernelBuildError(_failed[kind]) from exc
+    _vouch_for(build_dir, Path(module.__file__))
+    if fresh:
+        print(f"gsavatar: {kind} kernels ready", file=sys.stderr, flush=True)
+    _loaded[kind] = module
+    return module
 
 
 def available(kind: str) -> bool:

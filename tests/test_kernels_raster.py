@@ -9,6 +9,7 @@ rounding only. gsplat is a further cross-check where it is installed (GPU only).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -305,3 +306,26 @@ def test_an_image_id_without_a_camera_culls_the_gaussian(backend):
     kept = ids == 0
     ref = rasterize(*(t[kept] for t in scene[:5]), scene.viewmat, scene.K, 32, 32, backend=backend)
     torch.testing.assert_close(color[0], ref.color, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(_CPU_MISSING is not None, reason=f"host twins: {_CPU_MISSING}")
+def test_a_cached_build_is_trusted_only_as_it_was_loaded(tmp_path):
+    """A build killed mid-link leaves a broken .so (loading it kills the process with SIGBUS): the
+    cache trusts only the library a successful load vouched for, else load() rebuilds from scratch."""
+    import shutil
+
+    module = kernels.load("cpu")
+    built = Path(module.__file__).parent
+    assert kernels.cached_build_is_trusted(built)
+    copy = tmp_path / built.name
+    shutil.copytree(built, copy)  # copy2: sizes and modification times kept
+    assert kernels.cached_build_is_trusted(copy)
+    library = copy / Path(module.__file__).name
+    stamp = library.stat()
+    library.write_bytes(library.read_bytes()[:4096])  # what an interrupted link leaves
+    os.utime(library, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # ninja would call it up to date
+    assert not kernels.cached_build_is_trusted(copy)
+    (copy / "gsavatar-loaded.json").unlink()
+    assert not kernels.cached_build_is_trusted(copy)  # a library nobody vouched for
+    library.unlink()
+    assert kernels.cached_build_is_trusted(copy)  # nothing loadable: ninja builds into it
