@@ -1,7 +1,7 @@
 """Speed of our kernels against the references: rasterizer, whole avatar frame, training iterations.
 
     python bench/bench_kernels.py raster [--device cuda] [--size 512] [--counts 10000 50000 200000] [--write]
-    python bench/bench_kernels.py frame RUN_DIR [--audio SPEECH] [--device cuda] [--size 512] [--write]
+    python bench/bench_kernels.py frame RUN_DIR [--audio SPEECH] [--device cuda] [--size 512] [--frames 10] [--write]
     python bench/bench_kernels.py train SUBJECT [--device cuda] [--iterations 200] [--write]
 
 raster: one random scene (gsavatar.render.synthetic.random_scene) per Gaussian count at SIZE x SIZE,
@@ -12,7 +12,10 @@ raster: one random scene (gsavatar.render.synthetic.random_scene) per Gaussian c
 frame: the whole avatar frame of a trained run (audio window -> deformation nets -> rasterize all
     branches -> composite) in frames per second at SIZE (default: the trained size), per backend,
     under torch.no_grad(), driven as `gsavatar render` drives it (pose loop, blinks) from the
-    checkpoint alone, by --audio or 8 s of noise.
+    checkpoint alone, by --audio or 8 s of noise. Batches of --frames consecutive frames are timed
+    (one GPU sync per batch). On a GPU two more columns: "cuda no-sync" (a PairBudget sizes the
+    pair buffers, so no frame waits for the GPU) and "cuda graph" (that frame captured once as a
+    CUDA graph and replayed).
 train: training iterations per second of the `default` preset's loop (cpu-tiny's on CPU) on
     SUBJECT for --iterations, per backend.
 
@@ -129,10 +132,16 @@ def bench_raster(args) -> None:
             append_row(RASTER_TABLE, row)
 
 
+FRAME_VARIANTS = ("torch", "cpp", "cuda", "cuda no-sync", "cuda graph")
+"""Columns of the frame table: the backends, then our kernels with a PairBudget (no host sync in a
+frame) and that frame captured once as a CUDA graph and replayed."""
+
+
 def bench_frame(args) -> None:
     import numpy as np
 
     from gsavatar.drive import build_drive, load_speech
+    from gsavatar.render import PairBudget
     from gsavatar.train.checkpoint import find_avatar_file, load_avatar
 
     avatar, cfg, subject = load_avatar(find_avatar_file(args.run), args.device)
@@ -146,22 +155,91 @@ def bench_frame(args) -> None:
     inputs = [seq.inputs(k, cfg.avatar, device=args.device) for k in range(len(seq))]  # on the device up front
     counts = avatar.num_gaussians()
     print(f"avatar frame at {seq.size}x{seq.size}, {sum(counts.values())} Gaussians {counts}, device {args.device}, "
-          f"driven by {speech}")
+          f"driven by {speech}; {args.frames} frames per timed batch")
+    variants = [b for b in _backends(args.device) if b != "gsplat"]
+    if "cuda" in variants:
+        variants += ["cuda no-sync", "cuda graph"]
     results = {}
-    for backend in [b for b in _backends(args.device) if b != "gsplat"]:
-        position = iter(range(10**9))
+    for variant in variants:
+        try:
+            frame, settle = _frame_runner(variant, avatar, inputs, PairBudget())
+        except Exception as exc:  # a variant that cannot run is reported, the others still measured
+            print(f"  {variant:>12}: failed: {type(exc).__name__}: {exc}".splitlines()[0])
+            continue
 
-        @torch.no_grad()
-        def frame(backend=backend):
-            avatar(inputs[next(position) % len(inputs)], backend=backend)
+        def batch(frame=frame):
+            for k in range(args.frames):
+                frame(k)
 
-        ms = _time_ms(frame, args.device, args.warmup, args.repeats)
-        results[backend] = 1e3 / ms
-        print(f"  {backend:>6}: {1e3 / ms:8.1f} frames/s ({ms:.2f} ms)")
+        ms = _time_ms(batch, args.device, args.warmup, args.repeats) / args.frames
+        fitted = settle()
+        results[variant] = 1e3 / ms
+        print(f"  {variant:>12}: {1e3 / ms:8.1f} frames/s ({ms:.3f} ms)"
+              + ("" if fitted else "  WARNING: some frames overflowed their pair budget"))
     if args.write:
-        cells = " | ".join(f"{results[b]:.1f}" if b in results else "n/a" for b in ("torch", "cpp", "cuda"))
+        cells = " | ".join(f"{results[v]:.1f}" if v in results else "n/a" for v in FRAME_VARIANTS)
         append_row(FRAME_TABLE, f"| {args.date} | {args.run} ({sum(counts.values())} Gaussians), {seq.size}x{seq.size} | "
                                 f"{cells} | {args.device}: {args.machine} | `{args.command}` |")
+
+
+def _frame_runner(variant: str, avatar, inputs: list, budget):
+    """``(frame(k), settle())`` for one column of the frame table; ``settle`` says whether every
+    budgeted frame got all its (tile, Gaussian) pairs (True where there is no budget)."""
+    if variant in ("torch", "cpp", "cuda"):
+        @torch.no_grad()
+        def frame(k):
+            avatar(inputs[k % len(inputs)], backend=variant)
+
+        return frame, lambda: True
+    if variant.endswith(" no-sync"):  # "cuda no-sync" (and "cpp no-sync", to try this code on a CPU)
+        backend = variant.split()[0]
+        with torch.no_grad():  # size the budget on the whole drive first, so no timed frame overflows
+            for k in range(len(inputs)):
+                avatar(inputs[k], backend=backend, pair_budget=budget)
+        budget.settle()
+
+        @torch.no_grad()
+        def frame(k):
+            avatar(inputs[k % len(inputs)], backend=backend, pair_budget=budget)
+
+        return frame, budget.settle
+    if variant == "cuda graph":
+        return _graph_frame(avatar, inputs, budget), budget.settle
+    raise ValueError(variant)
+
+
+def _graph_frame(avatar, inputs: list, budget):
+    """The budgeted frame captured once as a CUDA graph; a frame copies its inputs into the
+    captured ones and replays (no Python, no launches, no synchronisation per frame)."""
+    import dataclasses
+
+    with torch.no_grad():
+        for k in range(len(inputs)):
+            avatar(inputs[k], backend="cuda", pair_budget=budget)
+    budget.settle()
+    fields = [f.name for f in dataclasses.fields(inputs[0]) if isinstance(getattr(inputs[0], f.name), torch.Tensor)]
+    for f in fields:
+        if any(not isinstance(getattr(x, f), torch.Tensor) or getattr(x, f).shape != getattr(inputs[0], f).shape
+               for x in inputs):
+            raise ValueError(f"FrameInputs.{f} changes type or shape within the drive: cannot replay one graph")
+    static = dataclasses.replace(inputs[0], **{f: getattr(inputs[0], f).clone() for f in fields})
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph asks
+        for _ in range(3):
+            avatar(static, backend="cuda", pair_budget=budget)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        avatar(static, backend="cuda", pair_budget=budget)
+
+    def frame(k):
+        src = inputs[k % len(inputs)]
+        for f in fields:
+            getattr(static, f).copy_(getattr(src, f), non_blocking=True)
+        graph.replay()
+
+    return frame
 
 
 def bench_train(args) -> None:
@@ -209,6 +287,7 @@ def main() -> None:
     frame = sub.add_parser("frame")
     frame.add_argument("run", type=Path, help="run directory (or avatar.pt): the checkpoint is all it needs")
     frame.add_argument("--audio", type=Path, default=None, help="speech to drive it (default: 8 s of noise)")
+    frame.add_argument("--frames", type=int, default=10, help="frames per timed batch (one sync per batch)")
     train_p = sub.add_parser("train")
     train_p.add_argument("subject", type=Path)
     train_p.add_argument("--iterations", type=int, default=200)

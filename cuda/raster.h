@@ -29,11 +29,14 @@ std::vector<at::Tensor> project_backward(const at::Tensor& means, const at::Tens
                                          const at::Tensor& v_conics, const at::Tensor& v_depths,
                                          const std::optional<at::Tensor>& v_colors);
 
-// Tile binning: {tile_offsets [images * tiles + 1] int64, gauss_ids [pairs] int32}, each tile's
-// list sorted by depth (ties in input order). One host synchronisation: the number of pairs.
+// Tile binning: {tile_offsets [images * tiles + 1] int64, gauss_ids [capacity] int32, pairs [1] int64},
+// each tile's list sorted by depth (ties in input order); `pairs` is the number of (tile, Gaussian)
+// pairs the frame needs, on the device. capacity < 0: buffers of exactly that size, which costs one
+// host synchronisation (reading the number). capacity >= 0: buffers of that size and no
+// synchronisation; pairs past it are dropped (the caller compares `pairs` with it later).
 std::vector<at::Tensor> isect_tiles(const at::Tensor& means2d, const at::Tensor& cov2d, const at::Tensor& opacities,
                                     const at::Tensor& depths, const at::Tensor& radii, const at::Tensor& image_ids,
-                                    int64_t images, int64_t width, int64_t height);
+                                    int64_t images, int64_t width, int64_t height, int64_t capacity);
 
 // Front-to-back compositing: {image [B,H,W,C] = sum_i w_i f_i, T_final [B,H,W], last [B,H,W] int32}.
 // min_T > 0 stops a pixel before the Gaussian that would take its transmittance below min_T.

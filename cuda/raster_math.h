@@ -619,8 +619,9 @@ struct IsectArgs {
   int width, height, tiles_x, tiles_y;
   int32_t* counts;            // [n] tiles per Gaussian
   const int64_t* starts;      // [n] exclusive prefix sum of counts
-  int64_t* keys;              // [pairs]
-  int32_t* ids;               // [pairs]
+  int64_t capacity;           // length of keys / ids: pairs from starts[i] >= capacity are dropped
+  int64_t* keys;              // [capacity]
+  int32_t* ids;               // [capacity]
 };
 
 GSA_HD bool isect_range(const IsectArgs& a, int64_t i, int& tx0, int& tx1, int& ty0, int& ty1) {
@@ -638,8 +639,10 @@ GSA_HD void isect_write_one(const IsectArgs& a, int64_t i) {
   int tx0, tx1, ty0, ty1;
   if (!isect_range(a, i, tx0, tx1, ty0, ty1)) return;
   int64_t out = a.starts[i];
-  // Bounded by the count pass's answer, so a range recomputed differently can never overrun.
-  const int64_t stop = out + a.counts[i];
+  // Bounded by the count pass's answer, so a range recomputed differently can never overrun, and
+  // by the buffers' capacity (a budgeted frame that needs more pairs than it was given).
+  const int64_t wanted = out + a.counts[i];
+  const int64_t stop = wanted < a.capacity ? wanted : a.capacity;
   const int64_t image_tiles = static_cast<int64_t>(a.image_ids[i]) * a.tiles_x * a.tiles_y;
   for (int ty = ty0; ty <= ty1; ++ty)
     for (int tx = tx0; tx <= tx1 && out < stop; ++tx, ++out) {

@@ -5,6 +5,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <limits>
+
 #include "raster_math.h"
 
 #ifdef GSA_WITH_CUDA
@@ -169,7 +171,7 @@ std::vector<at::Tensor> project_backward(const at::Tensor& means, const at::Tens
 
 std::vector<at::Tensor> isect_tiles(const at::Tensor& means2d, const at::Tensor& cov2d, const at::Tensor& opacities,
                                     const at::Tensor& depths, const at::Tensor& radii, const at::Tensor& image_ids,
-                                    int64_t images, int64_t width, int64_t height) {
+                                    int64_t images, int64_t width, int64_t height, int64_t capacity) {
   const auto device = means2d.device();
   const int64_t n = means2d.size(0);
   check_tensor(means2d, "means2d", at::kFloat, device, {n, 2});
@@ -191,6 +193,8 @@ std::vector<at::Tensor> isect_tiles(const at::Tensor& means2d, const at::Tensor&
   a.height = static_cast<int>(height);
   a.tiles_x = static_cast<int>((width + kTile - 1) / kTile);
   a.tiles_y = static_cast<int>((height + kTile - 1) / kTile);
+  // Tile ids sit in the keys' high 32 bits, below the padding key's.
+  TORCH_CHECK(images * a.tiles_x * a.tiles_y < std::numeric_limits<int32_t>::max(), "too many tiles to bin");
   const auto int_opts = means2d.options().dtype(at::kInt);
   at::Tensor counts = at::empty({n}, int_opts);
   a.counts = counts.data_ptr<int32_t>();
@@ -201,9 +205,12 @@ std::vector<at::Tensor> isect_tiles(const at::Tensor& means2d, const at::Tensor&
   }
   at::Tensor ends = at::cumsum(counts, 0, at::kLong);
   at::Tensor starts = ends - counts;
-  const int64_t pairs = n > 0 ? ends[n - 1].item<int64_t>() : 0;  // the one host synchronisation
-  at::Tensor keys = at::empty({pairs}, means2d.options().dtype(at::kLong));
-  at::Tensor ids = at::empty({pairs}, int_opts);
+  at::Tensor pairs = n > 0 ? ends.slice(0, n - 1) : at::zeros({1}, ends.options());
+  if (capacity < 0) capacity = pairs.item<int64_t>();  // the one host synchronisation
+  a.capacity = capacity;
+  // Unused slots keep the largest key, which sorts after every real (tile, depth) key.
+  at::Tensor keys = at::full({capacity}, std::numeric_limits<int64_t>::max(), means2d.options().dtype(at::kLong));
+  at::Tensor ids = at::empty({capacity}, int_opts);
   a.starts = starts.data_ptr<int64_t>();
   a.keys = keys.data_ptr<int64_t>();
   a.ids = ids.data_ptr<int32_t>();
@@ -218,7 +225,7 @@ std::vector<at::Tensor> isect_tiles(const at::Tensor& means2d, const at::Tensor&
   at::Tensor tiles_of_pairs = at::bitwise_right_shift(std::get<0>(sorted), 32);
   at::Tensor boundaries = at::arange(images * a.tiles_x * a.tiles_y + 1, keys.options());
   at::Tensor tile_offsets = at::searchsorted(tiles_of_pairs, boundaries);
-  return {tile_offsets, gauss_ids};
+  return {tile_offsets, gauss_ids, pairs};
 }
 
 namespace {

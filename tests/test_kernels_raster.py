@@ -270,25 +270,39 @@ def test_trained_avatar_renders_the_same_through_the_kernels(avatar_file, monkey
         assert rel < grad_tolerance, f"{b} means2d grad: {rel:.2e}"
 
 
-@pytest.mark.skipif(_CUDA_MISSING is not None, reason=f"CUDA kernels: {_CUDA_MISSING}")
-def test_avatar_frame_synchronises_with_the_host_once(avatar_file):
-    """The whole frame on the GPU (deformation, all branches in one kernel pass, composite) waits for
-    the device only once: for the number of (tile, Gaussian) pairs that sizes the sort."""
+def _host_syncs(fn) -> list[str]:
+    """Messages of the host synchronisations ``fn()`` makes (torch's sync debug mode)."""
     import warnings
 
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+
+@pytest.mark.skipif(_CUDA_MISSING is not None, reason=f"CUDA kernels: {_CUDA_MISSING}")
+def test_avatar_frame_synchronises_with_the_host_once_or_never_with_a_pair_budget(avatar_file):
+    """The whole frame on the GPU (deformation, all branches in one kernel pass, composite) waits for
+    the device once, for the number of (tile, Gaussian) pairs that sizes the sort; with a
+    PairBudget that has seen a frame, never."""
+    from gsavatar.render import PairBudget
+
     avatar, inputs = _driven_avatar(avatar_file, "cuda")
+    budget = PairBudget()
     with torch.no_grad():
         avatar(inputs)  # builds / loads the kernels, warms up the caches
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                avatar(inputs)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) <= 1, [str(w.message) for w in syncs]
+        avatar(inputs, pair_budget=budget)  # the budget's first frame: exact
+        assert budget.settle()
+        exact = _host_syncs(lambda: avatar(inputs))
+        budgeted = _host_syncs(lambda: avatar(inputs, pair_budget=budget))
+    assert len(exact) <= 1, exact
+    assert budgeted == [], budgeted
+    assert budget.settle()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -329,3 +343,71 @@ def test_a_cached_build_is_trusted_only_as_it_was_loaded(tmp_path):
     assert not kernels.cached_build_is_trusted(copy)  # a library nobody vouched for
     library.unlink()
     assert kernels.cached_build_is_trusted(copy)  # nothing loadable: ninja builds into it
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pair_budget_bins_without_the_count_and_reports_what_did_not_fit(backend):
+    """A budgeted frame bins into buffers sized from earlier frames: the same image as exact
+    binning when it fits; when it does not, the lists are cut at the capacity, settle() says so and
+    grows the budget past the need, and the frame rendered again is exact."""
+    from gsavatar.render import PairBudget
+
+    device = DEVICE[backend]
+    kind = _compiled.KIND_OF_BACKEND[backend]
+    scene = random_scene(600, 64, 48, seed=5, hard_cases=False).to(device)
+    ids = torch.zeros(600, dtype=torch.int32, device=device)
+
+    def render(budget):
+        return _compiled.rasterize_batch(kind, *scene[:5], ids, scene.viewmat[None], scene.K[None], 64, 48,
+                                         sh_degree=None, pair_budget=budget)[0]
+
+    exact = render(None)
+    budget = PairBudget(headroom=1.5)
+    torch.testing.assert_close(render(budget), exact, rtol=0, atol=0)  # first frame: exact binning
+    needed = budget.capacity / 1.5
+    assert budget.settle() and budget.capacity >= needed
+    torch.testing.assert_close(render(budget), exact, rtol=0, atol=0)  # budgeted, fits
+    assert budget.settle()
+
+    budget.capacity = int(needed // 3)
+    cut = render(budget)
+    assert (cut - exact).abs().max() > 0.05, "a third of the pairs cannot give the same image"
+    assert not budget.settle()
+    assert budget.capacity >= needed
+    torch.testing.assert_close(render(budget), exact, rtol=0, atol=0)
+    assert budget.settle()
+
+    # The op itself: lists end at the capacity, and the count it reports is the full need.
+    ext = kernels.load(kind)
+    means2d, conics, depths, colors, cov2d, radii = _compiled._Project.apply(
+        *scene[:3], None, ext, None, ids, scene.viewmat[None].contiguous(), scene.K[None].contiguous(), 64, 48,
+        0.3, 0.01, 1e3)
+    for capacity in (-1, 100):
+        offsets, gauss_ids, pairs = ext.isect_tiles(means2d, cov2d, scene.opacities.contiguous(), depths, radii, ids,
+                                                    1, 64, 48, capacity)
+        assert int(pairs) == round(needed)
+        assert len(gauss_ids) == (round(needed) if capacity < 0 else capacity)
+        assert int(offsets[-1]) == min(round(needed), len(gauss_ids))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_avatar_render_settled_renders_again_a_frame_that_did_not_fit(avatar_file, backend):
+    """What `gsavatar render`, `view` and `eval` call: with a budget far too small the frame is
+    rendered again, so the image equals the unbudgeted frame and the budget has grown."""
+    from gsavatar.render import PairBudget
+
+    avatar, inputs = _driven_avatar(avatar_file, DEVICE[backend])
+    budget = PairBudget()
+    budget.capacity = 64
+    with torch.no_grad():
+        exact = avatar(inputs, backend=backend).image
+        settled = avatar.render_settled(inputs, budget, backend=backend).image
+    torch.testing.assert_close(settled, exact, rtol=0, atol=0)
+    assert budget.capacity > 64
+
+
+def test_pair_budget_rejects_headroom_below_one():
+    from gsavatar.render import PairBudget
+
+    with pytest.raises(ValueError, match="headroom"):
+        PairBudget(headroom=0.5)

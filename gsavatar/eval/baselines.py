@@ -36,14 +36,17 @@ def avatar_predictor(avatar, cfg, data: TrainingData, audio: torch.Tensor | None
     ``audio`` (``[N, S, D]`` features; default: the subject's own)."""
     from gsavatar.model.avatar import audio_context
 
+    from gsavatar.render import PairBudget
+
     a = cfg.avatar
+    budget = PairBudget()
 
     @torch.no_grad()
     def predict(index: int) -> torch.Tensor:
         inputs = data.inputs(index, a.audio_smoothing_frames, a.audio_window_radius)
         if audio is not None:
             inputs.audio = audio_context(audio, index, a.audio_window_radius, a.audio_smoothing_frames)
-        return avatar(inputs).image.clamp(0, 1)
+        return avatar.render_settled(inputs, budget).image.clamp(0, 1)
 
     return predict
 

@@ -127,12 +127,14 @@ def drive_signals(avatar, train_cfg, subject, samples: np.ndarray, pose: str, pr
     from gsavatar.drive import DriveConfig, build_drive
     from gsavatar.eval import landmarks68
 
+    from gsavatar.render import PairBudget
+
     device = next(avatar.parameters()).device
     drive = build_drive(subject, samples, DriveConfig(pose=pose))
-    mouth, box = [], None
+    mouth, box, budget = [], None, PairBudget()
     for k in _bar(range(len(drive)), progress, label):
         with torch.no_grad():
-            image = avatar(drive.inputs(k, train_cfg.avatar, device=device)).image.clamp(0, 1)
+            image = avatar.render_settled(drive.inputs(k, train_cfg.avatar, device=device), budget).image.clamp(0, 1)
         found = landmarks68.detect_face(image)
         box = found or box  # a missed detection reuses the last box (the head barely moves)
         pts = landmarks68.landmarks(image, box) if box is not None else None

@@ -132,9 +132,10 @@ class Avatar(nn.Module):
         return BranchRender(out.color, out.alpha, out.means2d, out.radii, offsets)
 
     def render_branches_together(self, branches: list[str], inputs: FrameInputs, deform: dict[str, bool],
-                                 backend: str) -> dict[str, BranchRender]:
+                                 backend: str, pair_budget=None) -> dict[str, BranchRender]:
         """Each branch into its own layer in one pass of the compiled kernels (one binning, one sort,
-        one compositing launch and one host synchronisation for all of them)."""
+        one compositing launch and one host synchronisation for all of them, none with a
+        ``pair_budget``)."""
         from gsavatar.render._compiled import KIND_OF_BACKEND, Group, rasterize_groups
 
         groups, offsets = [], []
@@ -143,7 +144,8 @@ class Avatar(nn.Module):
             groups.append(Group(means, quats, scales, opacities, sh, self.gaussians[b].sh_degree,
                                 self.branch_viewmat(b, inputs)))
             offsets.append(off)
-        layers = rasterize_groups(KIND_OF_BACKEND[backend], groups, inputs.K, inputs.width, inputs.height)
+        layers = rasterize_groups(KIND_OF_BACKEND[backend], groups, inputs.K, inputs.width, inputs.height,
+                                  pair_budget=pair_budget)
         return {b: BranchRender(color, alpha, means2d, radii, off)
                 for b, (color, alpha, _depth, means2d, radii, _vis), off in zip(branches, layers, offsets)}
 
@@ -154,9 +156,13 @@ class Avatar(nn.Module):
                                            mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
         return bg
 
-    def forward(self, inputs: FrameInputs, layers=LAYERS, deform: bool | dict = True, backend: str = "auto") -> AvatarRender:
+    def forward(self, inputs: FrameInputs, layers=LAYERS, deform: bool | dict = True, backend: str = "auto",
+                pair_budget=None) -> AvatarRender:
         """Render one frame. ``layers`` picks what is drawn; ``deform`` may be a per-branch dict;
-        ``backend`` is the rasterizer's (``"auto"``: our CUDA kernels on a GPU, else the reference)."""
+        ``backend`` is the rasterizer's (``"auto"``: our CUDA kernels on a GPU, else the reference).
+        ``pair_budget`` (a :class:`gsavatar.render.PairBudget`, compiled backends with several
+        branches) makes the frame free of host synchronisations: call its ``settle()`` when reading
+        the frames back and render again those that did not fit."""
         from gsavatar.render import resolve_backend
 
         unknown = set(layers) - set(LAYERS)
@@ -168,7 +174,7 @@ class Avatar(nn.Module):
         wanted = [b for b in BRANCHES if b in layers and not (b == "torso" and inputs.back is not None)]
         deform_of = {b: deform.get(b, True) if isinstance(deform, dict) else deform for b in wanted}
         if backend in ("cuda", "cpp") and len(wanted) > 1:
-            renders = self.render_branches_together(wanted, inputs, deform_of, backend)
+            renders = self.render_branches_together(wanted, inputs, deform_of, backend, pair_budget)
         else:
             renders = {b: self.render_branch(b, inputs, deform_of[b], backend) for b in wanted}
         if inputs.back is not None:
@@ -182,6 +188,17 @@ class Avatar(nn.Module):
             if b in renders:
                 image = renders[b].color + (1 - renders[b].alpha) * image
         return AvatarRender(image, back, renders)
+
+    def render_settled(self, inputs: FrameInputs, pair_budget, **kwargs) -> AvatarRender:
+        """``forward`` with ``pair_budget``, settled at once, for callers that read each frame back
+        anyway: the frame's only host synchronisation is then the one its pixels need. A frame that
+        needed more (tile, Gaussian) pairs than the budget gave is rendered again, the budget grown."""
+        out = self(inputs, pair_budget=pair_budget, **kwargs)
+        if pair_budget is None or pair_budget.settle():
+            return out
+        out = self(inputs, pair_budget=pair_budget, **kwargs)
+        pair_budget.settle()  # grown past this frame's need, so it fitted; clear its record
+        return out
 
     def num_gaussians(self) -> dict[str, int]:
         return {b: len(self.gaussians[b]) for b in BRANCHES}

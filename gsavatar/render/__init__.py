@@ -1,5 +1,6 @@
 """Differentiable Gaussian rasterization (see :mod:`gsavatar.render.rasterize` for the conventions)."""
 
+from gsavatar.render._compiled import PairBudget
 from gsavatar.render.rasterize import (
     Projection,
     RasterOutput,
@@ -10,4 +11,4 @@ from gsavatar.render.rasterize import (
     resolve_backend,
 )
 
-__all__ = ["Projection", "RasterOutput", "available_backends", "eval_sh", "project_gaussians", "rasterize", "resolve_backend"]
+__all__ = ["PairBudget", "Projection", "RasterOutput", "available_backends", "eval_sh", "project_gaussians", "rasterize", "resolve_backend"]

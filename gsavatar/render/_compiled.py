@@ -5,7 +5,8 @@ autograd functions that mirror the reference's stages (``_torch_impl``):
 
 * :class:`_Project` = ``_fully_fused_projection`` + ``_spherical_harmonics`` (one kernel each way),
 * binning = ``_isect_tiles`` + ``_isect_offset_encode`` (no gradient; one host synchronisation for
-  the number of (tile, Gaussian) pairs, as in every tile rasterizer),
+  the number of (tile, Gaussian) pairs, as in every tile rasterizer, unless a :class:`PairBudget`
+  sizes the buffers from earlier frames),
 * :class:`_Composite` = ``_rasterize_to_pixels`` (one kernel each way).
 
 They render a *batch* of images in one pass: every Gaussian carries the index of the camera (and
@@ -93,6 +94,58 @@ class _Composite(torch.autograd.Function):
         return tuple(grads) + (None,) * 7
 
 
+class PairBudget:
+    """Sizes the (tile, Gaussian) pair buffers of a sequence of frames, so a frame never waits for the GPU.
+
+    How many pairs a frame bins is known only on the device, after projection; reading it back
+    stalls the host until the GPU has caught up (the one synchronisation of an unbudgeted frame,
+    which also rules out capturing the frame as a CUDA graph). Consecutive frames of one avatar
+    need similar numbers, so the budget gives each frame the largest number seen so far times
+    ``headroom``, and keeps on the device, updated in place, the largest number needed and the
+    largest shortfall. :meth:`settle` (one synchronisation, when the caller reads its frames
+    anyway) says whether every frame since the last call fitted, and grows the budget; a frame
+    that did not fit lost some of its Gaussians and must be rendered again.
+    The first frame, with nothing to go by, is binned exactly (it synchronises once).
+    """
+
+    def __init__(self, headroom: float = 1.25):
+        if not headroom >= 1.0:
+            raise ValueError(f"PairBudget: headroom must be >= 1 (got {headroom})")
+        self.headroom = float(headroom)
+        self.capacity: int | None = None
+        self._state: Tensor | None = None  # [2] int64 on the device: peak pairs needed, worst shortfall
+
+    def take(self) -> int:
+        """The capacity for the next frame; -1: bin exactly (the budget has not seen a frame yet)."""
+        return -1 if self.capacity is None else self.capacity
+
+    def record(self, needed: Tensor, capacity: int) -> None:
+        """Note a frame's pairs (``needed``, ``[1]`` int64 on the device) binned with ``capacity``."""
+        if self._state is None:
+            self._state = torch.zeros(2, dtype=torch.long, device=needed.device)
+        if capacity < 0:
+            shortfall = torch.zeros_like(needed)
+            if self.capacity is None:  # exact binning has synchronised already: the read is free
+                self.capacity = self._with_headroom(int(needed.item()))
+        else:
+            shortfall = needed - capacity
+        # In place, so that replays of a captured CUDA graph keep updating the same tensor.
+        torch.maximum(self._state, torch.cat([needed, shortfall]), out=self._state)
+
+    def settle(self) -> bool:
+        """True if every frame recorded since the last call got all its pairs (synchronises once)."""
+        if self._state is None:
+            return True
+        peak, shortfall = self._state.tolist()
+        self._state.zero_()
+        # Grow before the limit is hit: keep the headroom over the largest frame seen.
+        self.capacity = max(self.capacity or 0, self._with_headroom(peak))
+        return shortfall <= 0
+
+    def _with_headroom(self, pairs: int) -> int:
+        return max(1024, int(pairs * self.headroom) + 1)
+
+
 def _check(kind: str, tensors: dict[str, Tensor]) -> None:
     backend = "cuda" if kind == "cuda" else "cpp"
     want = "cuda" if kind == "cuda" else "cpu"
@@ -111,8 +164,8 @@ def _check(kind: str, tensors: dict[str, Tensor]) -> None:
 def rasterize_batch(kind: str, means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor,
                     image_ids: Tensor, viewmats: Tensor, Ks: Tensor, width: int, height: int, *,
                     sh_degree: int | None, near: float = 0.01, far: float = 1e3, eps2d: float = 0.3,
-                    min_transmittance: float = MIN_TRANSMITTANCE,
-                    group_sizes: list[int] | None = None) -> tuple[Tensor, ...]:
+                    min_transmittance: float = MIN_TRANSMITTANCE, group_sizes: list[int] | None = None,
+                    pair_budget: PairBudget | None = None) -> tuple[Tensor, ...]:
     """Render ``B = len(viewmats)`` images at once; Gaussian ``i`` is drawn only into image ``image_ids[i]``.
 
     Inputs as :func:`gsavatar.render.rasterize` (colours ``[G, 3]`` or SH ``[G, K, 3]`` with
@@ -121,6 +174,7 @@ def rasterize_batch(kind: str, means: Tensor, quats: Tensor, scales: Tensor, opa
     visible [G] bool)``; colours are premultiplied, without background. With ``group_sizes`` (the
     Gaussians come in consecutive groups of these sizes), ``means2d``, ``radii`` and ``visible`` are
     tuples with one tensor per group, and ``retain_grad()`` works on each ``means2d`` part.
+    With ``pair_budget`` the binning does not synchronise (see :class:`PairBudget`).
     """
     _check(kind, {"means": means, "quats": quats, "scales": scales, "opacities": opacities, "colors": colors,
                   "viewmats": viewmats, "Ks": Ks})
@@ -133,8 +187,11 @@ def rasterize_batch(kind: str, means: Tensor, quats: Tensor, scales: Tensor, opa
         means, quats, scales, sh, ext, sh_degree, ids, viewmats, Ks, width, height, eps2d, near, far)
     rgb = sh_colors if sh is not None else colors
     features = torch.cat([rgb, depths[:, None]], 1)
-    tile_offsets, gauss_ids = ext.isect_tiles(means2d.detach(), cov2d, opacities.detach().contiguous(),
-                                              depths.detach(), radii, ids, images, width, height)
+    capacity = pair_budget.take() if pair_budget is not None else -1
+    tile_offsets, gauss_ids, pairs = ext.isect_tiles(means2d.detach(), cov2d, opacities.detach().contiguous(),
+                                                     depths.detach(), radii, ids, images, width, height, capacity)
+    if pair_budget is not None:
+        pair_budget.record(pairs, capacity)
     if group_sizes is not None:
         # Split, then join again: the compositing consumes the parts, so each part gets its gradient.
         parts = means2d.split(group_sizes)
@@ -161,8 +218,8 @@ class Group(NamedTuple):
 
 
 def rasterize_groups(kind: str, groups: list[Group], K: Tensor, width: int, height: int, *, near: float = 0.01,
-                     far: float = 1e3, eps2d: float = 0.3,
-                     min_transmittance: float = MIN_TRANSMITTANCE) -> list[tuple[Tensor, ...]]:
+                     far: float = 1e3, eps2d: float = 0.3, min_transmittance: float = MIN_TRANSMITTANCE,
+                     pair_budget: PairBudget | None = None) -> list[tuple[Tensor, ...]]:
     """Each group into its own image, all in one projection, binning and compositing pass.
 
     Returns per group ``(color [H,W,3], alpha [H,W,1], depth [H,W,1], means2d, radii, visible)``.
@@ -177,7 +234,7 @@ def rasterize_groups(kind: str, groups: list[Group], K: Tensor, width: int, heig
         torch.cat([g.scales for g in groups]), torch.cat([g.opacities for g in groups]), sh, ids,
         torch.stack([g.viewmat for g in groups]), K.expand(len(groups), 3, 3), width, height,
         sh_degree=max(g.sh_degree for g in groups), near=near, far=far, eps2d=eps2d,
-        min_transmittance=min_transmittance, group_sizes=sizes)
+        min_transmittance=min_transmittance, group_sizes=sizes, pair_budget=pair_budget)
     return [(color[k], alpha[k], depth[k], means2d[k], radii[k], visible[k]) for k in range(len(groups))]
 
 

@@ -302,6 +302,7 @@ class FrameRenderer:
         self.avatar, self.cfg, self.subject = avatar, cfg, subject
         self.device = torch.device(device)
         self.slots = threading.BoundedSemaphore(max(1, int(slots)))
+        self._local = threading.local()  # per render thread: its PairBudget (frames without a host sync)
         self._bg_cache: dict = {}
         self._bg_lock = threading.Lock()
 
@@ -338,8 +339,15 @@ class FrameRenderer:
         """uint8 ``[H, W, 3]``."""
         inputs = self.inputs(drive, frame, camera, fov_y, aspect)
         with self.slots:
-            image = self.avatar(inputs, layers=tuple(layers)).image
+            image = self.avatar.render_settled(inputs, self._pair_budget(), layers=tuple(layers)).image
         return (image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+
+    def _pair_budget(self):
+        from gsavatar.render import PairBudget
+
+        if not hasattr(self._local, "budget"):
+            self._local.budget = PairBudget()
+        return self._local.budget
 
     @torch.no_grad()
     def centres(self, drive, frame: int, branches=("face", "mouth")) -> tuple[np.ndarray, np.ndarray]:
