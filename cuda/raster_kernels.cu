@@ -5,6 +5,8 @@
 //                         list streamed through shared memory in batches of 256 Gaussians;
 //   backward compositing: the same layout, front to back (see PixelBackward), per-Gaussian
 //                         gradients summed over each warp with shuffles, then one atomicAdd per warp.
+#include <cub/device/device_radix_sort.cuh>
+
 #include "raster_launch.h"
 
 namespace gsa {
@@ -160,6 +162,15 @@ void launch_isect_count(const IsectArgs& args, cudaStream_t stream) {
 
 void launch_isect_write(const IsectArgs& args, cudaStream_t stream) {
   launch_each_gaussian<IsectArgs, isect_write_one>(args, stream);
+}
+
+cudaError_t sort_pairs(const int64_t* keys_in, int64_t* keys_out, const int32_t* ids_in, int32_t* ids_out, int count,
+                int end_bit, void* temp, size_t& temp_bytes, cudaStream_t stream) {
+  // Unsigned, so cub compares the bits as they are (the keys are never negative).
+  using Key = unsigned long long;
+  static_assert(sizeof(Key) == sizeof(int64_t), "64-bit keys");
+  return cub::DeviceRadixSort::SortPairs(temp, temp_bytes, reinterpret_cast<const Key*>(keys_in),
+                                         reinterpret_cast<Key*>(keys_out), ids_in, ids_out, count, 0, end_bit, stream);
 }
 
 void launch_raster_forward(const RasterArgs& args, int images, cudaStream_t stream) {

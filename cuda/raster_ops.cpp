@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 
 #include <limits>
+#include <tuple>
+#include <utility>
 
 #include "raster_math.h"
 
@@ -63,6 +65,36 @@ cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDASt
 #else
 #define GSA_ON_CUDA(tensor, launch) TORCH_CHECK(false, "gsavatar kernels were built without CUDA")
 #define GSA_ON_CUDA_IMAGES(tensor, launch, images) TORCH_CHECK(false, "gsavatar kernels were built without CUDA")
+#endif
+
+#ifdef GSA_WITH_CUDA
+// cub's radix sort of the pairs on the bits that can differ: the depth's 32 and as many tile bits
+// as `tiles` (all images) needs; the padding key (all ones) still sorts last. Fewer passes than
+// at::sort's 64 bits, and the ids move with the keys (no gather).
+std::pair<at::Tensor, at::Tensor> sort_pairs_cuda(const at::Tensor& keys, const at::Tensor& ids, int64_t tiles) {
+  const int64_t count = keys.size(0);
+  TORCH_CHECK(count < std::numeric_limits<int>::max(), "too many (tile, Gaussian) pairs to sort: ", count);
+  int tile_bits = 1;
+  while ((int64_t{1} << tile_bits) <= tiles) ++tile_bits;
+  const int end_bit = 32 + tile_bits;
+  at::Tensor keys_out = at::empty_like(keys), ids_out = at::empty_like(ids);
+  if (count == 0) return {keys_out, ids_out};
+  const c10::cuda::CUDAGuard device_guard(keys.device());
+  const cudaStream_t stream = stream_of(keys);
+  size_t temp_bytes = 0;
+  C10_CUDA_CHECK(sort_pairs(keys.data_ptr<int64_t>(), keys_out.data_ptr<int64_t>(), ids.data_ptr<int32_t>(),
+                            ids_out.data_ptr<int32_t>(), static_cast<int>(count), end_bit, nullptr, temp_bytes,
+                            stream));
+  at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, keys.options().dtype(at::kByte));
+  C10_CUDA_CHECK(sort_pairs(keys.data_ptr<int64_t>(), keys_out.data_ptr<int64_t>(), ids.data_ptr<int32_t>(),
+                            ids_out.data_ptr<int32_t>(), static_cast<int>(count), end_bit, temp.data_ptr(), temp_bytes,
+                            stream));
+  return {keys_out, ids_out};
+}
+#else
+std::pair<at::Tensor, at::Tensor> sort_pairs_cuda(const at::Tensor&, const at::Tensor&, int64_t) {
+  TORCH_CHECK(false, "gsavatar kernels were built without CUDA");
+}
 #endif
 
 ProjectArgs project_args(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
@@ -220,9 +252,15 @@ std::vector<at::Tensor> isect_tiles(const at::Tensor& means2d, const at::Tensor&
     host_for(n, [&](int64_t i) { isect_write_one(a, i); });
   }
   // Pairs are written in Gaussian order, so a stable sort keeps depth ties in input order.
-  auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  at::Tensor gauss_ids = ids.index_select(0, std::get<1>(sorted));
-  at::Tensor tiles_of_pairs = at::bitwise_right_shift(std::get<0>(sorted), 32);
+  at::Tensor sorted_keys, gauss_ids;
+  if (means2d.is_cuda()) {
+    std::tie(sorted_keys, gauss_ids) = sort_pairs_cuda(keys, ids, images * a.tiles_x * a.tiles_y);
+  } else {
+    auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    sorted_keys = std::get<0>(sorted);
+    gauss_ids = ids.index_select(0, std::get<1>(sorted));
+  }
+  at::Tensor tiles_of_pairs = at::bitwise_right_shift(sorted_keys, 32);
   at::Tensor boundaries = at::arange(images * a.tiles_x * a.tiles_y + 1, keys.options());
   at::Tensor tile_offsets = at::searchsorted(tiles_of_pairs, boundaries);
   return {tile_offsets, gauss_ids, pairs};
