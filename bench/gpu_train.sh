@@ -14,8 +14,9 @@
 #   TRAIN_SECONDS     training is stopped this many seconds after the call started (default 500; the
 #                     rest of the 600 s saves the results). Lower it when status() shows less than
 #                     600 s of device time left (e.g. budget_left_s - 120).
-#   CHECKPOINT_EVERY  optional override of the preset's checkpoint period (iterations lost by a stop
-#                     are those since the last checkpoint); must be the same in every call of a run
+#   CHECKPOINT_EVERY  optional override of the preset's checkpoint period; must be the same in every
+#                     call of a run. A stop by TRAIN_SECONDS loses nothing: `timeout` sends SIGTERM and
+#                     the trainer checkpoints the iteration it is on (SIGKILL 15 s later if it hangs)
 # The subject is unpacked to /tmp/subject and the run lives in /tmp/gsavatar_run on the device
 # machine. Both survive while it stays warm (about 30 s after a call), so the next call resumes
 # the run from its last checkpoint (train.log says "resuming from"); a fresh machine starts over.

@@ -24,3 +24,11 @@ class MissingDependencyError(GsavatarError):
 
 class IncompleteDatasetError(GsavatarError):
     """A subject dataset exists but one or more preprocessing stages did not finish."""
+
+
+class StoppedBySignal(GsavatarError):
+    """A long job stopped on SIGINT / SIGTERM after saving its state (the same command resumes it)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)  # the shell's convention for "ended by signal N"

@@ -135,44 +135,83 @@ iterations = 12
 """
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(demo_subject, tmp_path):
-    """SIGKILL mid-run, re-run the same command: no corruption, no lost stage, same result as no kill."""
+@pytest.fixture(scope="module")
+def micro_reference(demo_subject, tmp_path_factory):
+    """(subject, preset file, config, reference summary, reference avatar.pt) of an uninterrupted micro run."""
     from gsavatar.train.trainer import train
 
     subject, _ = demo_subject
-    preset = tmp_path / "micro.toml"
+    work = tmp_path_factory.mktemp("micro")
+    preset = work / "micro.toml"
     preset.write_text(MICRO)
     cfg = load_preset(str(preset))
-    reference = train(subject, tmp_path / "reference", cfg, show_progress=False)
+    summary = train(subject, work / "reference", cfg, show_progress=False)
+    return subject, preset, cfg, summary, work / "reference" / "avatar.pt"
 
-    run = tmp_path / "killed"
+
+def _start_and_wait_for(run, subject, preset, global_iteration: int) -> subprocess.Popen:
+    """`gsavatar train` in a subprocess, returned once its checkpoint has reached ``global_iteration``."""
     cmd = [sys.executable, "-m", "gsavatar", "train", str(subject), "-o", str(run), "--preset", str(preset)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if (run / "checkpoint.pt").exists():
             ckpt = load_checkpoint(run / "checkpoint.pt")
-            if ckpt.progress.global_iteration >= 21:  # into the face stage
+            if ckpt.progress.global_iteration >= global_iteration:
                 break
         time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    return proc
+
+
+def _resume_and_compare(run, micro_reference):
+    """Resume ``run`` to the end: the result equals the uninterrupted reference."""
+    from gsavatar.train.trainer import train
+
+    subject, _, cfg, reference, reference_avatar = micro_reference
+    resumed = train(subject, run, cfg, show_progress=False)
+    assert "resuming" in (run / "train.log").read_text()
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name]  # a write cut by a kill is cleaned up
+    final = load_checkpoint(run / "avatar.pt")
+    assert final.progress.completed_stages == ["mouth", "face", "fuse", "torso"]
+    assert final.progress.global_iteration == sum(s.iterations for s in cfg.stages)
+    expected = load_checkpoint(reference_avatar).model
+    assert final.model.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(final.model[k], expected[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert resumed["test_psnr"] == pytest.approx(reference["test_psnr"], abs=1e-3)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(micro_reference, tmp_path):
+    """SIGKILL mid-run, re-run the same command: no corruption, no lost stage, same result as no kill."""
+    subject, preset = micro_reference[:2]
+    run = tmp_path / "killed"
+    proc = _start_and_wait_for(run, subject, preset, 21)  # into the face stage
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = load_checkpoint(run / "checkpoint.pt").progress
     assert killed_at.completed_stages == ["mouth"] and killed_at.stage_index == 1
     assert not (run / "avatar.pt").exists() and not (run / "summary.json").exists()
+    _resume_and_compare(run, micro_reference)
 
-    resumed = train(subject, run, cfg, show_progress=False)
-    assert "resuming" in (run / "train.log").read_text()
-    assert not [p.name for p in run.iterdir() if ".tmp" in p.name]  # a write cut by the kill is cleaned up
-    final = load_checkpoint(run / "avatar.pt")
-    assert final.progress.completed_stages == ["mouth", "face", "fuse", "torso"]
-    assert final.progress.global_iteration == sum(s.iterations for s in cfg.stages)
-    expected = load_checkpoint(tmp_path / "reference" / "avatar.pt").model
-    assert final.model.keys() == expected.keys()
-    for k in expected:
-        torch.testing.assert_close(final.model[k], expected[k], rtol=1e-5, atol=1e-6, msg=k)
-    assert resumed["test_psnr"] == pytest.approx(reference["test_psnr"], abs=1e-3)
+
+def test_sigterm_checkpoints_the_current_iteration_and_exits_in_one_line(micro_reference, tmp_path):
+    """SIGTERM (what `timeout` and schedulers send) stops after the current iteration with a checkpoint of
+    that iteration, not of the last periodic one; exit status 143; the same command resumes exactly."""
+    subject, preset = micro_reference[:2]
+    run = tmp_path / "stopped"
+    proc = _start_and_wait_for(run, subject, preset, 15)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and "resume" in lines[0], stderr
+    stopped_at = load_checkpoint(run / "checkpoint.pt").progress
+    assert f"({stopped_at.global_iteration} in all)" in lines[0]
+    assert stopped_at.global_iteration >= 15
+    assert "stopped by SIGTERM" in (run / "train.log").read_text()
+    assert not (run / "avatar.pt").exists()
+    _resume_and_compare(run, micro_reference)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -10,14 +10,19 @@
 
 A killed run (even SIGKILL mid-iteration) restarts from the last checkpoint.pt when the same
 command is run again: completed stages stay completed, and on CPU the result is the same as
-an uninterrupted run (all randomness comes from generators saved in the checkpoint).
+an uninterrupted run (all randomness comes from generators saved in the checkpoint). SIGINT
+(Ctrl-C) or SIGTERM stops a run after the current iteration with a checkpoint of that very
+iteration, so nothing is lost (a second signal stops at once, as a kill would).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +31,7 @@ import torch
 
 from gsavatar.config import StageConfig, TrainConfig
 from gsavatar.data.io import atomic_write_json
-from gsavatar.errors import InputError
+from gsavatar.errors import InputError, StoppedBySignal
 from gsavatar.model.avatar import BRANCHES, LAYERS, Avatar
 from gsavatar.model.gaussians import PARAM_NAMES
 from gsavatar.train import losses
@@ -119,6 +124,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.subject_dir = Path(subject_dir)
         self.show_progress = show_progress
+        self._stop_requested: list[int] = []  # signals received during the current stage
         self.device = resolve_device(cfg.device)
         if cfg.cpu_threads > 0:
             torch.set_num_threads(cfg.cpu_threads)
@@ -208,7 +214,8 @@ class Trainer:
         start = time.perf_counter() - self.progress.elapsed_s
         while self.progress.stage_index < len(self.cfg.stages):
             stage = self.cfg.stages[self.progress.stage_index]
-            self._run_stage(stage, start, ckpt_path)
+            with _stop_requests() as self._stop_requested:
+                self._run_stage(stage, start, ckpt_path)
             self.progress.completed_stages.append(stage.name)
             self.progress.stage_index += 1
             self.progress.stage_iteration = 0
@@ -266,12 +273,26 @@ class Trainer:
             if self.progress.global_iteration % cfg.checkpoint_every == 0 and self.progress.stage_iteration < stage.iterations:
                 self.progress.elapsed_s = time.perf_counter() - start
                 save_checkpoint(self.checkpoint(), ckpt_path)
+            if self._stop_requested:
+                if bar is not None:
+                    bar.close()
+                self._stop(stage, start, ckpt_path)
         if bar is not None:
             bar.close()
         last = [h for h in self.history if h["stage"] == stage.name]
         if last:
             log.info("stage %s done: loss %.4f, PSNR %.2f dB (last sampled frame), %d Gaussians",
                      stage.name, last[-1]["loss"], last[-1]["psnr"], last[-1]["gaussians"])
+
+    def _stop(self, stage: StageConfig, start: float, ckpt_path: Path):
+        """Checkpoint the iteration just finished and end the run (a stop was requested by a signal)."""
+        self.progress.elapsed_s = time.perf_counter() - start
+        save_checkpoint(self.checkpoint(), ckpt_path)
+        name = signal.Signals(self._stop_requested[0]).name
+        where = f"{stage.name} iteration {self.progress.stage_iteration} ({self.progress.global_iteration} in all)"
+        log.info("stopped by %s after %s; checkpoint saved, the same command resumes", name, where)
+        raise StoppedBySignal(f"training stopped by {name} after {where}; {ckpt_path} saved: run the same command "
+                              f"to resume", self._stop_requested[0])
 
     def _step(self, stage: StageConfig, setup: StageSetup, index: int, it: int, strategy):
         cfg, data, avatar = self.cfg, self.data, self.avatar
@@ -377,6 +398,29 @@ def _attach_log_file(path: Path) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """While training: SIGINT / SIGTERM only request a stop (their numbers collect in the yielded
+    list, which the loop checks after each iteration); a second signal interrupts at once.
+    Python delivers signals to the main thread only, so elsewhere nothing changes."""
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def request(signum, _frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def train(subject_dir, run_dir, cfg: TrainConfig, show_progress: bool = True) -> dict:
