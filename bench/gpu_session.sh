@@ -12,6 +12,12 @@
 # Optional, for the whole-frame benchmark: a trained avatar, e.g.
 #   mkdir -p .gpu_data/run && cp RUN_DIR/avatar.pt .gpu_data/run/   (cnn2's cpu-30min run: 10 MB)
 # Then: run(command="bash bench/gpu_session.sh", carry=[".whl", ".gpu_data"], timeout_s=600)
+#
+# A session's 30 minutes of device time, in order: this script (issue 7: about 5-8 min), then
+# bench/gpu_train.sh (issue 4: the default preset on cnn2, resumed over further calls; see its
+# header). The machine stays warm only ~30 s after a call, so make the next call at once: the
+# kernel build (in /tmp/gsavatar_kernels) and the training run on /tmp survive only while warm.
+# Both scripts can share one .gpu_data (run/avatar.pt for this one, pack/ for gpu_train.sh).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
