@@ -5,6 +5,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <limits>
 #include <tuple>
 #include <utility>
@@ -85,6 +86,8 @@ std::pair<at::Tensor, at::Tensor> sort_pairs_cuda(const at::Tensor& keys, const 
   C10_CUDA_CHECK(sort_pairs(keys.data_ptr<int64_t>(), keys_out.data_ptr<int64_t>(), ids.data_ptr<int32_t>(),
                             ids_out.data_ptr<int32_t>(), static_cast<int>(count), end_bit, nullptr, temp_bytes,
                             stream));
+  // At least one byte: a null scratch pointer would make the second call another size query.
+  temp_bytes = std::max<size_t>(temp_bytes, 1);
   at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, keys.options().dtype(at::kByte));
   C10_CUDA_CHECK(sort_pairs(keys.data_ptr<int64_t>(), keys_out.data_ptr<int64_t>(), ids.data_ptr<int32_t>(),
                             ids_out.data_ptr<int32_t>(), static_cast<int>(count), end_bit, temp.data_ptr(), temp_bytes,

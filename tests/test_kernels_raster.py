@@ -406,8 +406,13 @@ def test_avatar_render_settled_renders_again_a_frame_that_did_not_fit(avatar_fil
     assert budget.capacity > 64
 
 
-def test_pair_budget_rejects_headroom_below_one():
+def test_pair_budget_rejects_headroom_below_one_and_a_second_device():
     from gsavatar.render import PairBudget
 
     with pytest.raises(ValueError, match="headroom"):
         PairBudget(headroom=0.5)
+    budget = PairBudget()
+    budget.record(torch.tensor([5]), 10)
+    with pytest.raises(ValueError, match="one device"):
+        budget.record(torch.tensor([5], device="meta"), 10)
+    assert budget.settle()

@@ -191,8 +191,9 @@ class Avatar(nn.Module):
 
     def render_settled(self, inputs: FrameInputs, pair_budget, **kwargs) -> AvatarRender:
         """``forward`` with ``pair_budget``, settled at once, for callers that read each frame back
-        anyway: the frame's only host synchronisation is then the one its pixels need. A frame that
-        needed more (tile, Gaussian) pairs than the budget gave is rendered again, the budget grown."""
+        anyway: the frame makes no host synchronisation mid-frame, and settling waits for the GPU
+        just as reading the pixels would. A frame that needed more (tile, Gaussian) pairs than the
+        budget gave is rendered again, the budget grown."""
         out = self(inputs, pair_budget=pair_budget, **kwargs)
         if pair_budget is None or pair_budget.settle():
             return out

@@ -306,4 +306,7 @@ class TriPlaneEncoder(nn.Module):
 
     def forward(self, xyz: Tensor) -> Tensor:
         u = self.normalize(xyz)
-        return torch.cat([grid(u[..., list(axes)]) for grid, axes in zip(self.planes, self.PLANES)], dim=-1)
+        # Slices, not u[..., [i, j]]: indexing a CUDA tensor with a Python list copies the list to
+        # the GPU and waits for it, a host synchronisation per plane every frame.
+        return torch.cat([grid(u[..., slice(i, j + 1, j - i)]) for grid, (i, j) in zip(self.planes, self.PLANES)],
+                         dim=-1)

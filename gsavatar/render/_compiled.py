@@ -123,6 +123,9 @@ class PairBudget:
         """Note a frame's pairs (``needed``, ``[1]`` int64 on the device) binned with ``capacity``."""
         if self._state is None:
             self._state = torch.zeros(2, dtype=torch.long, device=needed.device)
+        elif self._state.device != needed.device:
+            raise ValueError(f"a PairBudget serves one device: it budgets {self._state.device}, "
+                             f"this frame is on {needed.device}")
         if capacity < 0:
             shortfall = torch.zeros_like(needed)
             if self.capacity is None:  # exact binning has synchronised already: the read is free
