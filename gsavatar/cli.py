@@ -311,7 +311,9 @@ class View:
     the timeline with the sound in sync, upload other speech, toggle layers and the Gaussian centres.
 
     Runs until Ctrl-C. Binds 127.0.0.1 (this machine only) unless --host says otherwise; each
-    browser tab has its own camera, timeline and render thread.
+    browser tab has its own camera, timeline and render thread. Speech uploaded in the page: up to
+    20 MiB and 120 s; a larger file is refused from the size its upload announces, before its bytes
+    are kept.
     """
 
     run: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]

@@ -22,8 +22,8 @@ import torch
 from conftest import tone
 from gsavatar.drive import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from gsavatar.errors import InputError
-from gsavatar.viewer.core import (AUDIO_ELEMENT_ID, PlayClock, audio_html, camera_from_pose, frame_at, initial_camera,
-                                  tracked_fov, validate_upload, view_intrinsics, wav_bytes)
+from gsavatar.viewer.core import (AUDIO_ELEMENT_ID, PlayClock, UploadGate, audio_html, camera_from_pose, frame_at,
+                                  initial_camera, tracked_fov, upload_label, validate_upload, view_intrinsics, wav_bytes)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -162,6 +162,185 @@ def test_upload_validation(tmp_path):
     with pytest.raises(InputError) as err:  # one line naming the user's file, not our temporary copy
         validate_upload("bad.mp3", b"ID3" + bytes(3000))
     assert "\n" not in str(err.value) and "bad.mp3" in str(err.value) and "gsavatar-upload" not in str(err.value)
+    assert upload_label("C:\\x/../a\nb.wav") == "a?b.wav" and upload_label("") == "upload"
+    assert len(upload_label("x" * 500 + ".wav")) == 80
+
+
+MIB = 2**20
+
+
+def test_upload_gate_refuses_from_the_announced_size():
+    """The gate's verdicts, without viser: what a transfer's start message and its parts get."""
+    gate = UploadGate(max_bytes=MIB)
+    # Over the limit: refused from the announcement alone; every part of it is then dropped.
+    why = gate.start(1, "big", "huge.wav", 200 * MIB, 400)
+    assert why == "huge.wav is 200.0 MB, over the upload limit of 1 MB"
+    assert [gate.part(1, "big", i, 512 * 1024) for i in range(3)] == [(False, None)] * 3
+    assert gate.dropped_parts == 3 and gate.dropped_bytes == 3 * 512 * 1024
+    assert "1048577 bytes, over the upload limit of 1048576 bytes" in gate.start(1, "b2", "a.wav", MIB + 1, 3)
+    # Inconsistent announcements: refused too.
+    for size, parts in ((-1, 1), (1000, 0), (1000, -1), (100_000, 500)):
+        assert "announced" in gate.start(1, f"odd{size}{parts}", "x.wav", size, parts)
+    # Within the limit: accepted; its parts are kept until the last one, which ends the transfer.
+    assert gate.start(1, "ok", "speech.wav", 700_000, 2) is None and gate.in_flight(1) == 700_000
+    # ... and while it arrives, the same tab cannot start another that would take it over the limit.
+    assert "still arriving" in gate.start(1, "ok2", "more.wav", 600_000, 2)
+    assert gate.start(2, "other-tab", "speech.wav", 600_000, 2) is None  # another tab has its own budget
+    assert gate.part(2, "ok", 1, 100) == (False, None)  # a part for someone else's transfer
+    assert gate.part(1, "ok", 0, 512 * 1024) == (True, None)
+    assert gate.part(1, "ok", 0, 512 * 1024) == (False, None)  # a repeat
+    assert gate.part(1, "ok", 5, 10) == (False, None)  # out of range
+    assert gate.part(1, "ok", 1, 700_000 - 512 * 1024) == (True, None)
+    assert gate.in_flight(1) == 0
+    assert gate.start(1, "ok", "again.wav", 10, 1) is None  # a finished transfer's id is forgotten
+    assert gate.part(1, "ok", 0, 10) == (True, None)
+    # A client that sends more than it announced: that part is dropped and the transfer refused.
+    assert gate.start(1, "liar", "small.wav", 1000, 1) is None
+    keep, why = gate.part(1, "liar", 0, 512 * 1024)
+    assert not keep and why == "small.wav was refused: it sent more than the 1000 bytes it announced"
+    assert gate.part(1, "liar", 0, 10) == (False, None)
+    # A reused transfer id is refused; an empty file passes (viser completes it, the decoder refuses it).
+    assert "already used" in gate.start(1, "liar", "again.wav", 10, 1)
+    assert gate.start(1, "empty", "empty.wav", 0, 0) is None
+    # Parts of transfers the gate never saw are viser's business.
+    assert gate.part(1, "unknown", 0, 10) == (True, None)
+    # Refused transfers' records are bounded and go when their parts have come, or the tab closes.
+    assert gate.start(3, "r", "big.wav", 2 * MIB, 2) and gate.part(3, "r", 0, 1) == (False, None)
+    assert gate.part(3, "r", 1, 1) == (False, None) and gate.part(3, "r", 2, 1) == (True, None)
+    for i in range(200):
+        gate.start(4, f"spam{i}", "big.wav", 2 * MIB, 4)
+    assert gate.pending() <= gate.max_refused_per_client + 20
+    gate.forget_client(1), gate.forget_client(2), gate.forget_client(4)
+    assert gate.pending() == 0 and gate.in_flight(1) == 0
+
+
+class _RawTab:
+    """A viser tab without a browser: a websocket client that speaks viser's wire format.
+
+    It sends what viser's browser client sends (msgpack messages; the first camera message makes
+    the tab a connected client) and decodes what the server sends back (16-byte header, zstd
+    msgpack) on a reader thread.
+    """
+
+    def __init__(self, port: int):
+        import threading
+
+        import viser
+        from websockets.sync.client import connect
+
+        self.received: list[dict] = []
+        self.ws = connect(f"ws://127.0.0.1:{port}", subprotocols=[f"viser-v{viser.__version__}"], max_size=None,
+                          open_timeout=20)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        from viser import _messages
+
+        self.send(_messages.ViewerCameraMessage(wxyz=(1.0, 0.0, 0.0, 0.0), position=(0.0, 0.0, 0.0), fov=0.8, near=0.01,
+                                                far=100.0, image_height=400, image_width=400,
+                                                look_at=(0.0, 0.0, 1.0), up_direction=(0.0, -1.0, 0.0)))
+
+    def _read(self) -> None:
+        import msgspec
+        import zstandard
+
+        try:
+            for raw in self.ws:
+                n, m = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:16], "little")
+                inner = zstandard.ZstdDecompressor().decompress(raw[16:16 + m], max_output_size=n)
+                self.received.extend(msgspec.msgpack.decode(inner)["messages"])
+        except Exception:  # closed
+            pass
+
+    def send(self, message) -> None:
+        import msgspec
+
+        self.ws.send(msgspec.msgpack.encode(message.as_serializable_dict()))
+
+    def of_type(self, name: str) -> list[dict]:
+        return [m for m in list(self.received) if m.get("type") == name]
+
+    def upload_button(self, label: str) -> str:
+        found = _wait(lambda: [m for m in self.of_type("GuiUploadButtonMessage") if m["props"]["label"] == label],
+                      timeout=30, what=f"the {label!r} button")
+        return found[0]["uuid"]
+
+    def upload(self, button: str, transfer: str, name: str, size: int, parts: list[bytes]) -> None:
+        """What viser's client sends for a file: a start announcing ``size`` bytes in 512 KiB parts, then
+        the parts, unasked (``parts`` may be only the first few)."""
+        from viser import _messages
+
+        self.send(_messages.FileTransferStartUpload(source_component_uuid=button, transfer_uuid=transfer, filename=name,
+                                                    mime_type="audio/wav", part_count=-(-size // (512 * 1024)),
+                                                    size_bytes=size))
+        for i, content in enumerate(parts):
+            self.send(_messages.FileTransferPart(source_component_uuid=button, transfer_uuid=transfer, part_index=i,
+                                                 content=content))
+
+    def acks(self, transfer: str) -> list[dict]:
+        return [m for m in self.of_type("FileTransferPartAck") if m["transfer_uuid"] == transfer]
+
+    def close(self) -> None:
+        self.ws.close()
+        self.reader.join(timeout=10)
+
+
+def test_oversized_upload_is_refused_before_its_parts_are_buffered():
+    """Against the installed viser, without a browser: the announcement alone refuses a file over the
+    limit, so viser never buffers its parts (they are dropped as they come), the tab's upload
+    button is released by an acknowledgement, and accepted uploads still arrive whole."""
+    viser = pytest.importorskip("viser", reason="the viewer needs viser (pip install 'gsavatar[viewer]')")
+    from gsavatar.viewer.server import install_upload_gate
+
+    server = viser.ViserServer(host="127.0.0.1", port=_free_port(), verbose=False)
+    tab = None
+    try:
+        gate = UploadGate(max_bytes=MIB)
+        refused, uploads, clients = [], [], {}
+        assert install_upload_gate(server, gate, lambda client_id, msg: refused.append((client_id, msg)))
+
+        def connect(client):  # as the viewer does: a client-scoped upload button per tab
+            button = client.gui.add_upload_button("Upload speech", mime_type="audio/*,video/*")
+            button.on_upload(lambda event: uploads.append(button.value))
+            clients[client.client_id] = client
+
+        server.on_client_connect(connect)
+        tab = _RawTab(server.get_port())
+        button = tab.upload_button("Upload speech")
+        client = next(iter(clients.values()))
+        buffers = client.gui._current_file_upload_states  # viser's per-transfer part buffers (looked at, never touched)
+
+        # 64 MB announced in 128 parts of 512 KiB; the first three follow the start unasked.
+        part = bytes(512 * 1024)
+        tab.upload(button, "t-big", "huge.wav", 64 * MIB, [part] * 3)
+        _wait(lambda: gate.dropped_parts == 3, timeout=20, what="the refused transfer's parts to be dropped")
+        assert refused == [(client.client_id, "huge.wav is 64.0 MB, over the upload limit of 1 MB")]
+        assert "t-big" not in buffers and not buffers, "viser buffered a refused transfer"
+        time.sleep(0.5)  # (nothing late either)
+        assert not buffers and not uploads
+        ack = _wait(lambda: tab.acks("t-big"), timeout=20, what="the refusal's acknowledgement")[-1]
+        assert ack["source_component_uuid"] == button and ack["transferred_bytes"] == ack["total_bytes"] == 64 * MIB
+        assert not uploads
+
+        # A client that announces little and sends more: the part is dropped, the transfer refused.
+        tab.upload(button, "t-liar", "small.wav", 1000, [part])
+        _wait(lambda: len(refused) == 2, timeout=20, what="the lying transfer's refusal")
+        assert "more than the 1000 bytes" in refused[-1][1]
+        assert buffers["t-liar"]["parts"] == {} and gate.dropped_parts == 4  # held nothing of it
+
+        # Within the limit: viser receives it whole and the upload callback runs.
+        content = np.random.default_rng(0).bytes(700_000)
+        tab.upload(button, "t-ok", "speech.wav", len(content), [content[:512 * 1024], content[512 * 1024:]])
+        _wait(lambda: uploads, timeout=20, what="the accepted upload")
+        assert uploads[0].name == "speech.wav" and uploads[0].content == content and "t-ok" not in buffers
+        assert tab.acks("t-ok")[-1]["transferred_bytes"] == len(content) and len(refused) == 2
+
+        # A closed tab's transfers are forgotten (the viewer calls forget_client on disconnect).
+        gate.forget_client(client.client_id)
+        assert gate.pending() == 0
+    finally:
+        if tab is not None:
+            tab.close()
+        server.stop()
 
 
 # -- command line and server defaults ---------------------------------------------------------
@@ -235,6 +414,47 @@ def test_initial_view_renders_like_the_tracked_camera_and_server_binds_localhost
             with pytest.raises(OSError):
                 socket.create_connection((outside, viewer.port), timeout=2).close()
     finally:
+        viewer.stop()
+
+
+def test_viewer_refuses_an_oversized_upload_in_the_page(trained):
+    """The viewer wires the gate: a tab announcing a file over --max-upload-bytes gets the refusal in
+    its Speech folder and as a notification, viser buffers nothing, and the tab keeps working."""
+    pytest.importorskip("viser", reason="the viewer needs viser (pip install 'gsavatar[viewer]')")
+    from gsavatar.viewer.server import start_viewer
+
+    torch.set_num_threads(1)
+    _, run, _ = trained
+    viewer = start_viewer(run, port=_free_port(), device="cpu", verbose=False, max_upload_bytes=MIB)
+    tab = None
+    try:
+        assert viewer.upload_gate_installed
+        tab = _RawTab(viewer.port)
+        session = _wait(lambda: _session(viewer), timeout=60, what="the tab's session")
+        button = tab.upload_button("Upload speech")
+        tab.upload(button, "t-big", "huge.wav", 300 * MIB, [bytes(512 * 1024)] * 2)
+        _wait(lambda: session.upload_messages, timeout=20, what="the refusal")
+        assert session.upload_messages == ["huge.wav is 300.0 MB, over the upload limit of 1 MB"]
+        _wait(lambda: "Upload refused" in session.audio_md.content, timeout=20, what="the refusal in the Speech folder")
+        _wait(lambda: [m for m in tab.of_type("NotificationShowMessage") if m["props"]["title"] == "Upload refused"],
+              timeout=20, what="the refusal's notification")
+        _wait(lambda: viewer.upload_gate.dropped_parts == 2, timeout=20, what="the parts to be dropped")
+        assert not session.client.gui._current_file_upload_states  # viser held none of it
+        assert tab.acks("t-big") and len(session.drive) == len(viewer.drive)  # button released, track unchanged
+        # The tab keeps working: a good upload within the limit drives it.
+        speech = wav_bytes(tone(2.0, freq=300.0))
+        parts = [speech[i:i + 512 * 1024] for i in range(0, len(speech), 512 * 1024)]
+        tab.upload(button, "t-ok", "speech.wav", len(speech), parts)
+        _wait(lambda: len(session.upload_messages) >= 2, timeout=90, what="the good upload's verdict")
+        assert session.upload_messages[-1].startswith("ok: speech.wav"), session.upload_messages[-1]
+        assert len(session.drive) == 50
+        assert viewer.upload_gate.pending() == 1  # the refused transfer, whose parts are still to come
+        tab.close()
+        tab = None
+        _wait(lambda: viewer.upload_gate.pending() == 0, timeout=20, what="the closed tab's transfers to be forgotten")
+    finally:
+        if tab is not None:
+            tab.close()
         viewer.stop()
 
 
@@ -334,7 +554,7 @@ def test_viewer_in_headless_chromium(browser_available, trained, tmp_path):
     _, run, _ = trained
     speech = tmp_path / "speech.wav"  # long enough that playback cannot end while a slow machine clicks
     speech.write_bytes(wav_bytes(tone(40.0, freq=180.0) * (0.6 + 0.4 * np.sin(np.arange(40 * SAMPLE_RATE) / 900.0))))
-    viewer = start_viewer(run, speech, port=_free_port(), device="cpu", verbose=False)
+    viewer = start_viewer(run, speech, port=_free_port(), device="cpu", verbose=False, max_upload_bytes=5 * MIB)
     try:
         driver.get(viewer.url)
         _wait(lambda: driver.find_elements(By.TAG_NAME, "canvas"), what="the viser canvas")
@@ -418,10 +638,19 @@ def test_viewer_in_headless_chromium(browser_available, trained, tmp_path):
         upload.send_keys(str(long))
         _wait(lambda: len(s1.upload_messages) >= 2, timeout=60, what="the long upload's verdict")
         assert "limit of 120 s" in s1.upload_messages[-1]
+        # Over the size limit: refused from the transfer's announcement; the button is released at once.
+        big = tmp_path / "big.wav"
+        big.write_bytes(bytes(8 * MIB))
+        upload.send_keys(str(big))
+        _wait(lambda: len(s1.upload_messages) >= 3, timeout=60, what="the big upload's verdict")
+        assert s1.upload_messages[-1] == "big.wav is 8.0 MB, over the upload limit of 5 MB"
+        button = driver.find_element(By.XPATH, "//button[normalize-space()='Upload speech']")
+        _wait(lambda: button.is_enabled(), timeout=30, what="the upload button to be released")
+        assert not s1.client.gui._current_file_upload_states
         good = tmp_path / "speech.m4a.bin"  # any name: the type comes from decoding
         good.write_bytes(wav_bytes(tone(2.0, freq=300.0)))
         upload.send_keys(str(good))
-        _wait(lambda: len(s1.upload_messages) >= 3, timeout=90, what="the good upload's verdict")
+        _wait(lambda: len(s1.upload_messages) >= 4, timeout=90, what="the good upload's verdict")
         assert s1.upload_messages[-1].startswith("ok:"), s1.upload_messages[-1]
         assert len(s1.drive) == 50 and s1.frame_slider.max == 49
         sent = s1.frames_sent

@@ -240,6 +240,19 @@ def audio_html(samples: np.ndarray | None, start_frame: int = 0, playing: bool =
     return f'<audio {attrs} data-state="playing" autoplay src="data:audio/wav;base64,{data}"></audio>'
 
 
+def upload_label(name: str | None, limit: int = 80) -> str:
+    """The file name a browser sent, fit for a one-line message: base name, no control characters, short."""
+    label = "".join(c if c.isprintable() else "?" for c in Path(str(name or "")).name) or "upload"
+    return label if len(label) <= limit else label[: limit - 3] + "..."
+
+
+def too_big(label: str, size: int, max_bytes: int) -> str:
+    """The one-line refusal of a file of ``size`` bytes (over ``max_bytes``)."""
+    if f"{size / 2**20:.1f}" == f"{max_bytes / 2**20:.1f}":  # just over: MB would read as equal
+        return f"{label} is {size} bytes, over the upload limit of {max_bytes} bytes"
+    return f"{label} is {size / 2**20:.1f} MB, over the upload limit of {max_bytes / 2**20:g} MB"
+
+
 def validate_upload(name: str, content: bytes, max_bytes: int = MAX_UPLOAD_BYTES,
                     max_seconds: float = MAX_UPLOAD_SECONDS) -> np.ndarray:
     """Decode an uploaded speech file to 16 kHz mono, or raise :class:`InputError` with one line.
@@ -247,11 +260,11 @@ def validate_upload(name: str, content: bytes, max_bytes: int = MAX_UPLOAD_BYTES
     The type is judged by decoding the bytes (FFmpeg probes the content; the name is only
     shown in messages), then size and duration are limited.
     """
-    label = Path(name or "upload").name or "upload"
+    label = upload_label(name)
     if len(content) == 0:
         raise InputError(f"{label} is empty")
     if len(content) > max_bytes:
-        raise InputError(f"{label} is {len(content) / 2**20:.1f} MB, over the upload limit of {max_bytes / 2**20:g} MB")
+        raise InputError(too_big(label, len(content), max_bytes))
     fd, tmp = tempfile.mkstemp(prefix="gsavatar-upload-", suffix=".bin")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -264,6 +277,117 @@ def validate_upload(name: str, content: bytes, max_bytes: int = MAX_UPLOAD_BYTES
             raise InputError(f"{label} is not a readable audio file ({type(e).__name__})") from None
     finally:
         os.unlink(tmp)
+
+
+class UploadGate:
+    """Refuses an upload from the size its transfer announces, before the file's bytes arrive.
+
+    A browser uploads a file to viser as one start message (file name, size in bytes, number of
+    parts) followed by the parts (512 KiB each from viser's own client), sent without waiting
+    for the server; viser keeps the parts of a transfer in memory until the last one and only
+    then calls the upload button's callback. :func:`gsavatar.viewer.server.install_upload_gate`
+    shows the gate every start and part message *before* viser handles it, and makes viser
+    ignore what the gate refuses, so the memory an upload can hold is bounded by ``max_bytes``
+    (per tab) instead of by what the client chooses to send:
+
+    * a start announcing more than ``max_bytes`` (or an inconsistent transfer: a negative size,
+      parts with under ``min_mean_part_bytes`` bytes on average, or no parts for a non-empty
+      file) is refused at once, with the one-line reason :meth:`start` returns; its parts are
+      dropped as they arrive;
+    * so is a start from a tab whose accepted transfers still arriving would, together with
+      this one, exceed ``max_bytes``;
+    * an accepted transfer's part is dropped if it is out of range or a repeat, comes from
+      another tab, or brings the bytes received past the announced size (a client that lied:
+      the transfer is then refused, and never completes).
+
+    The gate is plain bookkeeping (no viser import); the server calls it from viser's event
+    loop and :meth:`forget_client` from a disconnect callback, so it takes a lock.
+    """
+
+    def __init__(self, max_bytes: int = MAX_UPLOAD_BYTES, min_mean_part_bytes: int = 1024,
+                 max_refused_per_client: int = 64):
+        self.max_bytes = int(max_bytes)
+        self.min_mean_part_bytes = int(min_mean_part_bytes)
+        self.max_refused_per_client = int(max_refused_per_client)
+        self.dropped_parts = 0
+        self.dropped_bytes = 0
+        self._transfers: dict[str, dict] = {}  # transfer id -> its record (insertion order: oldest first)
+        self._lock = threading.Lock()
+
+    def start(self, client_id: int, transfer_id: str, name: str | None, size_bytes: int, part_count: int) -> str | None:
+        """A transfer announced by tab ``client_id``: None to accept it, else the one-line refusal."""
+        label = upload_label(name)
+        size, parts = int(size_bytes), int(part_count)
+        why = None
+        if size > self.max_bytes:
+            why = too_big(label, size, self.max_bytes)
+        elif size < 0 or parts < 0 or (size > 0 and parts == 0) or parts > max(1, -(-size // self.min_mean_part_bytes)):
+            why = f"{label} was refused: its transfer announced {parts} parts for {size} bytes"
+        with self._lock:
+            if why is None and size + self._in_flight_locked(client_id) > self.max_bytes:
+                why = f"{label} was refused: another upload from this tab is still arriving (try again when it is done)"
+            if transfer_id in self._transfers:  # a reused id: never accepted twice, never forgotten early
+                record = self._transfers[transfer_id]
+                if record["state"] == "accepted":  # its parts are dropped from now on; viser keeps the ones it has
+                    record["state"] = "broken"
+                return why or f"{label} was refused: its transfer id was already used"
+            if why is None and parts == 0:  # an empty file: viser completes it at once, nothing to follow
+                return None
+            if why is not None:
+                refused = [t for t, r in self._transfers.items() if r["client"] == client_id and r["state"] == "refused"]
+                for old in refused[: max(0, len(refused) - self.max_refused_per_client + 1)]:
+                    del self._transfers[old]
+            self._transfers[transfer_id] = {"client": client_id, "label": label, "size": size, "parts": parts,
+                                            "state": "accepted" if why is None else "refused",
+                                            "received": 0, "seen": set(), "count": 0}
+        return why
+
+    def part(self, client_id: int, transfer_id: str, part_index: int, nbytes: int) -> tuple[bool, str | None]:
+        """A part arriving: (keep it?, the one-line refusal if this part showed that the client lied)."""
+        with self._lock:
+            record = self._transfers.get(transfer_id)
+            if record is None:  # not announced through the gate: viser ignores unknown transfers itself
+                return True, None
+            keep, why = False, None
+            if record["client"] != client_id:
+                pass
+            elif record["state"] == "refused":
+                record["count"] += 1
+                if record["count"] >= record["parts"]:
+                    del self._transfers[transfer_id]
+            elif record["state"] == "accepted" and 0 <= part_index < record["parts"] and part_index not in record["seen"]:
+                if record["received"] + nbytes > record["size"]:
+                    record["state"] = "broken"  # still counted as arriving (viser holds its parts until disconnect)
+                    why = (f"{record['label']} was refused: it sent more than the {record['size']} bytes it announced")
+                else:
+                    keep = True
+                    record["received"] += nbytes
+                    record["seen"].add(part_index)
+                    if len(record["seen"]) == record["parts"]:
+                        del self._transfers[transfer_id]
+            if not keep:
+                self.dropped_parts += 1
+                self.dropped_bytes += int(nbytes)
+            return keep, why
+
+    def forget_client(self, client_id: int) -> None:
+        """A tab closed: its transfers will never finish (viser drops their buffers too)."""
+        with self._lock:
+            for t in [t for t, r in self._transfers.items() if r["client"] == client_id]:
+                del self._transfers[t]
+
+    def in_flight(self, client_id: int) -> int:
+        """Bytes announced by this tab's accepted transfers that have not finished."""
+        with self._lock:
+            return self._in_flight_locked(client_id)
+
+    def _in_flight_locked(self, client_id: int) -> int:
+        return sum(r["size"] for r in self._transfers.values() if r["client"] == client_id and r["state"] != "refused")
+
+    def pending(self) -> int:
+        """How many transfers the gate is tracking (accepted, refused or broken)."""
+        with self._lock:
+            return len(self._transfers)
 
 
 def default_audio(subject: dict, seconds: float = DEFAULT_SECONDS) -> tuple[np.ndarray, str]:

@@ -29,8 +29,12 @@ the autoplay because the Play click is a user gesture on the page. The element h
 controls on purpose: they could pause or seek the sound behind the server clock's back
 (a "Sound" checkbox mutes instead).
 
-Uploads are decoded (the type is judged by decoding, not by the name), limited in size and
-length, and refused with a message in the page; the server keeps running.
+Uploads are decoded (the type is judged by decoding, not by the name or the MIME type the
+browser announces: the button's ``audio/*,video/*`` only filters the browser's file picker),
+limited in size and length, and refused with a message in the page; the server keeps running.
+The size limit acts on the transfer's start message, before the file's bytes arrive
+(:func:`install_upload_gate`): viser would otherwise hold the whole file in memory before
+anything could look at it.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ import dataclasses
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -47,8 +53,8 @@ import torch
 from gsavatar.drive import FPS, SAMPLE_RATE, head_centre, load_speech
 from gsavatar.errors import InputError, MissingDependencyError
 from gsavatar.viewer.core import (LAYERS, MAX_AUDIO_SECONDS, MAX_UPLOAD_BYTES, MAX_UPLOAD_SECONDS, FrameRenderer, PlayClock,
-                                  audio_html, camera_from_pose, default_audio, initial_camera, make_drive,
-                                  validate_upload)
+                                  UploadGate, audio_html, camera_from_pose, default_audio, initial_camera, make_drive,
+                                  upload_label, validate_upload)
 
 # A tab that closes while its frame is on the way: nothing to tell anyone.
 warnings.filterwarnings("ignore", message=r"Queued a \w+ on a closed connection")
@@ -67,7 +73,9 @@ class ViewerOptions:
     device: str = "auto"
     """auto | cpu | cuda."""
     max_upload_bytes: int = MAX_UPLOAD_BYTES
+    """Largest upload accepted; a bigger one is refused from the size its transfer announces, before its bytes arrive."""
     max_upload_seconds: float = MAX_UPLOAD_SECONDS
+    """Longest uploaded speech accepted (checked by decoding it)."""
     jpeg_quality: int = 90
     render_slots: int = 2
     """How many frames may render at once (all tabs together)."""
@@ -185,27 +193,33 @@ class Session:
                 self.clock.play(frame, delay=self.viewer.options.audio_latency_s)
                 self._set_audio(True, frame)
 
+    def refuse_upload(self, msg: str) -> None:
+        """Tell the page (a line in the Speech folder and a notification) that an upload was refused."""
+        self.upload_messages.append(msg)
+        self.audio_md.content = f"**Upload refused:** {_md(msg)}\n\nDriving audio: {self.audio_label}"
+        try:
+            self.client.add_notification("Upload refused", msg, color="red", auto_close_seconds=10.0)
+        except Exception:
+            pass
+
     def _on_upload(self, event) -> None:
         file = self.upload.value
         try:
+            # The size was checked on the transfer's announcement already (UploadGate); checked
+            # again here on what arrived, in case this viser could not take the early check.
             samples = validate_upload(file.name, file.content, self.viewer.options.max_upload_bytes,
                                       self.viewer.options.max_upload_seconds)
-            self.audio_md.content = f"Decoding features of **{_md(file.name)}** ..."
+            self.audio_md.content = f"Decoding features of **{_md(upload_label(file.name))}** ..."
             drive = make_drive(self.viewer.subject, samples, self.viewer.size)
         except Exception as e:  # bad file or a failure in feature extraction: tell the page, keep serving
-            msg = str(e) if isinstance(e, InputError) else f"{Path(file.name).name} could not be used ({type(e).__name__}: {e})"
-            self.upload_messages.append(msg)
-            self.audio_md.content = f"**Upload refused:** {_md(msg)}\n\nDriving audio: {self.audio_label}"
-            try:
-                self.client.add_notification("Upload refused", msg, color="red", auto_close_seconds=10.0)
-            except Exception:
-                pass
+            msg = str(e) if isinstance(e, InputError) else f"{upload_label(file.name)} could not be used ({type(e).__name__}: {e})"
+            self.refuse_upload(msg)
             return
         with self.lock:
             self._pause_locked()
             self.drive, self.samples = drive, samples
             self.drive_version += 1
-            self.audio_label = f"{Path(file.name).name} ({len(samples) / SAMPLE_RATE:.1f} s, uploaded)"
+            self.audio_label = f"{upload_label(file.name)} ({len(samples) / SAMPLE_RATE:.1f} s, uploaded)"
             self.clock = PlayClock(len(drive))
             self.frame = 0
             self.frame_slider.max = max(1, len(drive) - 1)
@@ -325,6 +339,91 @@ class Session:
         return (len(ts) - 1) / (ts[-1] - ts[0]) if len(ts) > 1 and ts[-1] > ts[0] else 0.0
 
 
+REFUSED_UPLOAD_SOURCE = "gsavatar-refused-upload"
+"""What a refused transfer's start message names as its upload button instead: no GUI element has this id."""
+
+
+def install_upload_gate(server, gate: UploadGate, on_refused: Callable[[int, str], None]) -> bool:
+    """Show ``gate`` each upload message before viser buffers it; False where this viser offers no way to.
+
+    viser (checked against 1.1.1) has no public upload hook that runs before the file is
+    complete: ``add_upload_button`` takes no size limit, the browser's ``accept`` filter only
+    concerns types, and ``on_upload`` fires once every part has been joined in memory
+    (``GuiApi._handle_file_transfer_part`` / ``_finish_file_upload`` in viser/_gui_api.py).
+    What it does offer is its message-handler API: the websocket server hands each incoming
+    message first to the handlers registered on the server itself, then to those registered on
+    the tab's connection (``handle_incoming`` in viser/infra/_infra.py creates the two tasks in
+    that order), and a tab's own GUI (``client.gui``, which holds our upload buttons) listens on
+    the connection. A handler registered on the server therefore sees a transfer's start message
+    (``FileTransferStartUpload``: file name, ``size_bytes``, ``part_count``) and each part
+    (``FileTransferPart``) before the tab's GUI does, and can make viser ignore them through the
+    early returns of viser's own handlers:
+
+    * a refused start names :data:`REFUSED_UPLOAD_SOURCE` as its button, so viser's start handler
+      returns without creating the transfer's buffer, and its part handler returns at once for
+      parts of a transfer it does not know: nothing is accumulated;
+    * a part the gate drops gets part index -1, which viser's part handler discards as out of range.
+
+    A refused transfer is acknowledged as complete (``FileTransferPartAck``) so that the tab's
+    upload button, which stays disabled until its upload is acknowledged, is usable again, and
+    ``on_refused(client_id, message)`` is called (on viser's event loop: hand work elsewhere).
+    Only messages sent to client-scoped upload buttons are gated this way: the server's own GUI
+    listens on the server and sees them before this handler.
+    """
+    try:
+        from viser import _messages
+
+        start_cls, part_cls, ack_cls = (_messages.FileTransferStartUpload, _messages.FileTransferPart,
+                                        _messages.FileTransferPartAck)
+        register = server._websock_server.register_handler
+    except (ImportError, AttributeError):
+        return False
+
+    def refused(client_id: int, why: str) -> None:
+        try:
+            on_refused(client_id, why)
+        except Exception:  # telling the page must not break viser's dispatch of this message
+            pass
+
+    def acknowledge(client_id: int, source: str, transfer: str, size: int) -> None:
+        client = server.get_clients().get(client_id)
+        conn = getattr(client, "_websock_connection", None)
+        if conn is not None:
+            conn.queue_message(ack_cls(source_component_uuid=source, transfer_uuid=transfer,
+                                       transferred_bytes=max(0, size), total_bytes=max(0, size)))
+
+    def on_start(client_id, message) -> None:
+        if message.source_component_uuid is None:
+            return
+        try:
+            why = gate.start(client_id, message.transfer_uuid, message.filename, message.size_bytes, message.part_count)
+        except Exception as e:  # a malformed announcement: refuse rather than let viser buffer it
+            why = f"{upload_label(getattr(message, 'filename', None))} was refused ({type(e).__name__})"
+        if why is None:
+            return
+        source = message.source_component_uuid
+        message.source_component_uuid = REFUSED_UPLOAD_SOURCE  # viser's own start handler, which runs next, ignores it
+        try:
+            acknowledge(client_id, source, message.transfer_uuid, int(message.size_bytes))
+        except Exception:
+            pass
+        refused(client_id, why)
+
+    def on_part(client_id, message) -> None:
+        try:
+            keep, why = gate.part(client_id, message.transfer_uuid, int(message.part_index), len(message.content))
+        except Exception:
+            keep, why = False, None
+        if not keep:
+            message.part_index = -1  # out of range: viser's own part handler drops it
+        if why is not None:
+            refused(client_id, why)
+
+    register(start_cls, on_start)
+    register(part_cls, on_part)
+    return True
+
+
 def _md(text: str) -> str:
     """Escape text for viser's markdown."""
     return "".join("\\" + c if c in "\\`*_{}[]()#+-.!|<>" else c for c in str(text))
@@ -364,6 +463,11 @@ class Viewer:
         self._stop_event = threading.Event()
 
         self.server = viser.ViserServer(host=options.host, port=options.port, label="gsavatar", verbose=False)
+        self.upload_gate = UploadGate(options.max_upload_bytes)
+        self._upload_notices = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gsavatar-upload")
+        self.upload_gate_installed = install_upload_gate(self.server, self.upload_gate, self._upload_refused)
+        if not self.upload_gate_installed:
+            self.log("note: this viser version gives no early look at uploads; their size is checked once received")
         self.server.scene.set_up_direction("-y")
         cam = self.server.initial_camera
         cam.up = self.initial["up"]
@@ -397,7 +501,19 @@ class Viewer:
             self._threads = [t for t in self._threads if t.is_alive()] + [session.thread]
         self.log(f"tab {client.client_id} connected ({len(self.sessions)} open)")
 
+    def _upload_refused(self, client_id: int, msg: str) -> None:
+        """The upload gate refused a transfer (called on viser's event loop)."""
+        with self._sessions_lock:
+            session = self.sessions.get(client_id)
+        self.log(f"tab {client_id}: upload refused: {msg}")
+        if session is not None and not self.stopped:
+            try:
+                self._upload_notices.submit(session.refuse_upload, msg)
+            except RuntimeError:  # stopping
+                pass
+
     def _disconnect(self, client) -> None:
+        self.upload_gate.forget_client(client.client_id)
         with self._sessions_lock:
             session = self.sessions.pop(client.client_id, None)
         if session is not None:
@@ -413,6 +529,7 @@ class Viewer:
             sessions, threads = list(self.sessions.values()), list(self._threads)
         for s in sessions:
             s.stop()
+        self._upload_notices.shutdown(wait=False, cancel_futures=True)
         self.server.stop()
         for t in threads:  # a render thread still inside torch at interpreter exit aborts the process
             t.join(timeout=10.0)
