@@ -15,8 +15,10 @@ property, it also keeps loaders that assume a fixed 4-byte stride working.
 
 Coordinate frame: everything is written in gsavatar's canonical *head frame* (metres; OpenCV
 axes as in gsavatar.tracking.camera: x right, y down, z away from the viewer into the head,
-the face looking towards -z), which is also how COLMAP/3DGS scenes are oriented: viewers that
-assume y-up show it upside down until turned 180 degrees about x. Face and mouth Gaussians
+the face looking towards -z), which is also how COLMAP/3DGS scenes are oriented. PlayCanvas's
+SuperSplat and splat-transform turn every PLY 180 degrees about z on loading (x and y change
+sign; tests/test_ply_interop.py checks this), which shows such scenes y-up; viewers that take
+the file's axes as they are, with y up, show it upside down. Face and mouth Gaussians
 live in that frame already. Torso Gaussians live in the camera frame (the avatar renders them
 with an identity view); they are mapped into the head frame with the inverse of a reference
 view matrix ``V`` (head -> camera): means ``R^T (x - t)``, quaternions ``q(R^T) * q``. Torso
