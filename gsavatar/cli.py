@@ -102,8 +102,8 @@ class Train:
     """A video file (preprocessed into RUN_DIR/subject) or a subject dataset directory from gsavatar preprocess."""
     out: Annotated[Path, tyro.conf.arg(aliases=["-o"], metavar="RUN_DIR")]
     """Run directory for the avatar, logs and checkpoints."""
-    preset: str = "default"
-    """Training preset: a name in configs/ (cpu-tiny: minutes on a CPU, 128 px; default: GPU, 512 px) or a .toml path."""
+    preset: str = "auto"
+    """Training preset: a name in configs/ (cpu-tiny: minutes on a CPU, 128 px; cpu-30min: about 30 min on 2 cores, 256 px; default: GPU, 512 px), a .toml path, or auto (default on a CUDA device, cpu-30min on a CPU)."""
     iterations_scale: float = 1.0
     """Multiply every stage's iterations by this (e.g. 0.5 for a quicker, rougher avatar)."""
     render_size: int | None = None
@@ -118,11 +118,19 @@ class Train:
     force: bool = False
     """Discard an existing run in RUN_DIR and start again."""
 
-    def __call__(self) -> None:
-        from gsavatar.config import load_preset
-        from gsavatar.train.run import train_command
+    def config(self):
+        """The resolved TrainConfig (preset, then the flags), with a line saying what ``auto`` picked
+        or warning that a GPU preset is about to train on a CPU (None when there is nothing to say)."""
+        from gsavatar.config import AUTO_PRESET, auto_preset, load_preset
+        from gsavatar.train.trainer import resolve_device
 
-        cfg = load_preset(self.preset)
+        note = None
+        preset = self.preset
+        if preset == "auto":
+            device = resolve_device(self.device or "auto")
+            preset = auto_preset(device.type)
+            note = f"preset auto: {preset} (for {'the CUDA device' if device.type == 'cuda' else 'a CPU: no CUDA device'}; --preset NAME chooses another)"
+        cfg = load_preset(preset)
         cfg = dataclasses.replace(cfg, seed=cfg.seed if self.seed is None else self.seed,
                                   device=self.device or cfg.device, render_size=self.render_size or cfg.render_size,
                                   backend=self.backend or cfg.backend)
@@ -136,6 +144,17 @@ class Train:
             cfg.densify = dataclasses.replace(d, start=round(d.start * k), every=max(1, round(d.every * k)),
                                               reset_opacity_every=round(d.reset_opacity_every * k))
         cfg.validate()  # a bad setting fails now, not after preprocessing a video
+        if preset == AUTO_PRESET["cuda"] and resolve_device(cfg.device).type == "cpu":
+            note = (f"note: preset {preset} is meant for a GPU and would train for more than a day on this CPU; "
+                    f"--preset {AUTO_PRESET['cpu']} takes about 30 min on 2 cores")
+        return cfg, note
+
+    def __call__(self) -> None:
+        from gsavatar.train.run import train_command
+
+        cfg, note = self.config()
+        if note:
+            print(note, flush=True)
         summary = train_command(self.input, self.out, cfg, force=self.force)
         g = summary["gaussians"]
         print(f"avatar: {self.out / 'avatar.pt'}  ({summary['wall_s'] / 60:.1f} min, Gaussians face {g['face']}, "

@@ -451,6 +451,16 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
 
 
+AUTO_PRESET = {"cuda": "default", "cpu": "cpu-30min"}
+"""What ``--preset auto`` picks per device type: the GPU preset only where a GPU trains it (the
+default preset on a CPU would run for days)."""
+
+
+def auto_preset(device_type: str) -> str:
+    """The preset ``auto`` stands for on a device of this type ("cuda" or "cpu")."""
+    return AUTO_PRESET[device_type]
+
+
 def load_preset(name: str) -> TrainConfig:
     """A :class:`TrainConfig` from a preset name (configs/NAME.toml) or a path to a .toml file."""
     import tomllib

@@ -231,6 +231,30 @@ def test_train_command_bad_input_gives_one_line(args, message, tmp_path, capsys)
     assert code != 0 and len(err.splitlines()) == 1 and message in err, err
 
 
+def test_preset_auto_picks_the_cpu_preset_without_cuda_and_says_so(tmp_path, monkeypatch):
+    """No --preset: on a machine without CUDA, auto must mean cpu-30min (the GPU preset would run
+    for more than a day), and the choice is printed; --preset default on a CPU gets a note."""
+    from gsavatar.cli import Train
+    from gsavatar.config import load_preset
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg, note = Train(tmp_path, tmp_path / "run").config()
+    expected = load_preset("cpu-30min")
+    assert cfg.render_size == expected.render_size == 256 and cfg.stages == expected.stages
+    assert note.startswith("preset auto: cpu-30min") and "no CUDA" in note
+    cfg, note = Train(tmp_path, tmp_path / "run", preset="default").config()
+    assert cfg.render_size == 512 and "meant for a GPU" in note and "--preset cpu-30min" in note
+    cfg, note = Train(tmp_path, tmp_path / "run", preset="cpu-tiny").config()
+    assert cfg.stages == load_preset("cpu-tiny").stages and note is None
+    # On a CUDA device auto is the GPU preset (the device is only resolved, never used, here).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg, note = Train(tmp_path, tmp_path / "run").config()
+    assert cfg.stages == load_preset("default").stages and note.startswith("preset auto: default")
+    # --device cpu on a CUDA machine: auto follows the device asked for.
+    cfg, note = Train(tmp_path, tmp_path / "run", device="cpu").config()
+    assert cfg.render_size == 256 and cfg.device == "cpu" and "cpu-30min" in note
+
+
 def test_a_run_directory_in_use_is_refused_in_one_line(tmp_path, capsys):
     """A second train on a RUN_DIR that another run holds stops at once; the lock goes with its holder."""
     from gsavatar.cli import main
