@@ -4,7 +4,8 @@ and append rows to BENCHMARKS.md.
     python bench/bench_eval.py SUBJECT_OR_VIDEO --run RUN_DIR --preset cpu-30min \
         [--audio ../shared/data/audio/radio31_8s.wav ...] [--max-frames N] [--write]
 
-One row per method (avatar, mean training frame, nearest-audio training frame) under
+One row per method (avatar, its head over the true torso, mean training frame, nearest-audio
+training frame) under
 "## Evaluation (`gsavatar eval`)", and one row per driving audio file under
 "## Lip-sync on novel audio (`gsavatar eval --audio`)". Every figure comes from RUN_DIR/eval.json.
 """
@@ -22,7 +23,8 @@ from common import append_row, machine  # noqa: E402
 
 TABLE = "## Evaluation (`gsavatar eval`)"
 DRIVE_TABLE = "## Lip-sync on novel audio (`gsavatar eval --audio`)"
-NAMES = {"avatar": "avatar", "mean_frame": "mean training frame", "nearest_audio": "nearest-audio training frame"}
+NAMES = {"avatar": "avatar", "avatar_gt_torso": "avatar head over the true torso (published protocol)",
+         "mean_frame": "mean training frame", "nearest_audio": "nearest-audio training frame"}
 
 
 def _f(value, fmt: str) -> str:

@@ -170,6 +170,30 @@ def test_dlib_mouth_opening_tracks_the_synthetic_ground_truth(demo_subject, demo
     assert M.pearson(opening, truth) > 0.9
 
 
+def test_gt_torso_protocol_draws_the_head_over_the_frames_own_torso(trained):
+    """"avatar_gt_torso" (how methods that paste the torso from the video are scored): away from
+    the head the prediction is the truth itself, and on the face it is the avatar's own head."""
+    import cv2
+
+    from gsavatar.eval.baselines import avatar_predictor
+    from gsavatar.train.checkpoint import load_avatar
+    from gsavatar.train.data import TrainingData
+
+    subject_dir, run, _ = trained
+    avatar, cfg, subject = load_avatar(run / "avatar.pt", torch.device("cpu"))
+    data = TrainingData(subject_dir, subject["render_size"], subject["audio_kind"], "cpu")
+    own, pasted = avatar_predictor(avatar, cfg, data), avatar_predictor(avatar, cfg, data, true_torso=True)
+    for i in list(data.test_indices)[:2]:
+        f = data.frame(int(i))
+        a, b = own(int(i)), pasted(int(i))
+        truth_there = (f.back == f.image).all(-1).numpy().astype(np.uint8)  # outside the dilated head
+        far = torch.from_numpy(cv2.distanceTransform(truth_there, cv2.DIST_L2, 3) >= 4)
+        err_pasted, err_own = ((x - f.image).abs()[far].mean() for x in (b, a))
+        assert far.sum() > 0.3 * far.numel() and err_pasted < 1e-3 and err_own > 10 * err_pasted
+        face = (f.face[..., 0] > 0.5) & (f.mouth[..., 0] < 0.5)
+        assert (a - b).abs()[face].mean() < 1e-3  # the face is opaque: what lies behind hardly shows
+
+
 # -- the protocol ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def evaluated(trained, tmp_path_factory):
@@ -199,6 +223,8 @@ def test_avatar_beats_both_baselines_on_the_test_split(evaluated):
     assert a["lmd_mouth"] < mean["lmd_mouth"] and a["lmd_mouth"] < near["lmd_mouth"]
     assert a["mouth_corr"] > 0.8
     assert mean["mouth_corr"] is None  # a constant image has a constant mouth
+    pasted = r["methods"]["avatar_gt_torso"]  # the true torso can only help, and the face is the same
+    assert pasted["psnr"] > a["psnr"] and abs(pasted["psnr_face"] - a["psnr_face"]) < 0.2
 
 
 def test_test_split_lip_sync_matches_the_ground_truth_video(evaluated):

@@ -31,9 +31,13 @@ def score(predict: Callable[[int], torch.Tensor], data: TrainingData, indices=No
     return {"psnr": db(full), "psnr_face": db(face), "frames": len(idx)}
 
 
-def avatar_predictor(avatar, cfg, data: TrainingData, audio: torch.Tensor | None = None) -> Callable[[int], torch.Tensor]:
+def avatar_predictor(avatar, cfg, data: TrainingData, audio: torch.Tensor | None = None,
+                     true_torso: bool = False) -> Callable[[int], torch.Tensor]:
     """Render frame ``index`` with the avatar (its tracked camera, pose and blink), driven by
-    ``audio`` (``[N, S, D]`` features; default: the subject's own)."""
+    ``audio`` (``[N, S, D]`` features; default: the subject's own). ``true_torso``: draw only the
+    face and mouth, over the frame itself with its (dilated) head replaced by the background
+    plate, i.e. the truth's own torso and background: the protocol of methods that paste the
+    torso from the video (TalkingGaussian, ER-NeRF), whose published figures it compares with."""
     from gsavatar.model.avatar import audio_context
 
     from gsavatar.render import PairBudget
@@ -43,7 +47,8 @@ def avatar_predictor(avatar, cfg, data: TrainingData, audio: torch.Tensor | None
 
     @torch.no_grad()
     def predict(index: int) -> torch.Tensor:
-        inputs = data.inputs(index, a.audio_smoothing_frames, a.audio_window_radius)
+        back = data.frame(index).back if true_torso else None
+        inputs = data.inputs(index, a.audio_smoothing_frames, a.audio_window_radius, back=back)
         if audio is not None:
             inputs.audio = audio_context(audio, index, a.audio_window_radius, a.audio_smoothing_frames)
         return avatar.render_settled(inputs, budget).image.clamp(0, 1)

@@ -3,8 +3,11 @@
 Protocol (one pass, every method scored by the same code on the same frames):
 
 1. The test split (the last 1/11 of the subject's frames, contiguous) at the trained resolution.
-   Methods: the avatar driven by the frames' own audio, and two baselines (the mean training
-   frame; the training frame nearest in audio feature).
+   Methods: the avatar driven by the frames' own audio; the same avatar's head over each test
+   frame's own torso and background ("avatar_gt_torso": the frame with its dilated head replaced
+   by the plate, as methods that paste the torso from the video are scored, so that their
+   published figures compare with it; our own output never needs the video); and two baselines
+   (the mean training frame; the training frame nearest in audio feature).
 2. Per frame: PSNR and SSIM (full frame, and inside the face mask); LPIPS when its weights are
    on disk; iBUG-68 landmarks from dlib (independent of the MediaPipe training signal) on the
    ground truth and the prediction (each in the face box found on itself; the truth's box when
@@ -219,7 +222,8 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, subject_dir
     energy = energy_all[idx]
     truth_av = M.av_offset(np.nan_to_num(truth_mouth, nan=float(np.nanmean(truth_mouth))), energy, cfg.max_lag)
 
-    predictors = {"avatar": avatar_predictor(avatar, tcfg, data)}
+    predictors = {"avatar": avatar_predictor(avatar, tcfg, data),
+                  "avatar_gt_torso": avatar_predictor(avatar, tcfg, data, true_torso=True)}
     if cfg.baselines:
         predictors["mean_frame"] = mean_frame(data)
         predictors["nearest_audio"] = nearest_audio_frame(data)
@@ -313,11 +317,12 @@ def _fmt(value, fmt: str) -> str:
 def format_table(result: dict) -> str:
     names = list(result["methods"])
     width = max(len(r[1]) for r in ROWS) + 2
+    cols = [max(15, len(n) + 2) for n in names]
     lines = [f"test split: frames {result['split']['frames'][0]}-{result['split']['frames'][1] - 1} "
              f"({result['split']['count']}) at {result['split']['resolution']} px",
-             "".ljust(width) + "".join(n.rjust(15) for n in names)]
+             "".ljust(width) + "".join(n.rjust(c) for n, c in zip(names, cols))]
     for key, label, fmt in ROWS:
-        lines.append(label.ljust(width) + "".join(_fmt(result["methods"][n].get(key), fmt).rjust(15) for n in names))
+        lines.append(label.ljust(width) + "".join(_fmt(result["methods"][n].get(key), fmt).rjust(c) for n, c in zip(names, cols)))
     gt = result["ground_truth"]
     lines.append(f"ground-truth video: AV offset {_fmt(gt['av_offset'], '{:+d}')} frames, r {_fmt(gt['av_corr'], '{:.3f}')}")
     if result["lpips"]:
