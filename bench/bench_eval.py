@@ -7,7 +7,8 @@ and append rows to BENCHMARKS.md.
 One row per method (avatar, its head over the true torso, mean training frame, nearest-audio
 training frame) under
 "## Evaluation (`gsavatar eval`)", and one row per driving audio file under
-"## Lip-sync on novel audio (`gsavatar eval --audio`)". Every figure comes from RUN_DIR/eval.json.
+"## Lip-sync on novel audio (`gsavatar eval --audio`)", and PSNR by region for the avatar (both
+protocols) and the mean frame under "## Where the error is". Every figure comes from RUN_DIR/eval.json.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from common import append_row, machine  # noqa: E402
 
 TABLE = "## Evaluation (`gsavatar eval`)"
 DRIVE_TABLE = "## Lip-sync on novel audio (`gsavatar eval --audio`)"
+REGION_TABLE = "## Where the error is (`gsavatar eval`, PSNR by region)"
 NAMES = {"avatar": "avatar", "avatar_gt_torso": "avatar head over the true torso (published protocol)",
          "mean_frame": "mean training frame", "nearest_audio": "nearest-audio training frame"}
 
@@ -74,6 +76,14 @@ def main() -> None:
             f"{_f(m['lmd_mouth'], '{:.2f}')} / {_f(m['lmd_face'], '{:.2f}')} | {_f(m['mouth_corr'], '{:.2f}')} | "
             f"{_f(m['blink_corr'], '{:.2f}')} | {_f(m['av_offset'], '{:+d}')} ({_f(m['av_corr'], '{:.2f}')}); "
             f"truth {_f(gt['av_offset'], '{:+d}')} ({_f(gt['av_corr'], '{:.2f}')}) | {fps} | {cmd} | {where} |"))
+    for key in ("avatar", "avatar_gt_torso", "mean_frame"):
+        if key not in result["methods"]:
+            continue
+        m = result["methods"][key]
+        append_row(REGION_TABLE, (
+            f"| {datetime.date.today()} | {args.source.name} | {args.preset} | {NAMES[key]} | {split['count']} @ {split['resolution']} px | "
+            + " | ".join(_f(m.get(k), "{:.2f}") for k in ("psnr", "psnr_face", "psnr_hair", "psnr_torso", "psnr_background", "psnr_head_edge"))
+            + f" | {cmd} | {where} |"))
     for path, d in result["drives"].items():
         a = d["avatar"]
         b = d.get("nearest_audio", {})

@@ -194,6 +194,29 @@ def test_gt_torso_protocol_draws_the_head_over_the_frames_own_torso(trained):
         assert (a - b).abs()[face].mean() < 1e-3  # the face is opaque: what lies behind hardly shows
 
 
+def test_region_masks_partition_the_frame_and_ring_the_head(trained):
+    from gsavatar.eval.evaluate import HEAD_EDGE_PX, REGIONS, region_masks
+    from gsavatar.train.data import TrainingData
+
+    subject_dir, _, summary = trained
+    data = TrainingData(subject_dir, summary["render_size"], summary["audio_feature"], "cpu")
+    f = data.frame(int(data.test_indices[0]))
+    r = region_masks(f)
+    assert set(r) == set(REGIONS)
+    cover = f.face + r["hair"] + r["torso"] + r["background"]
+    assert torch.equal(cover, torch.ones_like(cover))  # disjoint and complete
+    assert min(float(r[k].sum()) for k in ("hair", "torso", "background")) > 0
+    edge = r["head_edge"][..., 0] > 0
+    head = f.head[..., 0] > 0
+    rows = head.any(1).nonzero()[:, 0]
+    top, mid = int(rows.min()), int(rows.float().mean())
+    assert edge[top, head[top].nonzero()[0, 0]] and not edge[mid, head[mid].nonzero()[:, 0].float().mean().long()]
+    # A band about 2 x HEAD_EDGE_PX + 1 px wide along the outline (head pixels with a non-head neighbour).
+    eroded = ~torch.nn.functional.max_pool2d((~head).float()[None], 3, 1, 1)[0].bool()
+    outline = float((head & ~eroded).sum())
+    assert HEAD_EDGE_PX * outline < float(edge.sum()) < (3 * HEAD_EDGE_PX + 1) * outline
+
+
 # -- the protocol ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def evaluated(trained, tmp_path_factory):
@@ -225,6 +248,11 @@ def test_avatar_beats_both_baselines_on_the_test_split(evaluated):
     assert mean["mouth_corr"] is None  # a constant image has a constant mouth
     pasted = r["methods"]["avatar_gt_torso"]  # the true torso can only help, and the face is the same
     assert pasted["psnr"] > a["psnr"] and abs(pasted["psnr_face"] - a["psnr_face"]) < 0.2
+    # By region: the pasted truth shows in the background and torso, the head's regions match.
+    assert pasted["psnr_background"] > max(40, a["psnr_background"] + 5) and pasted["psnr_torso"] > a["psnr_torso"]
+    assert abs(pasted["psnr_hair"] - a["psnr_hair"]) < 1
+    for m in (a, pasted, mean):  # every region is scored for every method
+        assert all(m[f"psnr_{k}"] is not None for k in ("hair", "torso", "background", "head_edge"))
 
 
 def test_test_split_lip_sync_matches_the_ground_truth_video(evaluated):

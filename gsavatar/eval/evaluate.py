@@ -8,7 +8,8 @@ Protocol (one pass, every method scored by the same code on the same frames):
    by the plate, as methods that paste the torso from the video are scored, so that their
    published figures compare with it; our own output never needs the video); and two baselines
    (the mean training frame; the training frame nearest in audio feature).
-2. Per frame: PSNR and SSIM (full frame, and inside the face mask); LPIPS when its weights are
+2. Per frame: PSNR and SSIM (full frame, and inside the face mask); PSNR by region (see
+   :data:`REGIONS`: where the error is); LPIPS when its weights are
    on disk; iBUG-68 landmarks from dlib (independent of the MediaPipe training signal) on the
    ground truth and the prediction (each in the face box found on itself; the truth's box when
    none is found on the prediction), giving mouth and face LMD, mouth opening and eye opening.
@@ -45,6 +46,29 @@ from gsavatar.eval import metrics as M
 EVAL_VERSION = 1
 
 
+REGIONS = {
+    "hair": "the head mask minus the face oval (hair, ears, the neck below the chin)",
+    "torso": "the torso mask",
+    "background": "outside the person",
+    "head_edge": "within HEAD_EDGE_PX (3) px of the head's outline, on both sides",
+}
+"""Regions scored apart (PSNR each) besides the face oval: hair, torso and background are
+disjoint from the face and from each other and cover the frame; head_edge overlaps them."""
+HEAD_EDGE_PX = 3
+
+
+def region_masks(frame) -> dict[str, torch.Tensor]:
+    """``[H, W, 1]`` masks of :data:`REGIONS` for a :class:`gsavatar.train.data.TrainFrame`."""
+    import cv2
+
+    head = frame.head[..., 0].cpu().numpy() > 0.5
+    dist = np.where(head, cv2.distanceTransform(head.astype(np.uint8), cv2.DIST_L2, 3),
+                    cv2.distanceTransform((~head).astype(np.uint8), cv2.DIST_L2, 3))
+    edge = torch.from_numpy(dist <= HEAD_EDGE_PX).to(frame.head)[..., None]
+    return {"hair": frame.head * (1 - frame.face), "torso": frame.torso * (1 - frame.head),
+            "background": 1 - torch.maximum(frame.person, frame.head), "head_edge": edge}
+
+
 @dataclasses.dataclass
 class FrameScore:
     mse: float
@@ -56,6 +80,7 @@ class FrameScore:
     lmd_face: float | None
     mouth: float
     eye: float
+    mse_regions: dict = dataclasses.field(default_factory=dict)  # REGIONS name -> MSE (None: empty region)
 
 
 def _landmark_signals(points) -> tuple[float, float]:
@@ -64,7 +89,8 @@ def _landmark_signals(points) -> tuple[float, float]:
     return M.mouth_opening(points), M.eye_opening(points)
 
 
-def score_frame(pred: torch.Tensor, truth: torch.Tensor, face: torch.Tensor, box, truth_points, lpips_fn) -> FrameScore:
+def score_frame(pred: torch.Tensor, truth: torch.Tensor, face: torch.Tensor, box, truth_points, lpips_fn,
+                regions: dict | None = None) -> FrameScore:
     from gsavatar.eval import landmarks68
 
     has_face = float(face.sum()) > 0
@@ -79,7 +105,8 @@ def score_frame(pred: torch.Tensor, truth: torch.Tensor, face: torch.Tensor, box
         mse=M.mse(pred, truth), mse_face=M.mse(pred, truth, face) if has_face else None,
         ssim=M.ssim(pred, truth), ssim_face=M.ssim(pred, truth, face) if has_face else None,
         lpips=lpips_fn(pred, truth) if lpips_fn is not None else None,
-        lmd_mouth=lmd[0], lmd_face=lmd[1], mouth=mouth, eye=eye)
+        lmd_mouth=lmd[0], lmd_face=lmd[1], mouth=mouth, eye=eye,
+        mse_regions={k: M.mse(pred, truth, m) if float(m.sum()) > 0 else None for k, m in (regions or {}).items()})
 
 
 def _mean(values) -> float | None:
@@ -101,6 +128,8 @@ def summarise(scores: list[FrameScore], truth_mouth, truth_eye, energy, max_lag:
         "mouth_corr": M.pearson(mouth, truth_mouth), "blink_corr": M.pearson(eye, truth_eye),
         "av_offset": av["offset"], "av_corr": av["correlation"], "av_corr_at_0": av["correlation_at_0"],
         "av_corr_by_lag": av["by_lag"],
+        **{f"psnr_{k}": M.psnr_from_mse(s.mse_regions[k] for s in scores if s.mse_regions.get(k) is not None)
+           for k in REGIONS},
     }
 
 
@@ -215,7 +244,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, subject_dir
         f = data.frame(int(i))
         box = landmarks68.detect_face(f.image)
         pts = landmarks68.landmarks(f.image, box) if box is not None else None
-        truth[int(i)] = (f, box, pts)
+        truth[int(i)] = (f, box, pts, region_masks(f))
     truth_mouth = np.array([_landmark_signals(truth[int(i)][2])[0] for i in idx])
     truth_eye = np.array([_landmark_signals(truth[int(i)][2])[1] for i in idx])
     energy_all = M.speech_energy(data.dataset.audio, data.num_frames)
@@ -231,8 +260,8 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, subject_dir
     for name, predict in predictors.items():
         scores = []
         for i in _bar(idx, progress, name):
-            f, box, pts = truth[int(i)]
-            scores.append(score_frame(predict(int(i)).clamp(0, 1), f.image, f.face, box, pts, lpips_fn))
+            f, box, pts, regions = truth[int(i)]
+            scores.append(score_frame(predict(int(i)).clamp(0, 1), f.image, f.face, box, pts, lpips_fn, regions))
         methods[name] = summarise(scores, truth_mouth, truth_eye, energy, cfg.max_lag)
 
     drives = {}
@@ -303,7 +332,8 @@ def _json_default(x):
 # -- the table --------------------------------------------------------------------------------
 ROWS = (
     ("psnr", "PSNR (dB)", "{:.2f}"), ("psnr_face", "PSNR face (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),
-    ("ssim_face", "SSIM face", "{:.4f}"), ("lpips", "LPIPS", "{:.4f}"), ("lmd_mouth", "LMD mouth (px)", "{:.2f}"),
+    ("ssim_face", "SSIM face", "{:.4f}"),
+    *((f"psnr_{k}", f"PSNR {k.replace('_', ' ')} (dB)", "{:.2f}") for k in REGIONS), ("lpips", "LPIPS", "{:.4f}"), ("lmd_mouth", "LMD mouth (px)", "{:.2f}"),
     ("lmd_face", "LMD face (px)", "{:.2f}"), ("mouth_corr", "mouth-open r vs truth", "{:.3f}"),
     ("blink_corr", "eye-open r vs truth", "{:.3f}"), ("av_offset", "AV offset (frames)", "{:+d}"),
     ("av_corr", "AV r at offset", "{:.3f}"),
