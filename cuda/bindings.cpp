@@ -1,7 +1,9 @@
 // The one binding file: every compiled op that Python sees is declared in raster.h / hashgrid.h
 // and bound here. Built twice by gsavatar/kernels.py: with -DGSA_WITH_CUDA (CUDA kernels for
 // CUDA tensors, host twins for CPU tensors) and without (host twins only).
-#include <torch/extension.h>
+// torch/python.h, not torch/extension.h: the bindings need pybind11 and the tensor casters, not the
+// C++ frontend (torch/all.h), whose headers were about a fifth of the CPU build's compile time.
+#include <torch/python.h>
 
 #include "hashgrid.h"
 #include "raster.h"

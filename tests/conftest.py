@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,19 +31,59 @@ def demo_video(tmp_path_factory):
     return make_synthetic_subject(tmp_path_factory.mktemp("demo") / "demo.mp4", duration_s=6.0, size=256, seed=1)
 
 
+def demo_config():
+    """How ``demo_subject`` is preprocessed: 256 px, log-mel features."""
+    from gsavatar.config import PreprocessConfig
+
+    return PreprocessConfig(size=256, audio_features=("logmel",))
+
+
 @pytest.fixture(scope="session")
 def demo_subject(demo_video, tmp_path_factory):
-    """The synthetic subject preprocessed at 256 px with log-mel features; returns (dir, report)."""
-    from gsavatar.config import PreprocessConfig
+    """The synthetic subject preprocessed with ``demo_config()``; returns (dir, report)."""
     from gsavatar.data.preprocess import preprocess
 
     out = tmp_path_factory.mktemp("subject") / "subject"
-    report = preprocess(demo_video.video_path, out, PreprocessConfig(size=256, audio_features=("logmel",)))
+    report = preprocess(demo_video.video_path, out, demo_config())
     return out, report
 
 
+@pytest.fixture()
+def subject_copy(demo_subject, tmp_path):
+    """A copy of ``demo_subject`` that a test may change (re-run stages, interrupt them)."""
+    dst = tmp_path / "subject"
+    shutil.copytree(demo_subject[0], dst)
+    return dst
+
+
+@contextlib.contextmanager
+def cpu_kernels_built_meanwhile(session: pytest.Session, enabled: bool):
+    """While the block runs, builds the CPU kernels in a thread when ``enabled`` and a collected test
+    needs them (tests/test_kernels_*.py), one compiler job at a time; returns once both are done. A
+    build failure is remembered by gsavatar.kernels, and the kernel tests report it."""
+    from gsavatar import kernels
+
+    if not enabled or not kernels.available("cpu") or not any(
+            item.path.name.startswith("test_kernels_") for item in session.items):
+        yield
+        return
+
+    def build():
+        with contextlib.suppress(kernels.KernelBuildError):
+            kernels.load("cpu")
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MAX_JOBS", "1")  # read by torch's extension builder
+        thread = threading.Thread(target=build, name="cpu kernel build")
+        thread.start()
+        try:
+            yield
+        finally:
+            thread.join()
+
+
 @pytest.fixture(scope="session")
-def trained(demo_subject, tmp_path_factory):
+def trained(demo_subject, tmp_path_factory, request):
     """The cpu-tiny preset trained on the synthetic subject (about 2 minutes on 2 cores), once per
     session: (subject_dir, run_dir, summary). Tests must not write into run_dir."""
     from gsavatar.config import load_preset
@@ -47,8 +91,26 @@ def trained(demo_subject, tmp_path_factory):
 
     subject, _ = demo_subject
     run = tmp_path_factory.mktemp("run") / "tiny"
-    summary = train(subject, run, load_preset("cpu-tiny"), show_progress=False)
+    cfg = load_preset("cpu-tiny")
+    # Training on one CPU thread leaves the other core idle: the kernel build (a minute on a fresh
+    # clone) runs there instead of in the suite's own time.
+    with cpu_kernels_built_meanwhile(request.session, enabled=cfg.cpu_threads == 1):
+        summary = train(subject, run, cfg, show_progress=False)
     return subject, run, summary
+
+
+def remux(src: Path, dst: Path, until_s: float = math.inf, options: dict | None = None) -> None:
+    """Copy ``src``'s first video and audio streams into ``dst`` packet by packet (nothing re-encoded),
+    keeping the packets that start before ``until_s``."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w", options=options or {}) as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in (inp.streams.video[0], inp.streams.audio[0])}
+        for packet in inp.demux():
+            if packet.dts is None or packet.pts * packet.time_base >= until_s:
+                continue
+            packet.stream = streams[packet.stream.index]
+            out.mux(packet)
 
 
 def tone(seconds: float, rate: int = 16000, freq: float = 220.0) -> np.ndarray:

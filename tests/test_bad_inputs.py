@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import require_preprocess_deps, tone
+from conftest import remux, require_preprocess_deps, tone
 
 require_preprocess_deps()
 
@@ -90,16 +90,8 @@ def test_truncated_file(tmp_path, capsys, demo_video):
 
 def test_truncated_streamable_file(tmp_path, capsys, demo_video):
     """With the index at the front (faststart), a cut file opens but ends early."""
-    import av
-
     fast = tmp_path / "fast.mp4"
-    with av.open(str(demo_video.video_path)) as src, av.open(str(fast), "w", options={"movflags": "faststart"}) as dst:
-        streams = {s.index: dst.add_stream_from_template(s) for s in (src.streams.video[0], src.streams.audio[0])}
-        for packet in src.demux():
-            if packet.dts is None:
-                continue
-            packet.stream = streams[packet.stream.index]
-            dst.mux(packet)
+    remux(demo_video.video_path, fast, options={"movflags": "faststart"})
     data = fast.read_bytes()
     video = tmp_path / "fast cut.mp4"
     video.write_bytes(data[: int(len(data) * 0.6)])

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import require_preprocess_deps
+from conftest import demo_config, require_preprocess_deps
 
 require_preprocess_deps()
 
@@ -103,26 +103,23 @@ def test_blink_signal_range(demo_subject):
     assert np.median(blink) < 0.3
 
 
-def test_rerun_skips_and_size_change_reruns(demo_video, tmp_path, capfd):
-    cfg = PreprocessConfig(size=128, audio_features=("logmel",))
-    out = tmp_path / "s"
-    preprocess(demo_video.video_path, out, cfg)
-    capfd.readouterr()
-    again = preprocess(demo_video.video_path, out, cfg)
+# The two tests below re-run a copy of the session's finished dataset: a fresh one would cost a whole preprocess.
+def test_rerun_skips_and_size_change_reruns(demo_video, subject_copy):
+    out = subject_copy
+    again = preprocess(demo_video.video_path, out, demo_config())
     assert all(s["skipped"] for s in again["stages"].values())
-    bigger = preprocess(demo_video.video_path, out, PreprocessConfig(size=192, audio_features=("logmel",)))
-    assert bigger["stages"]["scan"]["skipped"]  # the crop does not depend on the size
-    assert not bigger["stages"]["frames"]["skipped"] and not bigger["stages"]["masks"]["skipped"]
+    resized = preprocess(demo_video.video_path, out, PreprocessConfig(size=192, audio_features=("logmel",)))
+    assert resized["stages"]["scan"]["skipped"]  # the crop does not depend on the size
+    assert not resized["stages"]["frames"]["skipped"] and not resized["stages"]["masks"]["skipped"]
     assert SubjectDataset(out).frame(0).shape == (192, 192, 3)
 
 
-def test_interrupted_run_is_not_trusted_and_resumes(demo_video, tmp_path, monkeypatch):
+def test_interrupted_run_is_not_trusted_and_resumes(demo_video, subject_copy, monkeypatch):
     from gsavatar.data import preprocess as pp
     from gsavatar.errors import IncompleteDatasetError
 
-    out = tmp_path / "s"
-    cfg = PreprocessConfig(size=128, audio_features=("logmel",))
-    preprocess(demo_video.video_path, out, cfg)
+    out = subject_copy
+    cfg = demo_config()
     # Force the masks stage to re-run and die half way (as a kill would).
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["stages"]["masks"]["key"] = "stale"

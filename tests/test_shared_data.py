@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA, require_preprocess_deps
+from conftest import SHARED_DATA, remux, require_preprocess_deps
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "cnn2_25fps.mp4").is_file(),
                                 reason=f"shared recordings not found at {SHARED_DATA}")
@@ -28,6 +28,13 @@ def best_lag(mouth: np.ndarray, energy: np.ndarray, max_lag: int = 5) -> tuple[i
     return lag, scores[lag]
 
 
+CNN2_SECONDS = 20
+"""The tests preprocess cnn2's first 20 s (500 frames), not all 71 s: the whole clip took 2 of the
+suite's 13 minutes, mostly tracking, and the first 20 s measure alike (mouth/speech r 0.27 vs 0.28,
+rigid RMSE 0.39 vs 0.42 px, the focal length inside the search). The whole clip's figures are
+BENCHMARKS.md's (bench/bench_preprocess.py, bench/bench_tracking.py)."""
+
+
 @pytest.fixture(scope="module")
 def cnn2(tmp_path_factory):
     require_preprocess_deps()
@@ -35,15 +42,17 @@ def cnn2(tmp_path_factory):
     from gsavatar.data.dataset import SubjectDataset
     from gsavatar.data.preprocess import preprocess
 
-    out = tmp_path_factory.mktemp("cnn2") / "subject"
-    report = preprocess(SHARED_DATA / "cnn2_25fps.mp4", out, PreprocessConfig(size=256, audio_features=("logmel",)))
-    return SubjectDataset(out), report
+    work = tmp_path_factory.mktemp("cnn2")
+    clip = work / f"cnn2_first_{CNN2_SECONDS}s.mp4"  # stream-copied: the recording's own frames and sound
+    remux(SHARED_DATA / "cnn2_25fps.mp4", clip, until_s=CNN2_SECONDS)
+    report = preprocess(clip, work / "subject", PreprocessConfig(size=256, audio_features=("logmel",)))
+    return SubjectDataset(work / "subject"), report
 
 
 def test_cnn2_every_frame_with_a_face(cnn2):
     ds, report = cnn2
-    assert ds.num_frames == 1779 and report["face_fraction"] == 1.0
-    assert ds.manifest["split"]["test"] == [1779 - 162, 1779]
+    assert ds.num_frames == 500 and report["face_fraction"] == 1.0
+    assert ds.manifest["split"]["test"] == [500 - 45, 500]
     assert report["peak_rss_mb"] < 3000
 
 
@@ -56,13 +65,17 @@ def test_cnn2_audio_and_mouth_in_sync(cnn2):
 
 def test_cnn2_tracking_meets_the_targets(cnn2):
     """Issue targets at 512 px are rigid < 1.5 px and all < 2.5 px in under 60 s; this subject is
-    at 256 px, so the pixel bars are halved. BENCHMARKS.md has the 512 px figures (32 s of
-    tracking on a quiet machine, bench/bench_tracking.py). Inside the suite the 2-core machine is
-    shared with the other tests (61.8 s seen once), so the time bar here is a 2x regression guard."""
+    at 256 px, so the pixel bars are halved. BENCHMARKS.md has the 512 px figures for the whole
+    71 s (32 s of tracking on a quiet machine, bench/bench_tracking.py). The time bar is a
+    regression guard for the first 20 s: 23 s (2 torch threads) to 33 s (1 thread, as after the
+    suite's training) of tracking measured on the 2-core machine shared with two other jobs; the
+    bar is 90 s, about 3x, because a CI failure costs a whole session's work. (The
+    whole clip's bar was 120 s: the time is not proportional to the frames, the focal search
+    costs the same from 400 frames up.)"""
     ds, report = cnn2
     metrics = ds.manifest["stages"]["tracking"]["result"]
     assert metrics["reprojection_rmse_rigid_px"] < 0.75 and metrics["reprojection_rmse_px"] < 1.25, metrics
-    assert report["stages"]["tracking"]["wall_s"] < 120
+    assert report["stages"]["tracking"]["wall_s"] < 90
     assert metrics["jitter_rotation_deg"] < 0.5 and metrics["jitter_translation_mm"] < 2.0
     tracking = ds.tracking
     assert not tracking.focal_at_search_limit  # a real head turns enough to measure perspective

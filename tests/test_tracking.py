@@ -4,7 +4,6 @@ the ``track`` command and its outputs."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -195,13 +194,6 @@ def test_preprocess_tracks_the_demo_subject(demo_subject):
 
     uv = project_model(tracking, 7)
     assert np.sqrt(((uv - ds.landmarks[7, :, :2]) ** 2).sum(-1).mean()) < 2.0
-
-
-@pytest.fixture()
-def subject_copy(demo_subject, tmp_path):
-    dst = tmp_path / "subject"
-    shutil.copytree(demo_subject[0], dst)
-    return dst
 
 
 def test_track_command_overlay_and_up_to_date_skip(subject_copy, capfd):
