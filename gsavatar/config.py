@@ -453,7 +453,7 @@ def available_presets() -> list[str]:
 
 AUTO_PRESET = {"cuda": "default", "cpu": "cpu-30min"}
 """What ``--preset auto`` picks per device type: the GPU preset only where a GPU trains it (the
-default preset on a CPU would run for days)."""
+default preset on a CPU would run for more than a day)."""
 
 
 def auto_preset(device_type: str) -> str:
