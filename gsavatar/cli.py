@@ -122,7 +122,7 @@ class Train:
         """The resolved TrainConfig (preset, then the flags), with a line saying what ``auto`` picked
         or warning that a GPU preset is about to train on a CPU (None when there is nothing to say)."""
         from gsavatar.config import AUTO_PRESET, auto_preset, load_preset
-        from gsavatar.train.trainer import resolve_device
+        from gsavatar.runtime import resolve_device
 
         note = None
         preset = self.preset

@@ -260,21 +260,40 @@ class DriveSequence:
     K: torch.Tensor  # [3, 3] at (size, size)
     size: int
     samples: np.ndarray | None = None  # 16 kHz mono, len = N * 640 when built from audio
+    _copies: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)  # device -> tensors
 
     def __len__(self) -> int:
         return int(self.audio.shape[0])
 
+    def on(self, device: str | torch.device) -> dict[str, torch.Tensor]:
+        """The per-frame tensors on ``device``, copied there once and kept: a copy from pageable
+        host memory to a GPU waits for the GPU's queue to drain, which per frame would stall the
+        render loop (a few hundred KB per minute of audio, so keeping them costs nothing)."""
+        device = torch.device(device)
+        key = str(device)
+        copies = self._copies.get(key)
+        if copies is None:
+            copies = {name: getattr(self, name).to(device) for name in ("audio", "viewmats", "poses", "blink", "cameras", "K")}
+            self._copies[key] = copies  # two threads may both copy; either result is the same
+        return copies
+
     def inputs(self, index: int, avatar_cfg, camera: torch.Tensor | None = None, background: torch.Tensor | None = None,
                device: str | torch.device = "cpu"):
-        """FrameInputs of frame ``index``; ``camera`` overrides the path's transform (the viewer's camera)."""
+        """FrameInputs of frame ``index`` on ``device`` (indexing copies kept there, see :meth:`on`);
+        ``camera`` overrides the path's transform (the viewer's camera)."""
         from gsavatar.model.avatar import FrameInputs, audio_context
 
-        cam = self.cameras[index] if camera is None else camera
+        t = self.on(device)
+        if camera is None:
+            cam = t["cameras"][index]
+        elif camera.device.type == "cpu" and t["cameras"].device.type == "cuda":
+            cam = camera.pin_memory().to(t["cameras"].device, non_blocking=True)  # no wait for the queue
+        else:
+            cam = camera.to(t["cameras"].device)
         return FrameInputs(
-            viewmat=self.viewmats[index].to(device), K=self.K.to(device), width=self.size, height=self.size,
-            audio=audio_context(self.audio, index, avatar_cfg.audio_window_radius, avatar_cfg.audio_smoothing_frames).to(device),
-            blink=self.blink[index].to(device), pose=self.poses[index].to(device), background=background,
-            camera=cam.to(device))
+            viewmat=t["viewmats"][index], K=t["K"], width=self.size, height=self.size,
+            audio=audio_context(t["audio"], index, avatar_cfg.audio_window_radius, avatar_cfg.audio_smoothing_frames),
+            blink=t["blink"][index], pose=t["poses"][index], background=background, camera=cam)
 
 
 def build_drive(subject: dict, samples: np.ndarray, cfg: DriveConfig | None = None, size: int | None = None,

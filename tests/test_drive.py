@@ -149,3 +149,32 @@ def test_load_speech_errors(tmp_path):
         load_speech(long, max_seconds=2.0)
     assert "\n" not in str(e.value)
     assert math.isclose(len(load_speech(long, max_seconds=10.0)) / 16000, 5.0)
+
+
+def test_frame_inputs_index_copies_made_once_per_device():
+    """inputs() gives each frame's slice of the sequence (audio window with replicated edges) and
+    copies the sequence to a device once, not per frame; a replaced sequence gets its own copies."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from gsavatar.drive import DriveSequence
+
+    g = torch.Generator().manual_seed(0)
+    n = 6
+    seq = DriveSequence(torch.randn(n, 2, 5, generator=g), torch.randn(n, 4, 4, generator=g), torch.randn(n, 6, generator=g),
+                        torch.rand(n, generator=g), torch.randn(n, 4, 4, generator=g), torch.eye(3), 32)
+    cfg = SimpleNamespace(audio_window_radius=1, audio_smoothing_frames=3)
+    inp = seq.inputs(0, cfg)
+    assert torch.equal(inp.audio[0, 0], seq.audio[0]) and torch.equal(inp.audio[0, 2], seq.audio[0])  # frames -1, -2 -> 0
+    assert torch.equal(inp.audio[2, 2], seq.audio[2]) and inp.audio.shape == (3, 3, 2, 5)
+    assert torch.equal(inp.viewmat, seq.viewmats[0]) and torch.equal(inp.pose, seq.poses[0])
+    assert torch.equal(inp.blink, seq.blink[0]) and torch.equal(inp.camera, seq.cameras[0])
+    own = torch.full((4, 4), 2.0)
+    assert torch.equal(seq.inputs(5, cfg, camera=own).camera, own)
+    for k in range(n):  # another device: one copy of the sequence serves every frame
+        meta = seq.inputs(k, cfg, device="meta")
+        assert meta.audio.device.type == "meta" and meta.viewmat.device.type == "meta"
+    assert seq.on("meta") is seq.on("meta") and set(seq._copies) == {"cpu", "meta"}
+    assert seq.inputs(1, cfg, camera=own, device="meta").camera.device.type == "meta"
+    other = dataclasses.replace(seq, viewmats=seq.viewmats + 1)
+    assert torch.equal(other.inputs(3, cfg).viewmat, seq.viewmats[3] + 1)

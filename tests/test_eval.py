@@ -232,7 +232,14 @@ def evaluated(trained, tmp_path_factory):
     speech, _ = synthesize_speech(4.0, 22050, np.random.default_rng(7))  # new words, another sample rate
     write_wav(work / "novel.wav", speech, 22050)
     cfg = EvalConfig(audio=(str(work / "novel.wav"),), fps_repeats=3, fps_frames=4)
-    return work, evaluate_run(work, cfg, progress=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # a caller's own count, which the evaluation must give back
+    try:
+        result = evaluate_run(work, cfg, progress=False)
+        work.joinpath("threads_after_eval").write_text(str(torch.get_num_threads()))
+    finally:
+        torch.set_num_threads(before)
+    return work, result
 
 
 def test_avatar_beats_both_baselines_on_the_test_split(evaluated):
@@ -279,6 +286,8 @@ def test_eval_json_records_results_versions_device_and_settings(evaluated):
     env = saved["environment"]
     assert env["torch"] == version("torch") and env["gsavatar"] == version("gsavatar")
     assert env["device"] == "cpu" and ("dlib-bin" in env or "dlib" in env)
+    assert env["torch_threads"] == 1  # the cpu-tiny preset's, while it ran
+    assert (work / "threads_after_eval").read_text() == "3"  # and the caller's after it
     assert saved["settings"]["max_lag"] == 3 and saved["settings"]["lmd_units"].endswith("128 px")
     s = saved["speed"]
     assert s["fps"] > 0 and s["fps_min"] <= s["fps"] <= s["fps_max"] and s["resolution"] == [128, 128]

@@ -184,6 +184,21 @@ def test_background_image_replaces_the_plate(rendered, trained, speech, tmp_path
     assert np.abs(after[centre] - before[centre]).mean() < 2.0
 
 
+def test_render_gives_back_the_callers_thread_count(trained, speech, tmp_path):
+    """The cpu-tiny avatar renders on its preset's one thread, and a library caller gets its own count back."""
+    from gsavatar.outputs.render_video import render_video
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        summary = render_video(trained[1], speech, tmp_path / "v.mp4", DriveConfig(), progress=False)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert summary["cpu_threads"] == 1
+    assert after == 3
+
+
 def test_compressed_speech_formats_and_the_cli(trained, tmp_path):
     """m4a (AAC) and mp3 at 44.1 kHz decode to the right frame count; the CLI renders an m4a end to end."""
     _, run, _ = trained

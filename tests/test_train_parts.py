@@ -173,3 +173,27 @@ def test_preset_values_that_would_fail_late_are_refused_up_front(tmp_path, toml,
     path.write_text(toml)
     with pytest.raises(InputError, match=message):
         load_preset(str(path))
+
+
+@pytest.fixture()
+def caller_threads():
+    """Puts torch on a thread count no preset uses (1 for the CPU presets), and back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield 3
+    torch.set_num_threads(before)
+
+
+def test_training_gives_back_the_callers_thread_count_even_when_it_fails(tmp_path, caller_threads):
+    from gsavatar.train.trainer import Trainer, train
+
+    cfg = load_preset("cpu-tiny")
+    assert cfg.cpu_threads == 1
+    (tmp_path / "subject").mkdir()
+    with pytest.raises(InputError):  # the trainer has set one thread by the time the subject is read
+        Trainer(cfg, tmp_path / "subject", tmp_path / "run", show_progress=False)
+    assert torch.get_num_threads() == 1, "the trainer no longer sets the preset's thread count"
+    torch.set_num_threads(caller_threads)
+    with pytest.raises(InputError):
+        train(tmp_path / "subject", tmp_path / "run", cfg, show_progress=False)
+    assert torch.get_num_threads() == caller_threads

@@ -210,8 +210,10 @@ def test_upload_gate_refuses_from_the_announced_size():
     for i in range(200):
         gate.start(4, f"spam{i}", "big.wav", 2 * MIB, 4)
     assert gate.pending() <= gate.max_refused_per_client + 20
+    assert gate.latest_transfer(4) == "spam199" and gate.latest_transfer(3) == "r"
     gate.forget_client(1), gate.forget_client(2), gate.forget_client(4)
     assert gate.pending() == 0 and gate.in_flight(1) == 0
+    assert gate.latest_transfer(4) is None
 
 
 class _RawTab:
@@ -441,6 +443,12 @@ def test_viewer_refuses_an_oversized_upload_in_the_page(trained):
         _wait(lambda: viewer.upload_gate.dropped_parts == 2, timeout=20, what="the parts to be dropped")
         assert not session.client.gui._current_file_upload_states  # viser held none of it
         assert tab.acks("t-big") and len(session.drive) == len(viewer.drive)  # button released, track unchanged
+        # viser's page would say the acknowledged file "uploaded successfully": that notice is taken down.
+        removed = _wait(lambda: [i for i, m in enumerate(tab.received) if m.get("type") == "RemoveNotificationMessage"
+                                 and m["uuid"] == "upload-t-big"], timeout=20, what="viser's upload notice taken down")
+        ack = next(i for i, m in enumerate(tab.received) if m.get("type") == "FileTransferPartAck"
+                   and m["transfer_uuid"] == "t-big")
+        assert ack < removed[0]
         # The tab keeps working: a good upload within the limit drives it.
         speech = wav_bytes(tone(2.0, freq=300.0))
         parts = [speech[i:i + 512 * 1024] for i in range(0, len(speech), 512 * 1024)]
@@ -448,6 +456,7 @@ def test_viewer_refuses_an_oversized_upload_in_the_page(trained):
         _wait(lambda: len(session.upload_messages) >= 2, timeout=90, what="the good upload's verdict")
         assert session.upload_messages[-1].startswith("ok: speech.wav"), session.upload_messages[-1]
         assert len(session.drive) == 50
+        assert not [m for m in tab.of_type("RemoveNotificationMessage") if m["uuid"] == "upload-t-ok"]
         assert viewer.upload_gate.pending() == 1  # the refused transfer, whose parts are still to come
         tab.close()
         tab = None
@@ -633,6 +642,10 @@ def test_viewer_in_headless_chromium(browser_available, trained, tmp_path):
         assert "not a readable audio file" in s1.upload_messages[-1] or "no audio" in s1.upload_messages[-1]
         _wait(lambda: "Upload refused" in driver.find_element(By.TAG_NAME, "body").text, timeout=30,
               what="the refusal in the page")
+        # Beside it, viser's own notice for the transfer ("File uploaded successfully", which stays up
+        # for 4 s on its own) is gone.
+        _wait(lambda: "uploaded successfully" not in driver.find_element(By.TAG_NAME, "body").text, timeout=2.5,
+              what="viser's upload notice to be taken down")
         long = tmp_path / "long.wav"
         long.write_bytes(wav_bytes(np.zeros(int(125 * SAMPLE_RATE), np.float32)))
         upload.send_keys(str(long))

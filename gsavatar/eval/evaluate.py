@@ -41,6 +41,7 @@ import torch
 
 from gsavatar.config import EvalConfig
 from gsavatar.errors import InputError
+from gsavatar.runtime import resolve_device, restores_torch_threads
 from gsavatar.eval import metrics as M
 
 EVAL_VERSION = 1
@@ -198,6 +199,7 @@ def _versions(device: torch.device) -> dict:
     return out
 
 
+@restores_torch_threads
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, subject_dir: str | Path | None = None,
                  progress: bool = True) -> dict:
     """Run the whole protocol; write and return RUN_DIR/eval.json's content."""
@@ -208,7 +210,6 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, subject_dir
     from gsavatar.eval.lpips import lpips_function
     from gsavatar.train.checkpoint import find_avatar_file, load_avatar
     from gsavatar.train.data import TrainingData
-    from gsavatar.train.trainer import resolve_device
 
     cfg = cfg or EvalConfig()
     run_dir = Path(run_dir)

@@ -20,6 +20,7 @@ import torch
 
 from gsavatar.drive import FPS, SAMPLE_RATE, DriveConfig, build_drive, load_keyframes, load_speech
 from gsavatar.errors import InputError
+from gsavatar.runtime import resolve_device, restores_torch_threads
 from gsavatar.render import PairBudget
 
 DEFAULT_MAX_SECONDS = 600.0
@@ -70,6 +71,7 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return (image.detach().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
 
 
+@restores_torch_threads
 def render_video(run_dir: str | Path, audio_path: str | Path, out_path: str | Path, drive: DriveConfig | None = None,
                  size: int | None = None, frames_dir: str | Path | None = None, background: str | Path | None = None,
                  device: str = "cpu", max_seconds: float = DEFAULT_MAX_SECONDS, progress: bool = True,
@@ -86,7 +88,6 @@ def render_video(run_dir: str | Path, audio_path: str | Path, out_path: str | Pa
 
     from gsavatar.outputs.video_writer import write_mp4
     from gsavatar.train.checkpoint import find_avatar_file, load_avatar
-    from gsavatar.train.trainer import resolve_device
 
     t_start = time.perf_counter()
     drive = drive or DriveConfig()
@@ -142,5 +143,5 @@ def render_video(run_dir: str | Path, audio_path: str | Path, out_path: str | Pa
         "out": str(out_path), "avatar": str(avatar_path), "frames": num, "seconds": num / FPS, "size": render_size,
         "setup_s": t_ready - t_start, "render_s": render_s, "total_s": total,
         "render_fps": num / max(render_s, 1e-9), "end_to_end_fps": num / max(total - (t_ready - t_start), 1e-9),
-        "device": str(dev),
+        "device": str(dev), "cpu_threads": torch.get_num_threads() if dev.type == "cpu" else None,
     }

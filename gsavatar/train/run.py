@@ -56,7 +56,8 @@ def run_dir_lock(run_dir: Path):
 
 
 def train_command(source: Path, run_dir: Path, cfg: TrainConfig, force: bool = False) -> dict:
-    from gsavatar.train.trainer import resolve_device, train
+    from gsavatar.runtime import resolve_device
+    from gsavatar.train.trainer import train
 
     resolve_device(cfg.device)  # a bad --device fails before any preprocessing
     source, run_dir = Path(source), Path(run_dir)

@@ -34,6 +34,7 @@ from gsavatar.data.io import atomic_write_json
 from gsavatar.errors import InputError, StoppedBySignal
 from gsavatar.model.avatar import BRANCHES, LAYERS, Avatar
 from gsavatar.model.gaussians import PARAM_NAMES
+from gsavatar.runtime import resolve_device, restores_torch_threads
 from gsavatar.train import losses
 from gsavatar.train.checkpoint import Checkpoint, Progress, load_checkpoint, save_checkpoint
 from gsavatar.train.data import TrainingData
@@ -63,16 +64,6 @@ STAGES = {
     "fuse": StageSetup(("face", "mouth"), COLOUR, (), ("face", "mouth"), "data", None),
     "torso": StageSetup(("torso",), GEOMETRY_AND_COLOUR, ("torso",), LAYERS, "render", "torso"),
 }
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but CUDA is not available")
-    if name not in ("cpu", "cuda"):
-        raise InputError(f"unknown device '{name}' (auto, cpu or cuda)")
-    return torch.device(name)
 
 
 def _encoding_params(module: torch.nn.Module) -> tuple[list, list]:
@@ -423,6 +414,7 @@ def _stop_requests():
             signal.signal(s, handler)
 
 
+@restores_torch_threads
 def train(subject_dir, run_dir, cfg: TrainConfig, show_progress: bool = True) -> dict:
     """Train (or resume) an avatar on a subject dataset; returns the summary (also in RUN_DIR/summary.json)."""
     return Trainer(cfg, subject_dir, run_dir, show_progress).run()

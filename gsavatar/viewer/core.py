@@ -312,6 +312,7 @@ class UploadGate:
         self.dropped_parts = 0
         self.dropped_bytes = 0
         self._transfers: dict[str, dict] = {}  # transfer id -> its record (insertion order: oldest first)
+        self._latest: dict[int, str] = {}  # tab -> the transfer it announced last
         self._lock = threading.Lock()
 
     def start(self, client_id: int, transfer_id: str, name: str | None, size_bytes: int, part_count: int) -> str | None:
@@ -324,6 +325,7 @@ class UploadGate:
         elif size < 0 or parts < 0 or (size > 0 and parts == 0) or parts > max(1, -(-size // self.min_mean_part_bytes)):
             why = f"{label} was refused: its transfer announced {parts} parts for {size} bytes"
         with self._lock:
+            self._latest[client_id] = str(transfer_id)
             if why is None and size + self._in_flight_locked(client_id) > self.max_bytes:
                 why = f"{label} was refused: another upload from this tab is still arriving (try again when it is done)"
             if transfer_id in self._transfers:  # a reused id: never accepted twice, never forgotten early
@@ -375,6 +377,12 @@ class UploadGate:
         with self._lock:
             for t in [t for t, r in self._transfers.items() if r["client"] == client_id]:
                 del self._transfers[t]
+            self._latest.pop(client_id, None)
+
+    def latest_transfer(self, client_id: int) -> str | None:
+        """The id of the transfer this tab announced last (its upload button sends one at a time)."""
+        with self._lock:
+            return self._latest.get(client_id)
 
     def in_flight(self, client_id: int) -> int:
         """Bytes announced by this tab's accepted transfers that have not finished."""

@@ -194,10 +194,14 @@ class Session:
                 self._set_audio(True, frame)
 
     def refuse_upload(self, msg: str) -> None:
-        """Tell the page (a line in the Speech folder and a notification) that an upload was refused."""
+        """Tell the page (a line in the Speech folder and a notification) that an upload was refused,
+        and take down viser's own notice for that transfer, which says the file "uploaded
+        successfully" (the bytes did arrive, or a refused transfer was acknowledged to release the
+        button) or would spin for ever (a transfer whose parts are being dropped)."""
         self.upload_messages.append(msg)
         self.audio_md.content = f"**Upload refused:** {_md(msg)}\n\nDriving audio: {self.audio_label}"
         try:
+            hide_upload_notice(self.client, self.viewer.upload_gate.latest_transfer(self.client.client_id))
             self.client.add_notification("Upload refused", msg, color="red", auto_close_seconds=10.0)
         except Exception:
             pass
@@ -343,6 +347,17 @@ REFUSED_UPLOAD_SOURCE = "gsavatar-refused-upload"
 """What a refused transfer's start message names as its upload button instead: no GUI element has this id."""
 
 
+def hide_upload_notice(client, transfer_id: str | None) -> None:
+    """Take down the notification viser's page shows for an upload (progress, then "uploaded
+    successfully"). viser's client (checked against 1.1.1, ``UploadButton.tsx``) names it
+    ``"upload-" + transfer id``; removing a name the page does not show does nothing."""
+    if transfer_id is None:
+        return
+    from viser import _messages
+
+    client._websock_connection.queue_message(_messages.RemoveNotificationMessage(uuid=f"upload-{transfer_id}"))
+
+
 def install_upload_gate(server, gate: UploadGate, on_refused: Callable[[int, str], None]) -> bool:
     """Show ``gate`` each upload message before viser buffers it; False where this viser offers no way to.
 
@@ -438,7 +453,7 @@ class Viewer:
         except ImportError:
             raise MissingDependencyError("the viewer needs viser: pip install 'gsavatar[viewer]'") from None
         from gsavatar.train.checkpoint import find_avatar_file, load_avatar
-        from gsavatar.train.trainer import resolve_device
+        from gsavatar.runtime import resolve_device
 
         self.options = options = options or ViewerOptions()
         self.stopped = False
