@@ -22,6 +22,17 @@ def require_preprocess_deps():
         pytest.importorskip(module, reason=f"preprocessing tests need {module} (pip install 'gsavatar[preprocess]')")
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """Each test starts on the thread count the suite started with, whatever the one before set
+    (the viewer tests pin torch to one thread, as ``gsavatar view`` does)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def demo_video(tmp_path_factory):
     """A 6 s synthetic talking head at 256 px with its ground truth."""
