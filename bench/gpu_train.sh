@@ -6,7 +6,9 @@
 # Prepare here, in the repository root (needs PyAV; /.gpu_data/ is in .git/info/exclude so it
 # travels only when carried):
 #   grep -qx '/.gpu_data/' .git/info/exclude || echo /.gpu_data/ >> .git/info/exclude
-#   python bench/subject_pack.py pack /tmp/benchwork/cnn2_25fps_512 .gpu_data/pack     # ~28 MiB
+#   gsavatar preprocess ../shared/data/cnn2_25fps.mp4 -o /tmp/benchwork/cnn2_25fps_512   # default features:
+#                                       # logmel + whisper (train picks whisper: better lip-sync on cnn2)
+#   python bench/subject_pack.py pack /tmp/benchwork/cnn2_25fps_512 .gpu_data/pack     # ~34 MiB
 # Then call, as many times as needed:
 #   run(command="bash bench/gpu_train.sh", carry=[".gpu_data"], timeout_s=600)
 # Settings through the environment, e.g. command="PRESET=default TRAIN_SECONDS=500 bash bench/gpu_train.sh":

@@ -690,7 +690,17 @@ def test_viewer_in_headless_chromium(browser_available, trained, tmp_path):
             .move_by_offset(-20, 0).move_by_offset(-20, 0).release().perform()
         _wait(lambda: s1.camera_updates > updates, timeout=30, what="the first tab's camera after the second opened")
         assert len(viewer.sessions) == 2
+    except AssertionError as e:  # say where the server was, for a failure seen only on a loaded machine
+        raise AssertionError(f"{e}\nviewer state: {_viewer_state(viewer)}") from None
     finally:
         driver.quit()
         viewer.stop()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def _viewer_state(viewer) -> str:
+    parts = []
+    for cid, s in list(viewer.sessions.items()):
+        parts.append(f"tab {cid}: frames_sent={s.frames_sent} last_frame={s.last_frame} playing={s.clock.playing} "
+                     f"camera_updates={s.camera_updates} aspect={s.aspect:.3f} uploads={s.upload_messages!r}")
+    return "; ".join(parts) or "no tab connected"
