@@ -32,7 +32,7 @@ class Preprocess:
     size: int = 512
     """Working resolution (square crop resized to SIZE x SIZE)."""
     audio_features: tuple[str, ...] = ("logmel", "whisper")
-    """Audio feature kinds to extract: logmel (built in), whisper (Whisper tiny.en encoder, offline), hubert / wav2vec2 (need local weights)."""
+    """Audio feature kinds to extract: logmel (built in), whisper (Whisper tiny.en encoder, offline), hubert / wav2vec2 (local weights: the directory in $GSAVATAR_HUBERT_MODEL / $GSAVATAR_WAV2VEC2_MODEL)."""
 
     def __call__(self) -> None:
         from gsavatar.data.preprocess import preprocess

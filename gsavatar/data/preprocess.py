@@ -27,7 +27,7 @@ from gsavatar.config import PreprocessConfig, TrackingConfig
 from gsavatar.data.dataset import MANIFEST_VERSION, frame_name, read_manifest
 from gsavatar.data.io import atomic_directory, atomic_save_npz, atomic_write_bytes, atomic_write_json, file_sha256, stable_hash
 from gsavatar.data.video import FPS, SAMPLE_RATE, DecodeStats, decode_audio, iter_frames, probe_video, write_wav
-from gsavatar.errors import IncompleteDatasetError, InputError
+from gsavatar.errors import IncompleteDatasetError, InputError, MissingDependencyError
 
 
 def _log(message: str) -> None:
@@ -488,11 +488,16 @@ def preprocess(video: str | Path, out: str | Path, cfg: PreprocessConfig | None 
         raise InputError(f"no such file: {video}")
     if cfg.size < 64 or cfg.size % 2:
         raise InputError(f"--size must be an even number of pixels >= 64 (got {cfg.size})")
-    from gsavatar.data.audio_features import available_kinds
+    from gsavatar.data.audio_features import available_kinds, check_available
 
     unknown = [k for k in cfg.audio_features if k not in available_kinds()]
     if unknown:
         raise InputError(f"unknown audio feature kind(s) {unknown}; known: {', '.join(available_kinds())}")
+    for kind in cfg.audio_features:  # a missing package or model fails now, not after the long stages
+        try:
+            check_available(kind)
+        except MissingDependencyError as e:
+            raise MissingDependencyError(f"{e} (or leave '{kind}' out of --audio-features)") from None
     created = _check_output_dir(out)
     t_start = time.perf_counter()
     try:
