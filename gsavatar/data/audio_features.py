@@ -173,29 +173,27 @@ def _check_positive_int(name: str, value: Any) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+# Slaney's mel scale: linear (3 mel / 200 Hz) below 1 kHz, logarithmic above.
+_SLANEY_HZ_PER_MEL = 200.0 / 3.0
+_SLANEY_MIN_LOG_HZ = 1000.0
+_SLANEY_MIN_LOG_MEL = _SLANEY_MIN_LOG_HZ / _SLANEY_HZ_PER_MEL
+_SLANEY_LOGSTEP = math.log(6.4) / 27.0
+
+
 def _hz_to_slaney_mel(hz: np.ndarray) -> np.ndarray:
-    """Slaney's mel scale: linear (3 mel / 200 Hz) below 1 kHz, logarithmic above."""
+    """Hz to Slaney mel."""
     hz = np.asarray(hz, dtype=np.float64)
-    f_sp = 200.0 / 3.0
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = math.log(6.4) / 27.0
-    mel = hz / f_sp
-    above = hz >= min_log_hz
-    mel = np.where(above, min_log_mel + np.log(np.maximum(hz, 1e-12) / min_log_hz) / logstep, mel)
-    return mel
+    mel = hz / _SLANEY_HZ_PER_MEL
+    above = hz >= _SLANEY_MIN_LOG_HZ
+    logmel = _SLANEY_MIN_LOG_MEL + np.log(np.maximum(hz, 1e-12) / _SLANEY_MIN_LOG_HZ) / _SLANEY_LOGSTEP
+    return np.where(above, logmel, mel)
 
 
 def _slaney_mel_to_hz(mel: np.ndarray) -> np.ndarray:
     """Inverse of :func:`_hz_to_slaney_mel`."""
     mel = np.asarray(mel, dtype=np.float64)
-    f_sp = 200.0 / 3.0
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = math.log(6.4) / 27.0
-    return np.where(
-        mel >= min_log_mel, min_log_hz * np.exp(logstep * (mel - min_log_mel)), mel * f_sp
-    )
+    return np.where(mel >= _SLANEY_MIN_LOG_MEL,
+                    _SLANEY_MIN_LOG_HZ * np.exp(_SLANEY_LOGSTEP * (mel - _SLANEY_MIN_LOG_MEL)), mel * _SLANEY_HZ_PER_MEL)
 
 
 def mel_filterbank(
