@@ -200,11 +200,12 @@ class Session:
         button) or would spin for ever (a transfer whose parts are being dropped)."""
         self.upload_messages.append(msg)
         self.audio_md.content = f"**Upload refused:** {_md(msg)}\n\nDriving audio: {self.audio_label}"
-        try:
-            hide_upload_notice(self.client, self.viewer.upload_gate.latest_transfer(self.client.client_id))
-            self.client.add_notification("Upload refused", msg, color="red", auto_close_seconds=10.0)
-        except Exception:
-            pass
+        for tell in (lambda: hide_upload_notice(self.client, self.viewer.upload_gate.latest_transfer(self.client.client_id)),
+                     lambda: self.client.add_notification("Upload refused", msg, color="red", auto_close_seconds=10.0)):
+            try:  # each on its own: a tab that has just closed, or a viser without the private hook
+                tell()
+            except Exception:
+                pass
 
     def _on_upload(self, event) -> None:
         file = self.upload.value
