@@ -533,9 +533,7 @@ class HFSpeechEncoderExtractor(AudioFeatureExtractor):
         self.chunk_seconds = float(chunk_seconds)
         self.context_seconds = float(context_seconds)
         self.device = str(device)
-        if model_path is None and model is None:
-            model_path = os.environ.get(_HF_MODEL_ENV[kind]) or None
-        self.model_path = None if model_path is None else os.path.abspath(str(model_path))
+        self.model_path = None if model is not None and model_path is None else self._model_path(kind, model_path)
 
         try:
             import torch
@@ -615,12 +613,17 @@ class HFSpeechEncoderExtractor(AudioFeatureExtractor):
         if importlib.util.find_spec("transformers") is None:
             raise MissingDependencyError(f"the '{kind}' audio features need transformers: pip install transformers")
 
+    @staticmethod
+    def _model_path(kind: str, model_path: str | os.PathLike[str] | None) -> str | None:
+        """``model_path``, else the directory in the kind's environment variable; absolute, or None."""
+        path = model_path if model_path is not None else (os.environ.get(_HF_MODEL_ENV[kind]) or None)
+        return None if path is None else os.path.abspath(str(path))
+
     @classmethod
     def check_kind_available(cls, kind: str, *, model_path: str | os.PathLike[str] | None = None,
                              model: Any = None, **_: Any) -> None:
         if model is None:
-            path = model_path if model_path is not None else (os.environ.get(_HF_MODEL_ENV[kind]) or None)
-            cls._check_model_dir(kind, None if path is None else os.path.abspath(str(path)))
+            cls._check_model_dir(kind, cls._model_path(kind, model_path))
 
     @staticmethod
     def _load(kind: str, path: str | None) -> Any:
