@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Everything that only a GPU can check, in one call on a lent GPU machine (the `device` tool):
 # builds our CUDA kernels, runs every CUDA test (kernel parity against the PyTorch reference,
-# gsplat cross-check, one host sync per avatar frame), then the kernel benchmarks with --write.
+# the gsplat backend and cross-check, one host sync per avatar frame), then the kernel benchmarks with --write.
 # Results land in $OUT: logs and the updated BENCHMARKS.md (merge its new rows by hand).
 #
 # Prepare here first (the GPU machine has torch, numpy, opencv, ninja, pytest, but no gsplat and
 # no internet). In the repository root:
 #   echo /.whl/ >> .git/info/exclude; echo /.gpu_data/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl gsplat==1.5.3
+#       --platform manylinux2014_x86_64 -d .whl gsplat==1.5.3 packaging jaxtyping wadler-lindig
 # Optional, for the whole-frame benchmark: a trained avatar, e.g.
 #   mkdir -p .gpu_data/run && cp RUN_DIR/avatar.pt .gpu_data/run/   (cnn2's cpu-30min run: 10 MB)
 # Then: run(command="bash bench/gpu_session.sh", carry=[".whl", ".gpu_data"], timeout_s=600)
@@ -38,6 +38,7 @@ echo "kernel build: $(( $(date +%s) - start )) s" | tee -a "$OUT/build.log"
 # trained avatar; the GPU machine cannot make the demo subject (no mediapipe / PyAV there).
 [ -f .gpu_data/run/avatar.pt ] && export GSAVATAR_TEST_AVATAR=.gpu_data/run/avatar.pt
 python3 -m pytest -q -ra tests/test_kernels_raster.py tests/test_kernels_hashgrid.py tests/test_rasterize.py \
+  tests/test_gsplat_backend.py \
   2>&1 | tee "$OUT/tests.log"
 
 python3 bench/bench_kernels.py raster --write 2>&1 | tee "$OUT/bench_raster.log"

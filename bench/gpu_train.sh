@@ -16,6 +16,9 @@
 #   TRAIN_SECONDS     training is stopped this many seconds after the call started (default 500; the
 #                     rest of the 600 s saves the results). Lower it when status() shows less than
 #                     600 s of device time left (e.g. budget_left_s - 120).
+#   BACKEND           rasterizer (default auto: our CUDA kernels). BACKEND=gsplat trains the same preset
+#                     on gsplat's ops, to cross-check ours (carry .whl as bench/gpu_session.sh says; use
+#                     another RUN_DIR, e.g. RUN_DIR=/tmp/gsavatar_run_gsplat)
 #   CHECKPOINT_EVERY  optional override of the preset's checkpoint period; must be the same in every
 #                     call of a run. A stop by TRAIN_SECONDS loses nothing: `timeout` sends SIGTERM and
 #                     the trainer checkpoints the iteration it is on (SIGKILL 15 s later if it hangs)
@@ -47,9 +50,14 @@ RUN_DIR=${RUN_DIR:-/tmp/gsavatar_run}
 PRESET=${PRESET:-default}
 TRAIN_SECONDS=${TRAIN_SECONDS:-500}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-}
+BACKEND=${BACKEND:-auto}
 PART_BYTES=$((15 * 1024 * 1024))
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GSAVATAR_KERNEL_CACHE=/tmp/gsavatar_kernels
+if [ "$BACKEND" = gsplat ] && compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 session="$OUT/session.txt"
 
@@ -80,8 +88,8 @@ if [ -f "$RUN_DIR/summary.json" ] && [ -f "$RUN_DIR/avatar.pt" ]; then
 elif [ "$left" -lt 30 ]; then
   echo "only $left s left of TRAIN_SECONDS=$TRAIN_SECONDS after unpacking: not training"
 else
-  echo "training preset $PRESET for at most $left s (resuming: $resumed)"
-  timeout --signal=TERM --kill-after=15 "$left" python3 - "$SUBJECT" "$RUN_DIR" "$PRESET" "$CHECKPOINT_EVERY" <<'EOF'
+  echo "training preset $PRESET on backend $BACKEND for at most $left s (resuming: $resumed)"
+  timeout --signal=TERM --kill-after=15 "$left" python3 - "$SUBJECT" "$RUN_DIR" "$PRESET" "$CHECKPOINT_EVERY" "$BACKEND" <<'EOF'
 import dataclasses
 import logging
 import sys
@@ -92,12 +100,12 @@ from gsavatar.errors import GsavatarError
 from gsavatar.train.run import run_dir_lock
 from gsavatar.train.trainer import train
 
-subject, run_dir, preset, every = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+subject, run_dir, preset, every, backend = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 console = logging.StreamHandler(sys.stdout)  # train.log gets the same lines; no tqdm bars in a pipe
 console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
 logging.getLogger("gsavatar.train").addHandler(console)
 try:
-    cfg = load_preset(preset)
+    cfg = dataclasses.replace(load_preset(preset), backend=backend).validate()
     if every:
         cfg = dataclasses.replace(cfg, checkpoint_every=int(every)).validate()
     with run_dir_lock(run_dir):

@@ -113,8 +113,8 @@ class Train:
     device: str | None = None
     """auto | cpu | cuda (default: the preset's, auto)."""
     backend: str | None = None
-    """Rasterizer: auto (our CUDA kernels on a GPU, else the PyTorch reference) | torch | cuda | cpp
-    (default: the preset's, auto)."""
+    """Rasterizer: auto (our CUDA kernels on a GPU, else the PyTorch reference) | torch | cuda | cpp |
+    gsplat (gsplat's CUDA ops, to cross-check ours; pip install gsplat==1.5.3 packaging) (default: the preset's, auto)."""
     force: bool = False
     """Discard an existing run in RUN_DIR and start again."""
 

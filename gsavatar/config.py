@@ -307,7 +307,8 @@ class TrainConfig:
     """Torch CPU threads (0: torch's default). The small ops of CPU training often run faster on 1 thread."""
     backend: str = "auto"
     """Rasterizer backend: auto (our CUDA kernels on a CUDA device, else the PyTorch reference) | torch |
-    cuda | cpp (see ``gsavatar.render.available_backends``). Rendering, eval and the viewer always use auto."""
+    cuda | cpp | gsplat (gsplat's CUDA ops, a cross-check; see ``gsavatar.render.available_backends``).
+    Rendering, eval and the viewer always use auto."""
     checkpoint_every: int = 500
     """Write the resumable checkpoint every this many iterations (and at every stage end)."""
     log_every: int = 25
@@ -324,8 +325,8 @@ class TrainConfig:
             (self.densify.every >= 1, f"densify.every must be at least 1 (got {self.densify.every})"),
             (0 < self.optim.final_lr_fraction <= 1, "optim.final_lr_fraction must be in (0, 1]"),
             (bool(self.stages), "at least one stage is needed"),
-            (self.backend in ("auto", "torch", "cuda", "cpp"),
-             f"backend must be auto, torch, cuda or cpp (got {self.backend!r})"),
+            (self.backend in ("auto", "torch", "cuda", "cpp", "gsplat"),
+             f"backend must be auto, torch, cuda, cpp or gsplat (got {self.backend!r})"),
         ]
         for s in self.stages:
             checks += [

@@ -127,3 +127,48 @@ def remux(src: Path, dst: Path, until_s: float = math.inf, options: dict | None 
 def tone(seconds: float, rate: int = 16000, freq: float = 220.0) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
     return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def avatar_file(request):
+    """A trained avatar: ``$GSAVATAR_TEST_AVATAR`` (an avatar.pt; how a GPU machine without the
+    preprocessing dependencies runs these tests) or the session's cpu-tiny run on the demo subject."""
+    from gsavatar.train.checkpoint import find_avatar_file
+
+    given = os.environ.get("GSAVATAR_TEST_AVATAR")
+    if given:
+        return find_avatar_file(given)
+    _, run_dir, _ = request.getfixturevalue("trained")
+    return find_avatar_file(run_dir)
+
+
+def driven_avatar(path, device):
+    """(avatar, one frame's inputs), driven from the checkpoint alone as `gsavatar render` drives it."""
+    import numpy as np
+
+    from gsavatar.drive import build_drive
+    from gsavatar.train.checkpoint import load_avatar
+
+    avatar, cfg, subject = load_avatar(path, device)
+    speech = 0.1 * np.random.default_rng(0).standard_normal(16000).astype(np.float32)
+    return avatar, build_drive(subject, speech).inputs(12, cfg.avatar, device=device)
+
+
+def avatar_frame_with_grads(avatar, inputs, backends):
+    """``{backend: (frame, parameter gradients)}``: the frame rendered through each backend and
+    backpropagated from a fixed random weighting of its pixels, every branch's ``means2d.grad``
+    kept (what densification reads)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(inputs.height, inputs.width, 3, generator=generator).to(inputs.viewmat.device)
+    results = {}
+    for name in backends:
+        avatar.zero_grad()
+        out = avatar(inputs, backend=name)
+        for branch in out.branches.values():
+            branch.means2d.retain_grad()
+        (out.image * weights).sum().backward()
+        results[name] = (out, {n: p.grad.clone() for n, p in avatar.named_parameters() if p.grad is not None})
+    return results
+

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import avatar_frame_with_grads, driven_avatar
+
 from gsavatar import kernels
 from gsavatar.errors import InputError
 from gsavatar.render import _compiled, rasterize
@@ -176,7 +178,7 @@ def test_compiled_backends_reject_what_they_do_not_support(backend):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_host_twin_backend_rejects_cuda_tensors():
     scene = random_scene(20, 16, 16, seed=1).to("cuda")
-    with pytest.raises(InputError, match="needs cpu tensors"):
+    with pytest.raises(InputError, match="backend .cpp. runs on cpu tensors, not cuda"):
         rasterize(*scene, 16, 16, backend="cpp")
 
 
@@ -209,31 +211,6 @@ def test_cuda_agrees_with_gsplat():
     assert (ours.alpha - alphas[0]).abs().mean() < 2e-3
 
 
-@pytest.fixture(scope="module")
-def avatar_file(request):
-    """A trained avatar: ``$GSAVATAR_TEST_AVATAR`` (an avatar.pt; how a GPU machine without the
-    preprocessing dependencies runs these tests) or the session's cpu-tiny run on the demo subject."""
-    from gsavatar.train.checkpoint import find_avatar_file
-
-    given = os.environ.get("GSAVATAR_TEST_AVATAR")
-    if given:
-        return find_avatar_file(given)
-    _, run_dir, _ = request.getfixturevalue("trained")
-    return find_avatar_file(run_dir)
-
-
-def _driven_avatar(path, device):
-    """(avatar, one frame's inputs), driven from the checkpoint alone as `gsavatar render` drives it."""
-    import numpy as np
-
-    from gsavatar.drive import build_drive
-    from gsavatar.train.checkpoint import load_avatar
-
-    avatar, cfg, subject = load_avatar(path, device)
-    speech = 0.1 * np.random.default_rng(0).standard_normal(16000).astype(np.float32)
-    return avatar, build_drive(subject, speech).inputs(12, cfg.avatar, device=device)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("min_transmittance, grad_tolerance", [(0.0, 2e-4), (_compiled.MIN_TRANSMITTANCE, 1e-2)])
 def test_trained_avatar_renders_the_same_through_the_kernels(avatar_file, monkeypatch, backend, min_transmittance,
@@ -242,18 +219,9 @@ def test_trained_avatar_renders_the_same_through_the_kernels(avatar_file, monkey
     the kernels matches the reference backend, and so do the training gradients, the screen-space
     gradients the densification reads and the radii. With the default early stop, Gaussians hidden
     behind an opaque layer lose their last tiny gradients: hence the looser tolerance."""
-    avatar, inputs = _driven_avatar(avatar_file, DEVICE[backend])
-    weights = torch.randn(inputs.height, inputs.width, 3, generator=torch.Generator().manual_seed(0))
+    avatar, inputs = driven_avatar(avatar_file, DEVICE[backend])
     monkeypatch.setitem(_compiled.rasterize_groups.__kwdefaults__, "min_transmittance", min_transmittance)
-    weights = weights.to(DEVICE[backend])
-    results = {}
-    for name in ("torch", backend):
-        avatar.zero_grad()
-        out = avatar(inputs, backend=name)
-        for branch in out.branches.values():
-            branch.means2d.retain_grad()
-        (out.image * weights).sum().backward()
-        results[name] = (out, {n: p.grad.clone() for n, p in avatar.named_parameters() if p.grad is not None})
+    results = avatar_frame_with_grads(avatar, inputs, ("torch", backend))
     (ref, ref_grads), (ours, our_grads) = results["torch"], results[backend]
     assert set(ours.branches) == {"face", "mouth", "torso"}
     torch.testing.assert_close(ours.image, ref.image, rtol=0, atol=5e-4)  # early stop: < 1e-4 per layer
@@ -292,7 +260,7 @@ def test_avatar_frame_synchronises_with_the_host_once_or_never_with_a_pair_budge
     PairBudget that has seen a frame, never."""
     from gsavatar.render import PairBudget
 
-    avatar, inputs = _driven_avatar(avatar_file, "cuda")
+    avatar, inputs = driven_avatar(avatar_file, "cuda")
     budget = PairBudget()
     with torch.no_grad():
         avatar(inputs)  # builds / loads the kernels, warms up the caches
@@ -396,7 +364,7 @@ def test_avatar_render_settled_renders_again_a_frame_that_did_not_fit(avatar_fil
     rendered again, so the image equals the unbudgeted frame and the budget has grown."""
     from gsavatar.render import PairBudget
 
-    avatar, inputs = _driven_avatar(avatar_file, DEVICE[backend])
+    avatar, inputs = driven_avatar(avatar_file, DEVICE[backend])
     budget = PairBudget()
     budget.capacity = 64
     with torch.no_grad():

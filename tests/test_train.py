@@ -221,7 +221,12 @@ def test_sigterm_checkpoints_the_current_iteration_and_exits_in_one_line(micro_r
     (["train", "{tmp}", "-o", "{tmp}/run", "--iterations-scale", "0"], "iterations-scale must be positive"),
     (["train", "{tmp}", "-o", "{tmp}/run", "--device", "tpu"], "unknown device"),
     (["train", "/nonexistent/video.mp4", "-o", "{tmp}/run", "--backend", "vulkan"],
-     "backend must be auto, torch, cuda or cpp"),
+     "backend must be auto, torch, cuda, cpp or gsplat"),
+    # A backend that cannot run on the device fails before the video is even looked at.
+    (["train", "/nonexistent/video.mp4", "-o", "{tmp}/run", "--backend", "gsplat", "--device", "cpu"],
+     "rasterizer backend 'gsplat' "),
+    (["train", "/nonexistent/video.mp4", "-o", "{tmp}/run", "--backend", "cuda", "--device", "cpu"],
+     "rasterizer backend 'cuda' "),
 ])
 def test_train_command_bad_input_gives_one_line(args, message, tmp_path, capsys):
     from gsavatar.cli import main

@@ -5,10 +5,11 @@ from gsavatar.render.rasterize import (
     Projection,
     RasterOutput,
     available_backends,
+    check_backend,
     eval_sh,
     project_gaussians,
     rasterize,
     resolve_backend,
 )
 
-__all__ = ["PairBudget", "Projection", "RasterOutput", "available_backends", "eval_sh", "project_gaussians", "rasterize", "resolve_backend"]
+__all__ = ["PairBudget", "Projection", "RasterOutput", "available_backends", "check_backend", "eval_sh", "project_gaussians", "rasterize", "resolve_backend"]

@@ -41,6 +41,8 @@ Backends
     ``"cuda"``: our CUDA kernels (``cuda/``, built on first use), float32 CUDA tensors.
     ``"cpp"``: the same kernels' host twins on CPU tensors (for testing the kernels' arithmetic on
     machines without a GPU). See ``_compiled`` for how these two differ from the reference.
+    ``"gsplat"``: gsplat's CUDA ops (``pip install gsplat==1.5.3 packaging``), float32 CUDA tensors;
+    a cross-check for our kernels. See ``_gsplat`` for how it differs.
     :func:`available_backends` lists those that can run here.
 """
 
@@ -55,7 +57,7 @@ import torch
 from torch import Tensor
 
 from gsavatar.errors import InputError
-from gsavatar.render import _torch_impl
+from gsavatar.render import _gsplat, _torch_impl
 
 
 class RasterOutput(NamedTuple):
@@ -111,6 +113,8 @@ class _Backend:
     # (means, quats, scales, opacities, colors, viewmat, K, width, height, *, sh_degree, background,
     #  near, far, eps2d, tile_size) -> (color, alpha, depth, means2d, radii, visible)
     run: Callable[..., tuple[Tensor, ...]]
+    devices: tuple[str, ...]  # torch device types whose tensors it takes
+    why_unavailable: Callable[[], str | None] = lambda: None  # one line for the error message
 
 
 # The dispatch table. A backend registers here with a cheap availability check and a function with
@@ -118,21 +122,22 @@ class _Backend:
 # against "torch". "cuda" is our CUDA kernels and "cpp" their host twins (the same per-element code
 # run as C++ loops on CPU tensors), both from ``cuda/`` through ``_compiled`` (see its docstring for
 # what they do differently: float32, constant camera, early stop at transmittance 1e-4).
-# Planned: "gsplat" (``gsplat.rasterization`` on CUDA tensors; its screen-space means come batched
-# per camera, so the adapter must hand back, as ``means2d``, the very tensor that gsplat
-# differentiates, and check gsplat's ``radii`` shape, which differs between versions).
+# "gsplat" is gsplat's CUDA ops through an adapter (``_gsplat``), for cross-checking our kernels.
 def _compiled_backend(name: str) -> _Backend:
     from gsavatar import kernels
     from gsavatar.render import _compiled
 
     kind = _compiled.KIND_OF_BACKEND[name]
-    return _Backend(available=lambda: kernels.available(kind), run=_compiled.make_backend_run(kind))
+    return _Backend(available=lambda: kernels.available(kind), run=_compiled.make_backend_run(kind),
+                    devices=(kind,), why_unavailable=lambda: kernels.missing_requirements(kind))
 
 
 _BACKENDS: dict[str, _Backend] = {
-    "torch": _Backend(available=lambda: True, run=_torch_impl.rasterize_torch),
+    "torch": _Backend(available=lambda: True, run=_torch_impl.rasterize_torch, devices=("cpu", "cuda")),
     "cuda": _compiled_backend("cuda"),
     "cpp": _compiled_backend("cpp"),
+    "gsplat": _Backend(available=lambda: _gsplat.missing_requirements() is None, run=_gsplat.rasterize_gsplat,
+                       devices=("cuda",), why_unavailable=_gsplat.missing_requirements),
 }
 
 
@@ -153,6 +158,27 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
         except kernels.KernelBuildError as exc:
             warnings.warn(f"{exc}; rendering with the PyTorch reference rasterizer instead", stacklevel=2)
     return "torch"
+
+
+def check_backend(name: str, device: torch.device | str) -> str:
+    """``name`` if it can run on ``device``, else a one-line :class:`InputError` saying why not
+    (unknown name, missing requirement, wrong device type). ``"auto"`` always passes (it falls back
+    to the reference). Cheap: builds nothing, so entry points call it before any long work."""
+    if name == "auto":
+        return name
+    if name not in _BACKENDS:
+        raise InputError(f"unknown rasterizer backend {name!r} (known: auto, {', '.join(_BACKENDS)}; "
+                         f"available here: {', '.join(available_backends())})")
+    backend = _BACKENDS[name]
+    if not backend.available():
+        why = backend.why_unavailable()
+        raise InputError(f"rasterizer backend {name!r} cannot run here{': ' + why if why else ''} "
+                         f"(available here: {', '.join(available_backends())})")
+    device_type = torch.device(device).type
+    if device_type not in backend.devices:
+        raise InputError(f"rasterizer backend {name!r} runs on {' or '.join(backend.devices)} tensors, "
+                         f"not {device_type}")
+    return name
 
 
 def available_backends() -> list[str]:
@@ -191,10 +217,10 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, c
         raise InputError(f"rasterize: need 0 < near < far (got near={near!r}, far={far!r})")
     if not eps2d >= 0:
         raise InputError(f"rasterize: eps2d must be >= 0 (got {eps2d!r})")
-    backend = resolve_backend(backend, means.device)
-    if backend not in _BACKENDS or not _BACKENDS[backend].available():
-        raise InputError(f"rasterize: unknown or unavailable backend {backend!r} "
-                         f"(available: {', '.join(available_backends())})")
+    try:
+        backend = check_backend(resolve_backend(backend, means.device), means.device)
+    except InputError as exc:
+        raise InputError(f"rasterize: {exc}") from None
     result = _BACKENDS[backend].run(means, quats, scales, opacities, colors, viewmat, K, int(width), int(height),
                                     sh_degree=sh_degree, background=background, near=float(near), far=float(far),
                                     eps2d=float(eps2d), tile_size=int(tile_size))

@@ -56,10 +56,11 @@ def run_dir_lock(run_dir: Path):
 
 
 def train_command(source: Path, run_dir: Path, cfg: TrainConfig, force: bool = False) -> dict:
+    from gsavatar.render import check_backend
     from gsavatar.runtime import resolve_device
     from gsavatar.train.trainer import train
 
-    resolve_device(cfg.device)  # a bad --device fails before any preprocessing
+    check_backend(cfg.backend, resolve_device(cfg.device))  # a bad --device or --backend fails before any preprocessing
     source, run_dir = Path(source), Path(run_dir)
     with run_dir_lock(run_dir):
         if force:

@@ -34,6 +34,7 @@ from gsavatar.data.io import atomic_write_json
 from gsavatar.errors import InputError, StoppedBySignal
 from gsavatar.model.avatar import BRANCHES, LAYERS, Avatar
 from gsavatar.model.gaussians import PARAM_NAMES
+from gsavatar.render import check_backend
 from gsavatar.runtime import resolve_device, restores_torch_threads
 from gsavatar.train import losses
 from gsavatar.train.checkpoint import Checkpoint, Progress, load_checkpoint, save_checkpoint
@@ -120,6 +121,7 @@ class Trainer:
         if cfg.cpu_threads > 0:
             torch.set_num_threads(cfg.cpu_threads)
         cfg.validate()
+        check_backend(cfg.backend, self.device)
         self.data = TrainingData(subject_dir, cfg.render_size, cfg.avatar.audio_feature, self.device)
         train = self.data.train_indices
         trusted = train[self.data.valid[train].numpy()]  # frames whose landmarks (hence pose) were trusted
