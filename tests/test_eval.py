@@ -112,6 +112,22 @@ def test_av_offset_recovers_a_known_shift(k):
     assert r["correlation_at_0"] < r["correlation"] or k == 0
 
 
+@pytest.mark.parametrize("k", [-2, 0, 1])
+def test_mouth_lag_is_the_rendered_mouths_delay_behind_the_real_one(k):
+    """summarise()'s mouth_lag: +k when the rendered mouth opens k frames after the real one; frames
+    without landmarks (NaN) do not break it."""
+    from gsavatar.eval.evaluate import FrameScore, summarise
+
+    truth = _smooth_random(200, seed=3)
+    rendered = np.roll(truth, k)
+    rendered[[5, 50]] = np.nan
+    scores = [FrameScore(mse=0.01, mse_face=0.01, ssim=0.9, ssim_face=0.9, lpips=None, lmd_mouth=None, lmd_face=None,
+                         mouth=float(m), eye=1.0) for m in rendered]
+    result = summarise(scores, truth, np.ones(200), _smooth_random(200, seed=4), max_lag=3)
+    assert result["mouth_lag"] == k
+    assert result["mouth_corr_by_lag"][k] > 0.95
+
+
 def test_av_offset_of_a_still_or_anti_correlated_mouth_is_undefined():
     r = M.av_offset(np.ones(100), _smooth_random(100, 0))
     assert r["offset"] is None and r["correlation"] is None
@@ -268,6 +284,7 @@ def test_test_split_lip_sync_matches_the_ground_truth_video(evaluated):
     assert gt["av_offset"] is not None and abs(gt["av_offset"]) <= 1  # the source video is in sync
     assert abs(a["av_offset"] - gt["av_offset"]) <= 1
     assert a["av_corr"] > 0.5
+    assert a["mouth_lag"] == 0  # measured against the real mouth: no timing error
 
 
 def test_novel_audio_drive_is_in_sync(evaluated):
