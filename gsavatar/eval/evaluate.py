@@ -124,10 +124,11 @@ def _gaps_filled(signal) -> np.ndarray:
 def summarise(scores: list[FrameScore], truth_mouth, truth_eye, energy, max_lag: int) -> dict:
     mouth = np.array([s.mouth for s in scores])
     eye = np.array([s.eye for s in scores])
-    av = M.av_offset(_gaps_filled(mouth), energy, max_lag)
+    filled = _gaps_filled(mouth)
+    av = M.av_offset(filled, energy, max_lag)
     # The rendered mouth's timing against the real one (a far less noisy reference than speech
     # energy): +k means the rendered mouth moves k frames after the real mouth, -k before it.
-    timing = M.av_offset(_gaps_filled(mouth), _gaps_filled(truth_mouth), max_lag)
+    timing = M.av_offset(filled, _gaps_filled(truth_mouth), max_lag)
     return {
         "psnr": M.psnr_from_mse(s.mse for s in scores),
         "psnr_face": M.psnr_from_mse(s.mse_face for s in scores if s.mse_face is not None),
