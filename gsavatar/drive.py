@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -84,21 +85,38 @@ def frame_count(samples: np.ndarray) -> int:
     return max(1, int(round(len(samples) / SAMPLES_PER_FRAME)))
 
 
+class SpeechFeaturizer:
+    """The extractor the avatar was trained with, built once and kept (a viewer turns every upload
+    into features; rebuilding Whisper for each costs most of a second). Calls are serialised: one
+    extractor is shared by every thread that uses this object."""
+
+    def __init__(self, subject: dict):
+        self.description = subject.get("audio_extractor") or {"kind": subject["audio_kind"], "options": {}}
+        self.expected = (int(subject["steps_per_frame"]), int(subject["feature_dim"]))
+        self._extractor = None
+        self._lock = threading.Lock()
+
+    def __call__(self, samples: np.ndarray, num_frames: int | None = None) -> torch.Tensor:
+        """``[N, S, D]`` features of 16 kHz ``samples`` (N = :func:`frame_count` unless given)."""
+        n = frame_count(samples) if num_frames is None else int(num_frames)
+        with self._lock:
+            if self._extractor is None:
+                from gsavatar.data.audio_features import extractor_from_description
+
+                self._extractor = extractor_from_description(self.description)
+            feats = self._extractor.extract(np.asarray(samples, np.float32), n, sample_rate=SAMPLE_RATE)
+        if feats.shape[1:] != self.expected:
+            raise InputError(f"the {self.description['kind']} extractor gives features {feats.shape[1:]}, "
+                             f"the avatar was trained on {self.expected}")
+        return torch.from_numpy(np.ascontiguousarray(feats, np.float32))
+
+
 def speech_features(subject: dict, samples: np.ndarray, num_frames: int | None = None) -> torch.Tensor:
-    """``[N, S, D]`` features of ``samples`` made by the extractor the avatar was trained with."""
-    from gsavatar.data.audio_features import extractor_from_description
-
-    description = subject.get("audio_extractor") or {"kind": subject["audio_kind"], "options": {}}
-    extractor = extractor_from_description(description)
-    n = frame_count(samples) if num_frames is None else int(num_frames)
-    feats = extractor.extract(np.asarray(samples, np.float32), n, sample_rate=SAMPLE_RATE)
-    if feats.shape[1:] != (subject["steps_per_frame"], subject["feature_dim"]):
-        raise InputError(f"the {description['kind']} extractor gives features {feats.shape[1:]}, "
-                         f"the avatar was trained on {(subject['steps_per_frame'], subject['feature_dim'])}")
-    return torch.from_numpy(np.ascontiguousarray(feats, np.float32))
+    """``[N, S, D]`` features of ``samples`` made by the extractor the avatar was trained with
+    (built for this call; keep a :class:`SpeechFeaturizer` to make features more than once)."""
+    return SpeechFeaturizer(subject)(samples, num_frames)
 
 
-# -- head pose and blink ----------------------------------------------------------------------
 def pingpong(num: int, length: int) -> np.ndarray:
     """Indices 0, 1, ..., L-1, L-2, ..., 1, 0, 1, ... (``num`` of them): a loop with no jump."""
     if length <= 1:
@@ -297,11 +315,15 @@ class DriveSequence:
 
 
 def build_drive(subject: dict, samples: np.ndarray, cfg: DriveConfig | None = None, size: int | None = None,
-                features: torch.Tensor | None = None) -> DriveSequence:
-    """A :class:`DriveSequence` for a speech track (``features`` skips extraction when already made)."""
+                features: torch.Tensor | None = None, featurizer: SpeechFeaturizer | None = None) -> DriveSequence:
+    """A :class:`DriveSequence` for a speech track (``features`` skips extraction when already made;
+    ``featurizer`` reuses an extractor kept by the caller)."""
     cfg = cfg or DriveConfig()
     num = frame_count(samples)
-    feats = speech_features(subject, samples, num) if features is None else features
+    if features is not None:
+        feats = features
+    else:
+        feats = (featurizer or SpeechFeaturizer(subject))(samples, num)
     viewmats, poses, src = pose_sequence(subject, num, cfg)
     blink = blink_sequence(subject, num, src, cfg)
     cameras = camera_path(cfg, num, head_centre(subject))

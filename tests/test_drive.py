@@ -12,14 +12,17 @@ import torch
 from gsavatar.data.video import write_wav
 from gsavatar.drive import (
     FPS,
+    SAMPLE_RATE,
     SAMPLES_PER_FRAME,
     DriveConfig,
+    SpeechFeaturizer,
     camera_path,
     frame_count,
     generated_blinks,
     load_keyframes,
     load_speech,
     pingpong,
+    speech_features,
 )
 from gsavatar.errors import InputError
 
@@ -178,3 +181,33 @@ def test_frame_inputs_index_copies_made_once_per_device():
     assert seq.inputs(1, cfg, camera=own, device="meta").camera.device.type == "meta"
     other = dataclasses.replace(seq, viewmats=seq.viewmats + 1)
     assert torch.equal(other.inputs(3, cfg).viewmat, seq.viewmats[3] + 1)
+
+
+def test_speech_featurizer_builds_the_extractor_once_and_matches_speech_features(monkeypatch):
+    """The viewer keeps one SpeechFeaturizer: its extractor is built on first use only, and its
+    features are exactly those of a fresh extractor; a shape the avatar was not trained on is an
+    InputError naming both shapes."""
+    import gsavatar.data.audio_features as af
+
+    builds = []
+    real = af.extractor_from_description
+
+    def counting(description):
+        builds.append(description["kind"])
+        return real(description)
+
+    monkeypatch.setattr(af, "extractor_from_description", counting)
+    subject = {"audio_kind": "logmel", "audio_extractor": {"kind": "logmel", "options": {}}}
+    probe = real(subject["audio_extractor"])
+    subject.update(steps_per_frame=probe.steps_per_frame, feature_dim=probe.dim)
+    rng = np.random.default_rng(0)
+    clips = [rng.standard_normal(int(s * SAMPLE_RATE)).astype(np.float32) * 0.1 for s in (1.0, 2.3)]
+    featurizer = SpeechFeaturizer(subject)
+    kept = [featurizer(c) for c in clips]
+    assert builds == ["logmel"]
+    assert [len(f) for f in kept] == [frame_count(c) for c in clips]
+    for clip, feats in zip(clips, kept):
+        assert torch.equal(feats, speech_features(subject, clip))
+    assert builds == ["logmel"] * 3  # speech_features builds its own each time
+    with pytest.raises(InputError, match=r"gives features \(\d+, \d+\), the avatar was trained on \(\d+, 999\)"):
+        SpeechFeaturizer({**subject, "feature_dim": 999})(clips[0])

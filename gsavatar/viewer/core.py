@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from gsavatar.drive import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, DriveConfig, build_drive, frame_count, load_speech
+from gsavatar.drive import (FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, DriveConfig, SpeechFeaturizer, build_drive, frame_count,
+                            load_speech)
 from gsavatar.errors import InputError
 
 LAYERS = ("face", "mouth", "torso", "background")
@@ -414,12 +415,12 @@ def default_audio(subject: dict, seconds: float = DEFAULT_SECONDS) -> tuple[np.n
         f"{seconds:g} s of silence (the subject dataset {subject_dir} is not available; upload speech or pass --audio)")
 
 
-def make_drive(subject: dict, samples: np.ndarray, size: int):
+def make_drive(subject: dict, samples: np.ndarray, size: int, featurizer: SpeechFeaturizer | None = None):
     """The viewer's :class:`~gsavatar.drive.DriveSequence` (looped pose, tracked blinks, the
-    browser's camera instead of a path)."""
+    browser's camera instead of a path); ``featurizer``: the viewer's kept audio extractor."""
     if frame_count(samples) < 1:
         raise InputError("the audio is empty")
-    return build_drive(subject, samples, DriveConfig(camera="train"), size=size)
+    return build_drive(subject, samples, DriveConfig(camera="train"), size=size, featurizer=featurizer)
 
 
 # -- frames -----------------------------------------------------------------------------------

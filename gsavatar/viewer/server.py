@@ -50,7 +50,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from gsavatar.drive import FPS, SAMPLE_RATE, head_centre, load_speech
+from gsavatar.drive import FPS, SAMPLE_RATE, SpeechFeaturizer, head_centre, load_speech
 from gsavatar.errors import InputError, MissingDependencyError
 from gsavatar.viewer.core import (LAYERS, MAX_AUDIO_SECONDS, MAX_UPLOAD_BYTES, MAX_UPLOAD_SECONDS, FrameRenderer, PlayClock,
                                   UploadGate, audio_html, camera_from_pose, default_audio, initial_camera, make_drive,
@@ -215,7 +215,7 @@ class Session:
             samples = validate_upload(file.name, file.content, self.viewer.options.max_upload_bytes,
                                       self.viewer.options.max_upload_seconds)
             self.audio_md.content = f"Decoding features of **{_md(upload_label(file.name))}** ..."
-            drive = make_drive(self.viewer.subject, samples, self.viewer.size)
+            drive = make_drive(self.viewer.subject, samples, self.viewer.size, self.viewer.featurizer)
         except Exception as e:  # bad file or a failure in feature extraction: tell the page, keep serving
             msg = str(e) if isinstance(e, InputError) else f"{upload_label(file.name)} could not be used ({type(e).__name__}: {e})"
             self.refuse_upload(msg)
@@ -470,7 +470,8 @@ class Viewer:
             self.samples, self.audio_label = default_audio(self.subject)
             if not self.samples.any() and options.verbose:
                 print(f"note: driving with {self.audio_label}")
-        self.drive = make_drive(self.subject, self.samples, self.size)
+        self.featurizer = SpeechFeaturizer(self.subject)  # one audio extractor for the start and every upload
+        self.drive = make_drive(self.subject, self.samples, self.size, self.featurizer)
         self.renderer = FrameRenderer(self.avatar, self.cfg, self.subject, self.device, options.render_slots)
         self.initial = initial_camera(self.drive.K, self.drive.size, head_centre(self.subject))
         self.sessions: dict[int, Session] = {}
