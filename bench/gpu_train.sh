@@ -54,6 +54,9 @@ BACKEND=${BACKEND:-auto}
 PART_BYTES=$((15 * 1024 * 1024))
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GSAVATAR_KERNEL_CACHE=/tmp/gsavatar_kernels
+# Hopper only, all cores, builds on /tmp (gsplat's source-only wheel JIT-compiles on first use:
+# with BACKEND=gsplat on a fresh machine that build comes out of TRAIN_SECONDS).
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
 if [ "$BACKEND" = gsplat ] && compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
