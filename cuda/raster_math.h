@@ -157,11 +157,17 @@ GSA_HD bool project_gaussian(const float* mean, const float* quat, const float* 
   out.C = out.a / s.det;
   const float mid = 0.5f * (out.a + out.c);
   const float lam_max = mid + sqrtf(fmaxf(mid * mid - s.det, 0.0f));
-  float radius = ceilf(3.0f * sqrtf(lam_max));
+  const float sigma_max = sqrtf(lam_max);
+  float radius = ceilf(3.0f * sigma_max);
   if (radius != radius) radius = 0.0f;  // NaN
   radius = fminf(fmaxf(radius, 0.0f), 1e9f);
-  const bool on_image = out.u + radius > 0 && out.u - radius < cam.width && out.v + radius > 0 &&
-                        out.v - radius < cam.height;
+  // Culled only when the 1/255 contour of a fully opaque Gaussian (3.33 sigma) misses the image;
+  // binning decides exactly which pixels it reaches (as the reference's CULL_SIGMAS).
+  float reach = ceilf(3.33f * sigma_max);
+  if (reach != reach) reach = 0.0f;  // NaN
+  reach = fminf(fmaxf(reach, 0.0f), 1e9f);
+  const bool on_image = out.u + reach > 0 && out.u - reach < cam.width && out.v + reach > 0 &&
+                        out.v - reach < cam.height;
   const bool visible = in_depth && good_det && on_image && radius > 0;
   out.radius = visible ? radius : 0.0f;
   return visible;

@@ -101,6 +101,29 @@ def test_matches_reference_forward_and_backward(backend, n, width, height, sh_de
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_border_gaussians_are_culled_as_by_the_reference(backend):
+    """Gaussians centred off the image whose 3-sigma square misses it but whose 1/255 contour
+    reaches it are drawn, those beyond 3.33 sigma are culled: the same set and image as the reference."""
+    from test_rasterize import border_scene, camera
+
+    width, height, focal = 96, 80, 60.0
+    scene = [t.float() for t in (*border_scene(width, height, focal), *camera(width, height, focal))]
+    grads_out = _random_grads(width, height, seed=7)
+    ref, ref_grads = _render("torch", scene, width, height, None, grads_out, torch.float64, "cpu")
+    out, grads = _render(backend, scene, width, height, None, grads_out, torch.float32, DEVICE[backend],
+                         min_transmittance=0.0)
+    assert ref[5].tolist() == [True] * 4 + [False] * 4
+    assert torch.equal(out[5].cpu(), ref[5]) and torch.equal(out[4].cpu(), ref[4])
+    assert ref[1].max() > 0.005
+    for i in range(3):
+        torch.testing.assert_close(out[i].cpu().double(), ref[i], rtol=0, atol=1e-6)
+    for name, a, b in zip(("means", "quats", "scales", "opacities", "colors"), grads, ref_grads):
+        assert b.abs().max() > 0, name
+        torch.testing.assert_close(a.cpu().double(), b, rtol=1e-4, atol=1e-4 * b.abs().max().item(),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_early_stop_leaves_out_less_than_its_threshold(backend):
     """With the default min_transmittance (1e-4) the image differs from the full composite by less than that."""
     width = height = 64

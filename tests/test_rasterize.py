@@ -360,6 +360,65 @@ def test_culled_gaussians_contribute_nothing():
     assert (inputs[0].grad[0] != 0).any()
 
 
+def border_scene(width: int, height: int, focal: float, dtype=F64):
+    """Opaque round Gaussians (3.3 px sigma) centred off the image on every side: those at
+    ``ceil(3 sigma)`` px beyond an edge have a 3-sigma square that misses the image while their
+    1/255 contour still covers pixel centres; those a little beyond ``3.33 sigma`` reach none. The
+    image must be large enough (about 70 px) that the projection's Jacobian clamp (1.3 x the half
+    field of view) does not act on them, since the dense reference does not clamp."""
+    depth, sigma_px = 2.0, 3.3
+    edges = [(-1, 0), (1, 0), (0, -1), (0, 1)]  # left, right, top, bottom
+    centres = []
+    for beyond in (10.0, 12.0):  # ceil(3 * 3.3) = 10 (reached); 12 > 3.33 * 3.3 + 0.5 (not reached)
+        for ex, ey in edges:
+            u = width / 2 + ex * (width / 2 + beyond)
+            v = height / 2 + ey * (height / 2 + beyond) + (3.0 if ex else 0.0)
+            centres.append((u, v))
+    uv = torch.tensor(centres, dtype=dtype)
+    means = torch.cat([(uv - torch.tensor([width / 2, height / 2], dtype=dtype)) * depth / focal,
+                       torch.full((len(uv), 1), depth, dtype=dtype)], 1)
+    n = len(means)
+    quats = torch.tensor([[1.0, 0, 0, 0]] * n, dtype=dtype)
+    # Flat along the viewing axis, so that the perspective Jacobian does not stretch them off-axis:
+    # exactly sigma_px on screen once eps2d (0.3) is added.
+    scales = torch.full((n, 3), math.sqrt(sigma_px**2 - 0.3) * depth / focal, dtype=dtype)
+    scales[:, 2] = 0.0
+    opacities = torch.full((n,), 0.98, dtype=dtype)
+    colors = torch.rand(n, 3, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    return means, quats, scales, opacities, colors
+
+
+def test_border_gaussians_whose_faint_edge_reaches_the_image_are_drawn_exactly():
+    """The cull keeps every Gaussian whose 1/255 contour reaches a pixel, so border pixels get the
+    exact sum over all Gaussians (a 3-sigma cull would drop up to ~0.005 of an opaque one there)."""
+    width, height, focal = 96, 80, 60.0
+    scene = border_scene(width, height, focal)
+    viewmat, K = camera(width, height, focal)
+    proj = project_gaussians(*scene[:3], viewmat, K, width, height)
+    u, v = proj.means2d.unbind(-1)
+    three_sigma = torch.ceil(3 * proj.cov2d[:, [0, 2]].max(-1).values.sqrt())
+    box_meets = (u + three_sigma > 0) & (u - three_sigma < width) & (v + three_sigma > 0) & (v - three_sigma < height)
+    assert not box_meets.any()  # a 3-sigma cull would drop every one of them
+    reached = raw_log_alpha(*scene[:4], viewmat, K, width, height).max(0).values > math.log(1 / 255)
+    assert reached.tolist() == [True] * 4 + [False] * 4
+
+    inputs = [x.clone().requires_grad_() for x in scene]
+    out = rasterize(*inputs, viewmat, K, width, height, tile_size=8)
+    assert bool(out.visible[:4].all())
+    dense_inputs = [x.clone().requires_grad_() for x in scene]
+    dense = dense_render(*dense_inputs, viewmat, K, width, height)  # every Gaussian, no cull at all
+    assert dense[1].max() > 0.005  # they do reach the image
+    g = torch.Generator().manual_seed(5)
+    grads_out = [torch.randn(height, width, c, dtype=F64, generator=g) for c in (3, 1, 1)]
+    sum((o * gr).sum() for o, gr in zip((out.color, out.alpha, out.depth), grads_out)).backward()
+    sum((o * gr).sum() for o, gr in zip(dense, grads_out)).backward()
+    for name, a, b in zip(("color", "alpha", "depth"), (out.color, out.alpha, out.depth), dense):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    for name, a, b in zip(("means", "quats", "scales", "opacities", "colors"), inputs, dense_inputs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+    assert bool((inputs[0].grad[:4] != 0).any(-1).all())
+
+
 @pytest.mark.parametrize("eps2d", [0.3, 0.0])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_degenerate_scales_do_not_produce_nan(eps2d, dtype):

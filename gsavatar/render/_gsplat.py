@@ -16,7 +16,9 @@ Differences from the ``"torch"`` reference, all gsplat's own:
 * alpha is capped at 0.999 (ours 0.99), and a pixel stops compositing *before* the Gaussian that
   would take its transmittance to 1e-4 or below (3DGS's rule);
 * ``radii`` is gsplat's: the larger half-side of the axis-aligned box it bins (3.33 sigma, less for
-  faint Gaussians; ours: 3 sigma along the major axis); ``visible`` is ``radii > 0``.
+  faint Gaussians; ours: 3 sigma along the major axis); ``visible`` is ``radii > 0``. Both keep
+  every Gaussian whose 1/255 contour reaches the image (ours culls beyond 3.33 sigma along the
+  major axis, a superset of gsplat's box), so the images agree at the border too.
 
 :class:`GsplatOps` names the five stage functions, so the adapter runs with other
 implementations of the same signatures: the CPU tests pass gsplat's pure-PyTorch twins.

@@ -23,7 +23,8 @@ Gaussian (projection, SH) goes through autograd, which also gives the gradients 
 Compositing is exact for the truncation rule "skip a contribution whose alpha is below 1/255":
 each Gaussian is binned to every tile that holds a pixel where its alpha can reach 1/255 (the
 ellipse ``d^T Sigma^-1 d <= 2 ln(255 o)``, not a fixed 3-sigma box), so the image does not depend
-on the tile size and equals the dense all-pixels-by-all-Gaussians sum. There is no early
+on the tile size and equals the dense all-pixels-by-all-Gaussians sum (projection culls a Gaussian
+off the image only when its 3.33-sigma reach misses it: no 1/255 contour reaches further). There is no early
 termination when transmittance drops below 1e-4 (3DGS stops there): the reference composites
 every binned Gaussian, which keeps it a smooth function of its inputs; what 3DGS would drop
 weighs less than 1e-4 in total.
@@ -45,6 +46,9 @@ ALPHA_MAX = 0.99  # alpha is capped here so that transmittance never reaches zer
 _PAD_LOG_OPACITY = -1.0e4
 _LOG_ALPHA_FLOOR = math.log(ALPHA_MIN) - 1.0  # exp() of it is below ALPHA_MIN
 _LOG_ALPHA_MAX = math.log(ALPHA_MAX)
+# Culling reach in sigmas: just beyond sqrt(2 ln 255) = 3.3290, where a Gaussian of opacity 1 falls
+# to 1/255 (gsplat's 3.33 too, so both draw the same Gaussians).
+CULL_SIGMAS = 3.33
 # Upper bound on the elements of one [tiles, pixels, gaussians] work tensor. About eight of them are
 # alive at once; at 2^18 (1 MiB in float32) they stay in cache and in reused heap memory, which on
 # CPU is worth more than the Python overhead of more, smaller batches.
@@ -163,9 +167,14 @@ def _fully_fused_projection(means: Tensor, quats: Tensor, scales: Tensor, viewma
     with torch.no_grad():
         mid = 0.5 * (a + c)
         lam_max = mid + (mid * mid - det).clamp_min(0).sqrt()
-        radius = torch.nan_to_num(torch.ceil(3 * lam_max.sqrt()), nan=0.0, posinf=1e9).clamp(0, 1e9)
+        sigma_max = lam_max.sqrt()
+        radius = torch.nan_to_num(torch.ceil(3 * sigma_max), nan=0.0, posinf=1e9).clamp(0, 1e9)
+        # Culled only when even the 1/255 contour of a fully opaque Gaussian (sqrt(2 ln 255) = 3.33
+        # sigma) misses the image: a border pixel can still get up to 1/255 of a Gaussian whose
+        # 3-sigma box misses, and binning (below) decides exactly which pixels it reaches.
+        reach = torch.nan_to_num(torch.ceil(CULL_SIGMAS * sigma_max), nan=0.0, posinf=1e9).clamp(0, 1e9)
         u, v = means2d.detach().unbind(-1)
-        on_image = (u + radius > 0) & (u - radius < width) & (v + radius > 0) & (v - radius < height)
+        on_image = (u + reach > 0) & (u - reach < width) & (v + reach > 0) & (v - reach < height)
         visible = in_depth & good_det & on_image & (radius > 0)
         radii = torch.where(visible, radius, torch.zeros_like(radius)).long()
     return ProjectedGaussians(means2d, conics, torch.stack([a, b, c], -1), depths, radii, visible)

@@ -28,7 +28,9 @@ Outputs (:class:`RasterOutput`)
     is the tensor the compositing consumes, so ``out.means2d.retain_grad()`` before ``backward()``
     yields the screen-space gradients used for densification. ``radii [G]`` (long) is
     ``ceil(3 sqrt(largest eigenvalue of the 2-D covariance))``, 0 for culled Gaussians; ``visible
-    [G]`` is True for Gaussians with ``near <= z <= far`` whose 3-sigma square overlaps the image.
+    [G]`` is True for Gaussians with ``near <= z <= far`` whose 3.33-sigma square (the reach of a
+    fully opaque Gaussian's 1/255 contour) overlaps the image, so the image is the exact sum over
+    all Gaussians, border pixels included.
     Culled Gaussians contribute nothing and get zero gradients. ``means2d`` gradients are in
     pixels (3DGS's densification threshold of 0.0002 is for NDC units: multiply by ``W / 2``, ``H / 2``).
 
