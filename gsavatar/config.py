@@ -195,7 +195,7 @@ class StageConfig:
     """One training stage: which branches learn, what they are compared with, for how long."""
 
     name: str
-    """mouth | face | fuse | torso."""
+    """motion | mouth | face | fuse | torso (see gsavatar.train.trainer.STAGES)."""
     iterations: int
     """Optimiser steps in this stage."""
     static_iterations: int = 0
@@ -208,6 +208,7 @@ class StageConfig:
 
 def _default_stages() -> list[StageConfig]:
     return [
+        StageConfig("motion", 3000, densify=False),
         StageConfig("mouth", 20000),
         StageConfig("face", 30000, static_iterations=3000, curriculum="mouth_open"),
         StageConfig("fuse", 5000, densify=False),
@@ -318,7 +319,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise a one-line InputError for settings that would only fail deep inside training."""
-        known_stages, known_curricula = ("mouth", "face", "fuse", "torso"), (None, "mouth_open")
+        known_stages, known_curricula = ("motion", "mouth", "face", "fuse", "torso"), (None, "mouth_open")
         checks = [
             (self.render_size >= 16, f"render_size must be at least 16 (got {self.render_size})"),
             (self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be at least 1"),

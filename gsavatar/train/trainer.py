@@ -60,6 +60,9 @@ class StageSetup:
 GEOMETRY_AND_COLOUR = PARAM_NAMES
 COLOUR = ("sh0", "shN", "opacity_logits")
 STAGES = {
+    # motion: the face net learns audio -> motion from the tracked landmarks alone, nothing rendered
+    # (a few ms a step), so the face stage starts from a net that already moves the lips.
+    "motion": StageSetup((), (), ("face",), (), "data", None),
     "mouth": StageSetup(("mouth",), GEOMETRY_AND_COLOUR, ("mouth",), ("mouth",), "data", "mouth"),
     "face": StageSetup(("face",), GEOMETRY_AND_COLOUR, ("face",), ("face", "mouth"), "data", "face"),
     "fuse": StageSetup(("face", "mouth"), COLOUR, (), ("face", "mouth"), "data", None),
@@ -251,16 +254,15 @@ class Trainer:
             self.progress.stage_iteration += 1
             self.progress.global_iteration += 1
             if self.progress.stage_iteration % cfg.log_every == 0 or self.progress.stage_iteration == stage.iterations:
-                p = losses.psnr(image, frame.image)
+                p = None if image is None else losses.psnr(image, frame.image)
                 rec = {"stage": stage.name, "iteration": self.progress.stage_iteration, "loss": float(np.mean(running)),
-                       "psnr": p, "gaussians": len(self.avatar.gaussians[setup.trained[0]]),
+                       "psnr": p, "gaussians": len(self.avatar.gaussians[setup.trained[0]]) if setup.trained else 0,
                        "elapsed_s": time.perf_counter() - start}
                 self.history.append(rec)
                 running = []
-                log.info("%s it %d: loss %.4f, PSNR %.2f dB, %d Gaussians", stage.name, rec["iteration"],
-                         rec["loss"], p, rec["gaussians"])
+                log.info("%s it %d: loss %.4f, %s", stage.name, rec["iteration"], rec["loss"], _fit_text(rec))
                 if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{p:.2f}", n=rec["gaussians"])
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", **({} if p is None else {"psnr": f"{p:.2f}", "n": rec["gaussians"]}))
             if bar is not None:
                 bar.update(1)
             if self.progress.global_iteration % cfg.checkpoint_every == 0 and self.progress.stage_iteration < stage.iterations:
@@ -274,8 +276,7 @@ class Trainer:
             bar.close()
         last = [h for h in self.history if h["stage"] == stage.name]
         if last:
-            log.info("stage %s done: loss %.4f, PSNR %.2f dB (last sampled frame), %d Gaussians",
-                     stage.name, last[-1]["loss"], last[-1]["psnr"], last[-1]["gaussians"])
+            log.info("stage %s done: loss %.4f, %s", stage.name, last[-1]["loss"], _fit_text(last[-1], final=True))
 
     def _stop(self, stage: StageConfig, start: float, ckpt_path: Path):
         """Checkpoint the iteration just finished and end the run (a stop was requested by a signal)."""
@@ -289,6 +290,13 @@ class Trainer:
 
     def _step(self, stage: StageConfig, setup: StageSetup, index: int, it: int, strategy):
         cfg, data, avatar = self.cfg, self.data, self.avatar
+        if not setup.layers:  # motion: no image, only the landmark term
+            inputs = data.inputs(index, cfg.avatar.audio_smoothing_frames, cfg.avatar.audio_window_radius)
+            loss = cfg.loss.landmark_deformation * self._landmark_loss(index, inputs)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss in stage {stage.name} at iteration {it} (frame {index})")
+            loss.backward()
+            return loss.detach(), None, None, None
         frame = data.frame(index)
         inputs = data.inputs(index, cfg.avatar.audio_smoothing_frames, cfg.avatar.audio_window_radius,
                              back=frame.back if setup.back == "data" else None)
@@ -366,6 +374,14 @@ def evaluate(avatar: Avatar, data: TrainingData, cfg: TrainConfig, indices=None)
 
 def _db(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+def _fit_text(rec: dict, final: bool = False) -> str:
+    """The log line's tail for a history record: PSNR and Gaussian count, or what a stage without
+    an image (motion) fits."""
+    if rec["psnr"] is None:
+        return "tracked landmark motion only (nothing rendered)"
+    return f"PSNR {rec['psnr']:.2f} dB{' (last sampled frame)' if final else ''}, {rec['gaussians']} Gaussians"
 
 
 def _init_avatar(cfg, data, gen):
