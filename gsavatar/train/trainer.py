@@ -61,7 +61,7 @@ GEOMETRY_AND_COLOUR = PARAM_NAMES
 COLOUR = ("sh0", "shN", "opacity_logits")
 STAGES = {
     # motion: the face net learns audio -> motion from the tracked landmarks alone, nothing rendered
-    # (a few ms a step), so the face stage starts from a net that already moves the lips.
+    # (~20 ms a step on a CPU), so the face stage starts from a net that already moves the lips.
     "motion": StageSetup((), (), ("face",), (), "data", None),
     "mouth": StageSetup(("mouth",), GEOMETRY_AND_COLOUR, ("mouth",), ("mouth",), "data", "mouth"),
     "face": StageSetup(("face",), GEOMETRY_AND_COLOUR, ("face",), ("face", "mouth"), "data", "face"),
@@ -293,9 +293,7 @@ class Trainer:
         if not setup.layers:  # motion: no image, only the landmark term
             inputs = data.inputs(index, cfg.avatar.audio_smoothing_frames, cfg.avatar.audio_window_radius)
             loss = cfg.loss.landmark_deformation * self._landmark_loss(index, inputs)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss in stage {stage.name} at iteration {it} (frame {index})")
-            loss.backward()
+            _backward(loss, stage, it, index)
             return loss.detach(), None, None, None
         frame = data.frame(index)
         inputs = data.inputs(index, cfg.avatar.audio_smoothing_frames, cfg.avatar.audio_window_radius,
@@ -335,9 +333,7 @@ class Trainer:
             loss = losses.photometric(out.image, frame.image, L.ssim)
             not_head = 1 - frame.head
             loss = loss + L.torso_alpha * (((t.alpha - frame.torso) ** 2) * not_head).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss in stage {stage.name} at iteration {it} (frame {index})")
-        loss.backward()
+        _backward(loss, stage, it, index)
         return loss.detach(), out.image.detach(), frame, out
 
     def _landmark_loss(self, index: int, inputs) -> torch.Tensor:
@@ -370,6 +366,12 @@ def evaluate(avatar: Avatar, data: TrainingData, cfg: TrainConfig, indices=None)
         idx = idx[np.linspace(0, len(idx) - 1, min(cfg.eval_frames, len(idx))).round().astype(int)]
     r = score(avatar_predictor(avatar, cfg, data), data, idx)
     return {"test_psnr": r["psnr"], "test_psnr_face": r["psnr_face"], "test_frames": r["frames"]}
+
+
+def _backward(loss: torch.Tensor, stage: StageConfig, it: int, index: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss in stage {stage.name} at iteration {it} (frame {index})")
+    loss.backward()
 
 
 def _db(value) -> str:
