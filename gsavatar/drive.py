@@ -87,8 +87,8 @@ def frame_count(samples: np.ndarray) -> int:
 
 class SpeechFeaturizer:
     """The extractor the avatar was trained with, built once and kept (a viewer turns every upload
-    into features; rebuilding Whisper for each costs most of a second). Calls are serialised: one
-    extractor is shared by every thread that uses this object."""
+    into features; rebuilding Whisper for each cost ~0.27 s of a 0.93 s upload of 5 s). Calls are
+    serialised: one extractor is shared by every thread that uses this object."""
 
     def __init__(self, subject: dict):
         self.description = subject.get("audio_extractor") or {"kind": subject["audio_kind"], "options": {}}
@@ -117,6 +117,7 @@ def speech_features(subject: dict, samples: np.ndarray, num_frames: int | None =
     return SpeechFeaturizer(subject)(samples, num_frames)
 
 
+# -- head pose and blink ----------------------------------------------------------------------
 def pingpong(num: int, length: int) -> np.ndarray:
     """Indices 0, 1, ..., L-1, L-2, ..., 1, 0, 1, ... (``num`` of them): a loop with no jump."""
     if length <= 1:

@@ -23,11 +23,11 @@ Gaussian (projection, SH) goes through autograd, which also gives the gradients 
 Compositing is exact for the truncation rule "skip a contribution whose alpha is below 1/255":
 each Gaussian is binned to every tile that holds a pixel where its alpha can reach 1/255 (the
 ellipse ``d^T Sigma^-1 d <= 2 ln(255 o)``, not a fixed 3-sigma box), so the image does not depend
-on the tile size and equals the dense all-pixels-by-all-Gaussians sum (projection culls a Gaussian
-off the image only when its 3.33-sigma reach misses it: no 1/255 contour reaches further). There is no early
-termination when transmittance drops below 1e-4 (3DGS stops there): the reference composites
-every binned Gaussian, which keeps it a smooth function of its inputs; what 3DGS would drop
-weighs less than 1e-4 in total.
+on the tile size and equals the dense all-pixels-by-all-Gaussians sum (projection culls a
+Gaussian off the image only when its 3.33-sigma reach misses it: no 1/255 contour reaches
+further). There is no early termination when transmittance drops below 1e-4 (3DGS stops there):
+the reference composites every binned Gaussian, which keeps it a smooth function of its inputs;
+what 3DGS would drop weighs less than 1e-4 in total.
 """
 
 from __future__ import annotations
