@@ -1,6 +1,7 @@
 // The one binding file: every compiled op that Python sees is declared in raster.h / hashgrid.h
-// and bound here. Built twice by gsavatar/kernels.py: with -DGSA_WITH_CUDA (CUDA kernels for
-// CUDA tensors, host twins for CPU tensors) and without (host twins only).
+// and bound here. Built three ways by gsavatar/kernels.py: with -DGSA_WITH_CUDA (CUDA kernels for
+// CUDA tensors, host twins for CPU tensors), without (host twins only), and with -DGSA_EMULATE_CUDA
+// (the CUDA kernels on the CPU emulator, for tests; see kernel_dispatch.h).
 // torch/python.h, not torch/extension.h: the bindings need pybind11 and the tensor casters, not the
 // C++ frontend (torch/all.h), whose headers were about a fifth of the CPU build's compile time.
 #include <torch/python.h>
@@ -11,6 +12,12 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") =
 #ifdef GSA_WITH_CUDA
+      true;
+#else
+      false;
+#endif
+  m.attr("emulated") =
+#ifdef GSA_EMULATE_CUDA
       true;
 #else
       false;

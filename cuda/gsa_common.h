@@ -14,6 +14,15 @@
 
 #include <cstdint>
 
+// GSA_LAUNCH(grid, block, stream, kernel)(args...) launches a kernel: kernel<<<grid, block, 0, stream>>>
+// under nvcc; under the CPU emulator (-DGSA_EMULATE_CUDA, tests only: cuda_emulator.h) the same
+// kernel runs on fibers. The kernel comes last so that a template's commas need no parentheses.
+#if defined(GSA_EMULATE_CUDA)
+#define GSA_LAUNCH(grid, block, stream, ...) ::gsa_emu::launch(grid, block, __VA_ARGS__)
+#else
+#define GSA_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, stream>>>
+#endif
+
 namespace gsa {
 
 // Threads per block for one-thread-per-element kernels.

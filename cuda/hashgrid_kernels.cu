@@ -2,6 +2,10 @@
 // twins in hashgrid_ops.cpp run the same functions in loops). No torch headers here.
 #include "hashgrid_launch.h"
 
+#ifdef GSA_EMULATE_CUDA
+#include "cuda_emulator.h"
+#endif
+
 namespace gsa {
 namespace hashgrid {
 namespace {
@@ -48,7 +52,7 @@ void launch_forward(const Params& p, const float* x, const float* table, float* 
   if (p.points == 0) return;
   const dim3 grid(num_blocks(p.points), p.levels);
   dispatch(p, [&](auto dim, auto features) {
-    forward_kernel<dim.value, features.value><<<grid, kBlock, 0, stream>>>(p, x, table, out);
+    GSA_LAUNCH(grid, kBlock, stream, forward_kernel<dim.value, features.value>)(p, x, table, out);
   });
 }
 
@@ -57,10 +61,10 @@ void launch_backward(const Params& p, const float* x, const float* table, const 
   if (p.points == 0) return;
   const dim3 grid(num_blocks(p.points), p.levels);
   dispatch(p, [&](auto dim, auto features) {
-    table_grad_kernel<dim.value, features.value><<<grid, kBlock, 0, stream>>>(p, x, grad_out, grad_table);
+    GSA_LAUNCH(grid, kBlock, stream, table_grad_kernel<dim.value, features.value>)(p, x, grad_out, grad_table);
     if (grad_x != nullptr)
-      x_grad_kernel<dim.value, features.value><<<num_blocks(p.points), kBlock, 0, stream>>>(p, x, table, grad_out,
-                                                                                            grad_x);
+      GSA_LAUNCH(num_blocks(p.points), kBlock, stream, x_grad_kernel<dim.value, features.value>)(p, x, table, grad_out,
+                                                                                                 grad_x);
   });
 }
 

@@ -3,7 +3,11 @@
 // float32 device pointers; the caller checks the launch error.
 #pragma once
 
+#ifdef GSA_EMULATE_CUDA
+#include "emulated_runtime.h"
+#else
 #include <cuda_runtime.h>
+#endif
 
 #include "hashgrid_math.h"
 

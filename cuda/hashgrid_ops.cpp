@@ -1,15 +1,13 @@
-// Hash-grid encoder ops: input checks, output allocation, and dispatch to the CUDA launchers
-// (hashgrid_kernels.cu) for CUDA tensors or to the host twins below for CPU tensors, which run
-// the math of hashgrid_math.h in plain loops.
+// Hash-grid encoder ops: input checks, output allocation, and dispatch (kernel_dispatch.h) to the
+// kernels' launchers (hashgrid_kernels.cu) or to the host twins below, which run the math of
+// hashgrid_math.h in plain loops.
 #include "hashgrid.h"
 
 #include <ATen/Parallel.h>
 
-#ifdef GSA_WITH_CUDA
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include "kernel_dispatch.h"
 
+#ifdef GSA_HAS_KERNELS
 #include "hashgrid_launch.h"
 #endif
 
@@ -101,12 +99,12 @@ at::Tensor hashgrid_forward(const at::Tensor& x_in, const at::Tensor& table_in,
   const Params p = make_params(x_in, table_in, resolutions);
   const at::Tensor x = x_in.contiguous(), table = table_in.contiguous();
   at::Tensor out = at::empty({p.points, int64_t(p.levels) * p.features}, x.options());
-  if (x.is_cuda()) {
-#ifdef GSA_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
+  if (runs_kernels(x)) {
+#ifdef GSA_HAS_KERNELS
+    GSA_KERNEL_GUARD(x);
     hashgrid::launch_forward(p, x.data_ptr<float>(), table.data_ptr<float>(), out.data_ptr<float>(),
-                             c10::cuda::getCurrentCUDAStream().stream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                             kernel_stream(x));
+    GSA_CHECK_LAUNCH();
 #else
     TORCH_CHECK(false, "gsavatar kernels were built without CUDA");
 #endif
@@ -131,13 +129,13 @@ std::tuple<at::Tensor, at::Tensor> hashgrid_backward(const at::Tensor& grad_out_
   at::Tensor grad_table = at::zeros_like(table);
   at::Tensor grad_x = need_x_grad ? at::empty_like(x) : at::Tensor();
   float* grad_x_ptr = need_x_grad ? grad_x.data_ptr<float>() : nullptr;
-  if (x.is_cuda()) {
-#ifdef GSA_WITH_CUDA
+  if (runs_kernels(x)) {
+#ifdef GSA_HAS_KERNELS
     at::globalContext().alertNotDeterministic("gsavatar hashgrid_backward (float atomicAdd on CUDA)");
-    const c10::cuda::CUDAGuard guard(x.device());
+    GSA_KERNEL_GUARD(x);
     hashgrid::launch_backward(p, x.data_ptr<float>(), table.data_ptr<float>(), grad_out.data_ptr<float>(),
-                              grad_table.data_ptr<float>(), grad_x_ptr, c10::cuda::getCurrentCUDAStream().stream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                              grad_table.data_ptr<float>(), grad_x_ptr, kernel_stream(x));
+    GSA_CHECK_LAUNCH();
 #else
     TORCH_CHECK(false, "gsavatar kernels were built without CUDA");
 #endif

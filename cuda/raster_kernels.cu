@@ -5,7 +5,11 @@
 //                         list streamed through shared memory in batches of 256 Gaussians;
 //   backward compositing: the same layout, front to back (see PixelBackward), per-Gaussian
 //                         gradients summed over each warp with shuffles, then one atomicAdd per warp.
+#ifdef GSA_EMULATE_CUDA
+#include "cuda_emulator.h"
+#else
 #include <cub/device/device_radix_sort.cuh>
+#endif
 
 #include "raster_launch.h"
 
@@ -24,7 +28,7 @@ __global__ void each_gaussian(Args args) {
 
 template <class Args, void (*Work)(const Args&, int64_t)>
 void launch_each_gaussian(const Args& args, cudaStream_t stream) {
-  if (args.n > 0) each_gaussian<Args, Work><<<num_blocks(args.n), kBlock, 0, stream>>>(args);
+  if (args.n > 0) GSA_LAUNCH(num_blocks(args.n), kBlock, stream, each_gaussian<Args, Work>)(args);
 }
 
 // The Gaussian data a tile's threads share, one batch at a time.
@@ -176,7 +180,7 @@ cudaError_t sort_pairs(const int64_t* keys_in, int64_t* keys_out, const int32_t*
 void launch_raster_forward(const RasterArgs& args, int images, cudaStream_t stream) {
   const dim3 grid(args.tiles_x * args.tiles_y, images), block(kTile, kTile);
   switch (args.channels) {
-#define GSA_CASE(CH) case CH: raster_forward_kernel<CH><<<grid, block, 0, stream>>>(args); break;
+#define GSA_CASE(CH) case CH: GSA_LAUNCH(grid, block, stream, raster_forward_kernel<CH>)(args); break;
     GSA_CASE(1) GSA_CASE(2) GSA_CASE(3) GSA_CASE(4) GSA_CASE(5) GSA_CASE(6) GSA_CASE(7) GSA_CASE(8)
 #undef GSA_CASE
     default: break;  // raster_ops.cpp checks 1 <= channels <= kMaxChannels
@@ -186,7 +190,7 @@ void launch_raster_forward(const RasterArgs& args, int images, cudaStream_t stre
 void launch_raster_backward(const RasterArgs& args, int images, cudaStream_t stream) {
   const dim3 grid(args.tiles_x * args.tiles_y, images), block(kTile, kTile);
   switch (args.channels) {
-#define GSA_CASE(CH) case CH: raster_backward_kernel<CH><<<grid, block, 0, stream>>>(args); break;
+#define GSA_CASE(CH) case CH: GSA_LAUNCH(grid, block, stream, raster_backward_kernel<CH>)(args); break;
     GSA_CASE(1) GSA_CASE(2) GSA_CASE(3) GSA_CASE(4) GSA_CASE(5) GSA_CASE(6) GSA_CASE(7) GSA_CASE(8)
 #undef GSA_CASE
     default: break;

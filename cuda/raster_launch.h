@@ -2,7 +2,11 @@
 // without the torch headers; raster_ops.cpp fills the argument structs from tensors.
 #pragma once
 
+#ifdef GSA_EMULATE_CUDA
+#include "emulated_runtime.h"
+#else
 #include <cuda_runtime.h>
+#endif
 
 #include "raster_math.h"
 

@@ -1,6 +1,6 @@
-// Tensor-level rasterizer ops: checks, allocation, and dispatch to the CUDA launchers
-// (raster_kernels.cu) for CUDA tensors or to the host twins below for CPU tensors. The host twins
-// run the same per-element functions of raster_math.h in plain loops.
+// Tensor-level rasterizer ops: checks, allocation, and dispatch (kernel_dispatch.h) to the kernels'
+// launchers (raster_kernels.cu) or to the host twins below, which run the same per-element
+// functions of raster_math.h in plain loops.
 #include "raster.h"
 
 #include <ATen/Parallel.h>
@@ -10,13 +10,10 @@
 #include <tuple>
 #include <utility>
 
+#include "kernel_dispatch.h"
 #include "raster_math.h"
 
-#ifdef GSA_WITH_CUDA
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
+#ifdef GSA_HAS_KERNELS
 #include "raster_launch.h"
 #endif
 
@@ -48,31 +45,25 @@ void host_for(int64_t n, Fn fn) {
   });
 }
 
-#ifdef GSA_WITH_CUDA
-cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
-// Launch on the tensor's device and stream; report launch errors as exceptions.
-#define GSA_ON_CUDA(tensor, launch)                               \
-  do {                                                            \
-    const c10::cuda::CUDAGuard device_guard((tensor).device());   \
-    launch(a, stream_of(tensor));                                 \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                               \
+#ifdef GSA_HAS_KERNELS
+// Launch on the tensor's device and stream (kernel_dispatch.h); report launch errors as exceptions.
+#define GSA_LAUNCH_ON(tensor, launch)        \
+  do {                                       \
+    GSA_KERNEL_GUARD(tensor);                \
+    launch(a, kernel_stream(tensor));        \
+    GSA_CHECK_LAUNCH();                      \
   } while (0)
-#define GSA_ON_CUDA_IMAGES(tensor, launch, images)                \
-  do {                                                            \
-    const c10::cuda::CUDAGuard device_guard((tensor).device());   \
-    launch(a, static_cast<int>(images), stream_of(tensor));       \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                               \
+#define GSA_LAUNCH_IMAGES_ON(tensor, launch, images)                \
+  do {                                                              \
+    GSA_KERNEL_GUARD(tensor);                                       \
+    launch(a, static_cast<int>(images), kernel_stream(tensor));     \
+    GSA_CHECK_LAUNCH();                                             \
   } while (0)
-#else
-#define GSA_ON_CUDA(tensor, launch) TORCH_CHECK(false, "gsavatar kernels were built without CUDA")
-#define GSA_ON_CUDA_IMAGES(tensor, launch, images) TORCH_CHECK(false, "gsavatar kernels were built without CUDA")
-#endif
 
-#ifdef GSA_WITH_CUDA
 // cub's radix sort of the pairs on the bits that can differ: the depth's 32 and as many tile bits
 // as `tiles` (all images) needs; the padding key (all ones) still sorts last. Fewer passes than
 // at::sort's 64 bits, and the ids move with the keys (no gather).
-std::pair<at::Tensor, at::Tensor> sort_pairs_cuda(const at::Tensor& keys, const at::Tensor& ids, int64_t tiles) {
+std::pair<at::Tensor, at::Tensor> sort_pairs_on_device(const at::Tensor& keys, const at::Tensor& ids, int64_t tiles) {
   const int64_t count = keys.size(0);
   TORCH_CHECK(count < std::numeric_limits<int>::max(), "too many (tile, Gaussian) pairs to sort: ", count);
   int tile_bits = 1;
@@ -80,22 +71,24 @@ std::pair<at::Tensor, at::Tensor> sort_pairs_cuda(const at::Tensor& keys, const 
   const int end_bit = 32 + tile_bits;
   at::Tensor keys_out = at::empty_like(keys), ids_out = at::empty_like(ids);
   if (count == 0) return {keys_out, ids_out};
-  const c10::cuda::CUDAGuard device_guard(keys.device());
-  const cudaStream_t stream = stream_of(keys);
+  GSA_KERNEL_GUARD(keys);
+  const cudaStream_t stream = kernel_stream(keys);
   size_t temp_bytes = 0;
-  C10_CUDA_CHECK(sort_pairs(keys.data_ptr<int64_t>(), keys_out.data_ptr<int64_t>(), ids.data_ptr<int32_t>(),
+  GSA_CHECK_CUDA(sort_pairs(keys.data_ptr<int64_t>(), keys_out.data_ptr<int64_t>(), ids.data_ptr<int32_t>(),
                             ids_out.data_ptr<int32_t>(), static_cast<int>(count), end_bit, nullptr, temp_bytes,
                             stream));
   // At least one byte: a null scratch pointer would make the second call another size query.
   temp_bytes = std::max<size_t>(temp_bytes, 1);
   at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, keys.options().dtype(at::kByte));
-  C10_CUDA_CHECK(sort_pairs(keys.data_ptr<int64_t>(), keys_out.data_ptr<int64_t>(), ids.data_ptr<int32_t>(),
+  GSA_CHECK_CUDA(sort_pairs(keys.data_ptr<int64_t>(), keys_out.data_ptr<int64_t>(), ids.data_ptr<int32_t>(),
                             ids_out.data_ptr<int32_t>(), static_cast<int>(count), end_bit, temp.data_ptr(), temp_bytes,
                             stream));
   return {keys_out, ids_out};
 }
 #else
-std::pair<at::Tensor, at::Tensor> sort_pairs_cuda(const at::Tensor&, const at::Tensor&, int64_t) {
+#define GSA_LAUNCH_ON(tensor, launch) TORCH_CHECK(false, "gsavatar kernels were built without CUDA")
+#define GSA_LAUNCH_IMAGES_ON(tensor, launch, images) TORCH_CHECK(false, "gsavatar kernels were built without CUDA")
+std::pair<at::Tensor, at::Tensor> sort_pairs_on_device(const at::Tensor&, const at::Tensor&, int64_t) {
   TORCH_CHECK(false, "gsavatar kernels were built without CUDA");
 }
 #endif
@@ -159,8 +152,8 @@ std::vector<at::Tensor> project_forward(const at::Tensor& means, const at::Tenso
   a.depths = f32m(depths);
   a.radii = radii.data_ptr<int32_t>();
   a.colors = sh.has_value() ? f32m(colors) : nullptr;
-  if (means.is_cuda()) {
-    GSA_ON_CUDA(means, launch_project_forward);
+  if (runs_kernels(means)) {
+    GSA_LAUNCH_ON(means, launch_project_forward);
   } else {
     host_for(n, [&](int64_t i) { project_forward_one(a, i); });
   }
@@ -196,8 +189,8 @@ std::vector<at::Tensor> project_backward(const at::Tensor& means, const at::Tens
   a.v_quats = f32m(v_quats);
   a.v_scales = f32m(v_scales);
   a.v_sh = sh.has_value() ? f32m(v_sh) : nullptr;
-  if (means.is_cuda()) {
-    GSA_ON_CUDA(means, launch_project_backward);
+  if (runs_kernels(means)) {
+    GSA_LAUNCH_ON(means, launch_project_backward);
   } else {
     host_for(n, [&](int64_t i) { project_backward_one(a, i); });
   }
@@ -233,8 +226,8 @@ std::vector<at::Tensor> isect_tiles(const at::Tensor& means2d, const at::Tensor&
   const auto int_opts = means2d.options().dtype(at::kInt);
   at::Tensor counts = at::empty({n}, int_opts);
   a.counts = counts.data_ptr<int32_t>();
-  if (means2d.is_cuda()) {
-    GSA_ON_CUDA(means2d, launch_isect_count);
+  if (runs_kernels(means2d)) {
+    GSA_LAUNCH_ON(means2d, launch_isect_count);
   } else {
     host_for(n, [&](int64_t i) { isect_count_one(a, i); });
   }
@@ -249,15 +242,15 @@ std::vector<at::Tensor> isect_tiles(const at::Tensor& means2d, const at::Tensor&
   a.starts = starts.data_ptr<int64_t>();
   a.keys = keys.data_ptr<int64_t>();
   a.ids = ids.data_ptr<int32_t>();
-  if (means2d.is_cuda()) {
-    GSA_ON_CUDA(means2d, launch_isect_write);
+  if (runs_kernels(means2d)) {
+    GSA_LAUNCH_ON(means2d, launch_isect_write);
   } else {
     host_for(n, [&](int64_t i) { isect_write_one(a, i); });
   }
   // Pairs are written in Gaussian order, so a stable sort keeps depth ties in input order.
   at::Tensor sorted_keys, gauss_ids;
-  if (means2d.is_cuda()) {
-    std::tie(sorted_keys, gauss_ids) = sort_pairs_cuda(keys, ids, images * a.tiles_x * a.tiles_y);
+  if (runs_kernels(means2d)) {
+    std::tie(sorted_keys, gauss_ids) = sort_pairs_on_device(keys, ids, images * a.tiles_x * a.tiles_y);
   } else {
     auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
     sorted_keys = std::get<0>(sorted);
@@ -384,8 +377,8 @@ std::vector<at::Tensor> rasterize_forward(const at::Tensor& means2d, const at::T
   a.image = f32m(image);
   a.T_final = f32m(T_final);
   a.last = last.data_ptr<int32_t>();
-  if (means2d.is_cuda()) {
-    GSA_ON_CUDA_IMAGES(means2d, launch_raster_forward, images);
+  if (runs_kernels(means2d)) {
+    GSA_LAUNCH_IMAGES_ON(means2d, launch_raster_forward, images);
   } else {
     raster_forward_host(a, images);
   }
@@ -412,7 +405,7 @@ std::vector<at::Tensor> rasterize_backward(const at::Tensor& means2d, const at::
   a.v_image = f32(v_image);
   a.v_alpha = f32(v_alpha);
   const int64_t n = means2d.size(0);
-  if (means2d.is_cuda()) {
+  if (runs_kernels(means2d)) {
     const auto opts = means2d.options();
     at::Tensor v_means2d = at::zeros({n, 2}, opts), v_conics = at::zeros({n, 3}, opts);
     at::Tensor v_opacities = at::zeros({n}, opts), v_features = at::zeros({n, a.channels}, opts);
@@ -421,7 +414,7 @@ std::vector<at::Tensor> rasterize_backward(const at::Tensor& means2d, const at::
     a.v_opacities = f32m(v_opacities);
     a.v_features = f32m(v_features);
     at::globalContext().alertNotDeterministic("gsavatar rasterize_backward (float atomicAdd on CUDA)");
-    GSA_ON_CUDA_IMAGES(means2d, launch_raster_backward, images);
+    GSA_LAUNCH_IMAGES_ON(means2d, launch_raster_backward, images);
     return {v_means2d, v_conics, v_opacities, v_features};
   }
   at::Tensor grads = raster_backward_host(a, images, n);

@@ -11,6 +11,13 @@ One set of sources, two builds of the same extension:
     over CPU tensors. This build needs only a C++ compiler and ninja (about a minute with gcc). It
     lets the CPU machines test the kernels' arithmetic against the PyTorch reference; the CUDA
     build differs from it only in how work is spread over threads.
+``"emulated"``
+    For tests on machines without a GPU: the CUDA kernels themselves (``cuda/*.cu``), compiled as
+    C++ against a CPU emulator of the CUDA thread model (``cuda/cuda_emulator.h``: blocks one after
+    another, a block's threads as fibers that meet at barriers and warp operations), for CPU
+    tensors. Where the host twins check the kernels' arithmetic, this checks their thread logic:
+    indexing, launch configurations, shared-memory batches, barriers, warp shuffles and votes,
+    atomics, the pair sort. Very slow (small scenes only); never picked automatically.
 
 Neither is needed to import gsavatar or to use the PyTorch reference path. The build directory is
 ``$GSAVATAR_KERNEL_CACHE`` (default ``~/.cache/gsavatar/kernels``), one subfolder per build keyed by
@@ -39,6 +46,11 @@ HOST_SOURCES = ("bindings.cpp", "raster_ops.cpp", "hashgrid_ops.cpp")
 """Compiled into both builds: the one binding file and the tensor-level ops with their host twins."""
 CUDA_SOURCES = ("raster_kernels.cu", "hashgrid_kernels.cu")
 """Compiled into the ``"cuda"`` build only."""
+EMULATED_SOURCES = ("emulated_kernels.cpp",)
+"""Compiled into the ``"emulated"`` build only (it includes the ``.cu`` files, compiled as C++)."""
+KINDS = ("cpu", "cuda", "emulated")
+"""The builds :func:`load` makes; see the module docstring."""
+_DEFINES = {"cpu": [], "cuda": ["-DGSA_WITH_CUDA"], "emulated": ["-DGSA_EMULATE_CUDA"]}
 
 # (torch's builder adds -std=c++20 itself.) No --use_fast_math: the parity tests hold the kernels to
 # float32 tolerances of the PyTorch reference.
@@ -59,7 +71,7 @@ def cache_root() -> Path:
 
 
 def _sources(kind: str) -> list[Path]:
-    names = HOST_SOURCES + (CUDA_SOURCES if kind == "cuda" else ())
+    names = HOST_SOURCES + {"cuda": CUDA_SOURCES, "emulated": EMULATED_SOURCES}.get(kind, ())
     return [SOURCE_DIR / n for n in names]
 
 
@@ -82,8 +94,10 @@ def _build_key(kind: str) -> str:
 
 def missing_requirements(kind: str) -> str | None:
     """Why the ``kind`` build cannot be made here (one line), or None when it can. Cheap: builds nothing."""
-    if kind not in ("cpu", "cuda"):
-        return f"unknown kernel build {kind!r} (choose 'cpu' or 'cuda')"
+    if kind not in KINDS:
+        return f"unknown kernel build {kind!r} (choose one of {', '.join(KINDS)})"
+    if kind == "emulated" and not sys.platform.startswith("linux"):
+        return "the CUDA emulator needs Linux (ucontext fibers)"
     missing = [p.name for p in _sources(kind) if not p.is_file()]
     if missing:
         return f"kernel sources not found in {SOURCE_DIR} ({', '.join(missing)}); install gsavatar from its repository (pip install -e .)"
@@ -143,7 +157,7 @@ def cached_build_is_trusted(build_dir: Path) -> bool:
 
 
 def load(kind: str) -> types.ModuleType:
-    """The compiled extension for ``kind`` (``"cpu"`` or ``"cuda"``), building it on first use.
+    """The compiled extension for ``kind`` (one of :data:`KINDS`), building it on first use.
 
     Raises :class:`KernelBuildError` (one line) when it cannot be built here; the failure is
     remembered, so a failing build is tried once per process.
@@ -178,9 +192,11 @@ def _load_locked(kind: str, name: str, cpp_extension) -> types.ModuleType:
     build_dir.mkdir(parents=True, exist_ok=True)
     fresh = not any(build_dir.glob(f"{name}*.so"))
     if fresh:
-        what = "CUDA kernels with nvcc (about 1-2 minutes" if kind == "cuda" else "CPU twins of the kernels (about a minute"
+        what = {"cuda": "CUDA kernels with nvcc (about 1-2 minutes",
+                "cpu": "CPU twins of the kernels (about a minute",
+                "emulated": "CUDA kernels for the CPU emulator, for tests (about a minute"}[kind]
         print(f"gsavatar: compiling the {what}, once; cached in {build_dir})", file=sys.stderr, flush=True)
-    defines = ["-DGSA_WITH_CUDA"] if kind == "cuda" else []
+    defines = _DEFINES[kind]
     try:
         module = cpp_extension.load(
             name=name, sources=[str(p) for p in _sources(kind)], build_directory=str(build_dir),

@@ -1,7 +1,8 @@
 """Our hash-grid kernels (cuda/hashgrid_*) against the PyTorch reference (gsavatar.model.encoding).
 
-Run on "cpu" (the host twin: the kernels' math in C++ loops, built with a C++ compiler) and on
-"cuda" (the CUDA kernels; skipped without a CUDA device). Forward values, table and input gradients
+Run on "cpu" (the host twin: the kernels' math in C++ loops, built with a C++ compiler), on
+"cuda" (the CUDA kernels; skipped without a CUDA device) and on "emulated" (the CUDA kernels
+themselves on CPU tensors, run by the CPU emulator of the CUDA thread model). Forward values, table and input gradients
 under random output gradients, for dense, mixed and hashed levels, points on cell borders, on the
 domain's faces and outside it. The gradients are compared with the float32 reference: a float64
 reference would put points within an ulp of a cell border into the other cell.
@@ -31,9 +32,10 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", params=["cpu", "cuda"])
-def device(request):
-    """A kernel build ("cpu": host twin, "cuda": CUDA kernels), built once (then cached on disk)."""
+@pytest.fixture(scope="module", params=["cpu", "cuda", "emulated"])
+def build(request):
+    """A kernel build ("cpu": host twin, "cuda": CUDA kernels, "emulated": the CUDA kernels on the
+    CPU emulator), built once (then cached on disk)."""
     reason = kernels.missing_requirements(request.param)
     if reason is not None:
         pytest.skip(f"{request.param} kernels: {reason}")
@@ -49,7 +51,8 @@ def cpu_ext():
     return kernels.load("cpu")
 
 
-BACKEND_OF = {"cpu": "cpp", "cuda": "cuda"}  # kernel build (= device) -> HashGrid backend name
+BACKEND_OF = {"cpu": "cpp", "cuda": "cuda", "emulated": "emulated"}  # kernel build -> HashGrid backend name
+DEVICE_OF = {"cpu": "cpu", "cuda": "cuda", "emulated": "cpu"}  # kernel build -> torch device
 
 
 def grid_pair(dim: int, cfg: HashGridConfig, backend: str, device: str, seed: int = 0) -> tuple[HashGrid, HashGrid]:
@@ -94,9 +97,10 @@ def assert_matches(got: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5):
 @pytest.mark.parametrize("features", [1, 2, 4])
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("dim", [2, 3])
-def test_forward_and_gradients_match_reference(device, dim, config, features):
+def test_forward_and_gradients_match_reference(build, dim, config, features):
     cfg, *dense = CONFIGS[config]
-    ref, ours = grid_pair(dim, dataclasses.replace(cfg, features_per_level=features), device, device)
+    device = DEVICE_OF[build]
+    ref, ours = grid_pair(dim, dataclasses.replace(cfg, features_per_level=features), build, device)
     assert ref.num_dense == dense[dim - 2]
     x = hard_points(ref).to(device)
     grad_out = torch.randn(len(x), ref.output_dim, generator=torch.Generator().manual_seed(1)).to(device)
@@ -111,9 +115,10 @@ def test_forward_and_gradients_match_reference(device, dim, config, features):
     assert (x_grad[outside] == 0).all() and (x_grad[~outside] != 0).any()
 
 
-def test_avatar_settings_match_reference(device):
+def test_avatar_settings_match_reference(build):
     # The face deformer's planes: 12 levels, 2^17 entries, 10 dense and 2 hashed levels in 2-D.
-    ref, ours = grid_pair(2, HashGridConfig(), device, device)
+    device = DEVICE_OF[build]
+    ref, ours = grid_pair(2, HashGridConfig(), build, device)
     assert ref.num_dense == 10
     x = hard_points(ref, n=500).to(device)
     grad_out = torch.randn(len(x), ref.output_dim, generator=torch.Generator().manual_seed(2)).to(device)
@@ -121,11 +126,12 @@ def test_avatar_settings_match_reference(device):
         assert_matches(got, want)
 
 
-def test_tri_plane_end_to_end(device):
+def test_tri_plane_end_to_end(build):
     cfg = dataclasses.replace(CONFIGS["mixed"][0], features_per_level=2, init_scale=1.0)
+    device = DEVICE_OF[build]
     torch.manual_seed(0)
     ref = TriPlaneEncoder(cfg, bound=0.2, backend="torch").to(device)
-    ours = TriPlaneEncoder(cfg, bound=0.2, backend=BACKEND_OF[device]).to(device)
+    ours = TriPlaneEncoder(cfg, bound=0.2, backend=BACKEND_OF[build]).to(device)
     ours.load_state_dict(ref.state_dict())
     g = torch.Generator().manual_seed(3)
     xyz = ((torch.rand(300, 3, generator=g) * 2 - 1) * 0.25).to(device)   # some beyond the bound
@@ -140,8 +146,9 @@ def test_tri_plane_end_to_end(device):
         assert_matches(got, want)
 
 
-def test_only_the_needed_gradients(device):
-    ref, ours = grid_pair(3, CONFIGS["mixed"][0], device, device)
+def test_only_the_needed_gradients(build):
+    device = DEVICE_OF[build]
+    ref, ours = grid_pair(3, CONFIGS["mixed"][0], build, device)
     x = hard_points(ref).to(device)
     # A frozen table with an input that needs gradients, and the other way round.
     xg = x.clone().requires_grad_()
@@ -188,7 +195,7 @@ def test_op_checks(cpu_ext):
 
 def test_backend_choice_and_refusals(monkeypatch):
     cfg = HashGridConfig(num_levels=2, log2_table_size=8)
-    with pytest.raises(InputError, match=r"HashGrid backend must be one of auto, torch, cpp, cuda \(got 'gpu'\)"):
+    with pytest.raises(InputError, match=r"HashGrid backend must be one of auto, torch, cpp, cuda, emulated \(got 'gpu'\)"):
         HashGrid(2, cfg, backend="gpu")
     with pytest.raises(InputError, match=r"backend 'cpp' needs a float32 table \(got torch.float64\)"):
         HashGrid(2, cfg, backend="cpp").double()(torch.rand(3, 2))

@@ -1,8 +1,10 @@
 """Our rasterizer kernels (cuda/) against the PyTorch reference, forward and backward.
 
 The kernels' per-element math is shared by the CUDA build and the host twins (the ``"cpp"``
-backend), so on a CPU machine these tests check the kernels' arithmetic; on a GPU the same tests
-run the CUDA build. The reference runs in float64, so the tolerances measure the kernels' float32
+backend), so on a CPU machine these tests check the kernels' arithmetic; the ``"emulated"`` backend
+runs the CUDA kernels themselves on a CPU emulator of the CUDA thread model, so their thread logic
+(blocks, shared-memory batches, barriers, warp reductions, atomics, the sort) is checked too. On a
+GPU the same tests run the CUDA build. The reference runs in float64, so the tolerances measure the kernels' float32
 rounding only. gsplat is a further cross-check where it is installed (GPU only).
 """
 
@@ -23,12 +25,16 @@ from gsavatar.render.synthetic import random_scene
 
 _CPU_MISSING = kernels.missing_requirements("cpu")
 _CUDA_MISSING = kernels.missing_requirements("cuda")
+_EMULATED_MISSING = kernels.missing_requirements("emulated")
 
 BACKENDS = [
     pytest.param("cpp", marks=pytest.mark.skipif(_CPU_MISSING is not None, reason=f"host twins: {_CPU_MISSING}")),
     pytest.param("cuda", marks=pytest.mark.skipif(_CUDA_MISSING is not None, reason=f"CUDA kernels: {_CUDA_MISSING}")),
+    # The CUDA kernels themselves, run by the CPU emulator of the CUDA thread model.
+    pytest.param("emulated", marks=pytest.mark.skipif(_EMULATED_MISSING is not None,
+                                                      reason=f"emulated CUDA kernels: {_EMULATED_MISSING}")),
 ]
-DEVICE = {"cpp": "cpu", "cuda": "cuda"}
+DEVICE = {"cpp": "cpu", "cuda": "cuda", "emulated": "cpu"}
 
 
 def _render(backend, scene, width, height, sh_degree, grads_out, dtype, device, **kwargs):

@@ -489,7 +489,7 @@ def _good_args():
     (dict(background=torch.zeros(4)), r"background must have shape \[3\]"),
     (dict(tile_size=0), r"tile_size must be a positive int"),
     (dict(near=-1.0), r"near < far"),
-    (dict(backend="vulkan"), r"unknown rasterizer backend 'vulkan' \(known: auto, torch, cuda, cpp, gsplat; available here: torch"),
+    (dict(backend="vulkan"), r"unknown rasterizer backend 'vulkan' \(known: auto, torch, cuda, cpp, gsplat, emulated; available here: torch"),
     (dict(means=[[0.0, 0.0, 1.0]]), r"means must be a torch.Tensor"),
 ])
 def test_bad_inputs_raise_input_error(change, match):

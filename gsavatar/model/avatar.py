@@ -173,7 +173,7 @@ class Avatar(nn.Module):
         zeros = inputs.viewmat.new_zeros(h, w, 3)
         wanted = [b for b in BRANCHES if b in layers and not (b == "torso" and inputs.back is not None)]
         deform_of = {b: deform.get(b, True) if isinstance(deform, dict) else deform for b in wanted}
-        if backend in ("cuda", "cpp") and len(wanted) > 1:
+        if backend in ("cuda", "cpp", "emulated") and len(wanted) > 1:
             renders = self.render_branches_together(wanted, inputs, deform_of, backend, pair_budget)
         else:
             renders = {b: self.render_branch(b, inputs, deform_of[b], backend) for b in wanted}

@@ -37,7 +37,9 @@ Output
 
 Backends (``HashGrid(..., backend=)``, ``TriPlaneEncoder(..., backend=)``)
     ``"torch"``: the reference. ``"cuda"``: the CUDA kernel (CUDA tensors). ``"cpp"``: the kernel's
-    host twin, the same math in C++ loops (CPU tensors; for tests and benchmarks). ``"auto"`` (the
+    host twin, the same math in C++ loops (CPU tensors; for tests and benchmarks). ``"emulated"``: the
+    CUDA kernel itself on CPU tensors through the CPU emulator of the CUDA thread model (tests only,
+    slow; :mod:`gsavatar.kernels`). ``"auto"`` (the
     default): the CUDA kernel for a float32 table on a CUDA device when it can be built there (a
     failed build warns once and falls back), else the reference. The kernels run float32 tables
     only (``x`` is converted to float32, as the reference does for a float32 table), at most
@@ -67,7 +69,7 @@ __all__ = ["BACKENDS", "HASH_PRIMES", "HashGrid", "HashGridConfig", "TriPlaneEnc
 HASH_PRIMES = (1, 2654435761, 805459861)
 """Per-axis multipliers of the spatial hash (Instant-NGP, section 3)."""
 
-BACKENDS = ("auto", "torch", "cpp", "cuda")
+BACKENDS = ("auto", "torch", "cpp", "cuda", "emulated")
 """Implementations :class:`HashGrid` can run on; see the module docstring."""
 
 
@@ -236,9 +238,10 @@ class HashGrid(nn.Module):
                     or self.cfg.features_per_level > ext.hashgrid_max_features:
                 return None
             return ext
-        kind = "cuda" if self.backend == "cuda" else "cpu"  # the kernel build (host twins for "cpp")
-        if x.device.type != kind or table.device.type != kind:
-            raise InputError(f"HashGrid backend {self.backend!r} needs {kind} tensors "
+        kind = {"cuda": "cuda", "cpp": "cpu", "emulated": "emulated"}[self.backend]  # the kernel build
+        device = "cuda" if kind == "cuda" else "cpu"
+        if x.device.type != device or table.device.type != device:
+            raise InputError(f"HashGrid backend {self.backend!r} needs {device} tensors "
                              f"(input on {x.device}, table on {table.device})")
         if table.dtype != torch.float32:
             raise InputError(f"HashGrid backend {self.backend!r} needs a float32 table (got {table.dtype}); "

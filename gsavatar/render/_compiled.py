@@ -1,6 +1,8 @@
-"""The compiled rasterizer backends: ``"cuda"`` (our CUDA kernels) and ``"cpp"`` (their host twins).
+"""The compiled rasterizer backends: ``"cuda"`` (our CUDA kernels), ``"cpp"`` (their host twins) and,
+for tests only, ``"emulated"`` (the CUDA kernels on CPU tensors through the CPU emulator of the CUDA
+thread model, :mod:`gsavatar.kernels`; very slow).
 
-Both run the kernels in ``cuda/`` (built on first use by :mod:`gsavatar.kernels`) through two
+All run the kernels in ``cuda/`` (built on first use by :mod:`gsavatar.kernels`) through two
 autograd functions that mirror the reference's stages (``_torch_impl``):
 
 * :class:`_Project` = ``_fully_fused_projection`` + ``_spherical_harmonics`` (one kernel each way),
@@ -37,8 +39,11 @@ from gsavatar.errors import InputError
 MIN_TRANSMITTANCE = 1e-4
 """Default early-stop threshold of the compiled backends (3DGS's value)."""
 
-KIND_OF_BACKEND = {"cuda": "cuda", "cpp": "cpu"}
+KIND_OF_BACKEND = {"cuda": "cuda", "cpp": "cpu", "emulated": "emulated"}
 """Rasterizer backend name -> kernel build (:func:`gsavatar.kernels.load`)."""
+BACKEND_OF_KIND = {kind: backend for backend, kind in KIND_OF_BACKEND.items()}
+DEVICE_OF_KIND = {"cuda": "cuda", "cpu": "cpu", "emulated": "cpu"}
+"""Kernel build -> the torch device type of the tensors it takes."""
 
 
 class _Project(torch.autograd.Function):
@@ -150,8 +155,7 @@ class PairBudget:
 
 
 def _check(kind: str, tensors: dict[str, Tensor]) -> None:
-    backend = "cuda" if kind == "cuda" else "cpp"
-    want = "cuda" if kind == "cuda" else "cpu"
+    backend, want = BACKEND_OF_KIND[kind], DEVICE_OF_KIND[kind]
     for name, t in tensors.items():
         if t.dtype != torch.float32:
             raise InputError(f"rasterize: the {backend!r} backend takes float32 only ({name} is {t.dtype}); "

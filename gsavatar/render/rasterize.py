@@ -43,6 +43,8 @@ Backends
     ``"cuda"``: our CUDA kernels (``cuda/``, built on first use), float32 CUDA tensors.
     ``"cpp"``: the same kernels' host twins on CPU tensors (for testing the kernels' arithmetic on
     machines without a GPU). See ``_compiled`` for how these two differ from the reference.
+    ``"emulated"``: the CUDA kernels themselves on CPU tensors, run by a CPU emulator of the CUDA
+    thread model (tests only, very slow; :mod:`gsavatar.kernels`).
     ``"gsplat"``: gsplat's CUDA ops (``pip install gsplat==1.5.3 packaging``), float32 CUDA tensors;
     a cross-check for our kernels. See ``_gsplat`` for how it differs.
     :func:`available_backends` lists those that can run here.
@@ -131,7 +133,7 @@ def _compiled_backend(name: str) -> _Backend:
 
     kind = _compiled.KIND_OF_BACKEND[name]
     return _Backend(available=lambda: kernels.available(kind), run=_compiled.make_backend_run(kind),
-                    devices=(kind,), why_unavailable=lambda: kernels.missing_requirements(kind))
+                    devices=(_compiled.DEVICE_OF_KIND[kind],), why_unavailable=lambda: kernels.missing_requirements(kind))
 
 
 _BACKENDS: dict[str, _Backend] = {
@@ -140,6 +142,7 @@ _BACKENDS: dict[str, _Backend] = {
     "cpp": _compiled_backend("cpp"),
     "gsplat": _Backend(available=lambda: _gsplat.missing_requirements() is None, run=_gsplat.rasterize_gsplat,
                        devices=("cuda",), why_unavailable=_gsplat.missing_requirements),
+    "emulated": _compiled_backend("emulated"),  # tests only: the CUDA kernels on the CPU emulator
 }
 
 
