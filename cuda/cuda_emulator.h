@@ -6,15 +6,23 @@
 // and their consensus counts, warp shuffles and votes, atomics, and the sort of the tile pairs.
 //
 // Model. The blocks of a grid run one after another on the calling thread. The threads of a block
-// are fibers (own stacks, switched by hand on x86-64, by ucontext elsewhere) that run, one at a time, until they reach a barrier or a warp operation;
-// it completes once every live thread of the block (every lane of the warp) has reached it. Since
-// one block runs at a time, a `static` local is exactly a block's shared memory (`__shared__`).
-// Stricter than a GPU, where these are undefined: a barrier or warp operation that some threads
-// never reach (divergent `__syncthreads`, a warp op under a partial mask, in a partial warp or
-// with exited lanes) is an error, not a hang.
-// Not emulated: concurrency (threads interleave only at barriers and warp operations, so data
-// races go unseen), memory spaces (a pointer is a pointer), streams (a launch runs to completion
-// at once), the GPU's fused multiply-adds (results differ from a GPU's in the last bits).
+// are fibers (own stacks; switched by hand on x86-64, by ucontext elsewhere or with
+// -DGSA_EMU_UCONTEXT) that run, one at a time, until they reach a barrier or a warp operation; it
+// completes once every live thread of the block (every lane of the warp) has reached it; threads
+// that exited no longer count (as on sm_70+). Between two such points the threads run in a
+// shuffled order (a fixed seed, so runs repeat), so a missing barrier between a write and another
+// thread's read shows up as wrong results whichever thread writes. One block at a time, so a
+// `static thread_local` local is a block's shared memory (`__shared__`); unlike a GPU's, it keeps
+// the previous block's values (zeros at first) instead of garbage, so a kernel that reads shared
+// memory before writing it is not caught.
+// Stricter than a GPU, where these are undefined: threads waiting at different `__syncthreads`
+// call sites or kinds of barrier, a warp operation that not every lane reaches (divergent code,
+// exited lanes, a partial warp), a partial mask, a kernel launched from a kernel or a block over
+// CUDA's limits is an error naming the block and thread, not a hang or garbage.
+// Not emulated: true concurrency (threads interleave only at barriers and warp operations, so a
+// race between atomics and plain stores goes unseen), memory spaces (a pointer is a pointer),
+// streams (a launch runs to completion at once), the GPU's fused multiply-adds (results differ
+// from a GPU's in the last bits).
 #pragma once
 
 #include <sys/mman.h>
@@ -28,6 +36,7 @@
 #include <exception>
 #include <functional>
 #include <numeric>
+#include <source_location>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -41,16 +50,16 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define __shared__ static thread_local
 
 struct dim3 {
   unsigned x, y, z;
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-struct float2 {
+struct alignas(8) float2 {  // CUDA's alignment, so a misaligned vector load fails here too
   float x, y;
 };
-struct float4 {
+struct alignas(16) float4 {
   float x, y, z, w;
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
@@ -74,14 +83,13 @@ enum class Op { None, SyncThreads, SyncThreadsCount, ShuffleDown, Any };
 // Switching between the scheduler and a thread. On x86-64, a few instructions (callee-saved
 // registers, the x87 and SSE control words, the stack pointer); elsewhere ucontext, whose
 // swapcontext also saves the signal mask with a system call (several times slower).
-#if defined(__x86_64__)
-#define GSA_EMU_FAST_SWITCH 1
+#if defined(__x86_64__) && !defined(GSA_EMU_UCONTEXT)
 extern "C" void gsa_emu_switch(void** save_sp, void* resume_sp);
 // Saves the caller's state on its stack and its stack pointer in *save_sp, then resumes the
 // context whose stack pointer is resume_sp (saved by an earlier switch, or prepared by
 // Context::start). Only emulated_kernels.cpp includes this header, so the symbol is defined once.
 asm(R"(
-    .text
+    .pushsection .text
     .globl gsa_emu_switch
     .hidden gsa_emu_switch
     .type gsa_emu_switch, @function
@@ -108,6 +116,7 @@ gsa_emu_switch:
     popq %rbp
     ret
     .size gsa_emu_switch, .-gsa_emu_switch
+    .popsection
 )");
 
 struct Context {
@@ -150,6 +159,7 @@ struct Fiber {
   unsigned mask = 0, delta = 0;
   double value = 0;  // a shuffled value (float or int) or a predicate
   double result = 0;
+  std::source_location site;  // where a barrier was called (all threads must wait at the same one)
 };
 
 struct Block {
@@ -159,6 +169,7 @@ struct Block {
   Context scheduler;
   const std::function<void()>* body = nullptr;
   std::exception_ptr error;
+  uint64_t random = 0;  // state of the generator that shuffles the order threads run in
 };
 
 inline Block*& running_block() {
@@ -194,8 +205,9 @@ class Stacks {
       count_ = 0;
       fail("cannot allocate the thread stacks");
     }
-    for (int i = 0; i < threads; ++i) mprotect(static_cast<char*>(base_) + slot_ * i, page_, PROT_NONE);
     count_ = threads;
+    for (int i = 0; i < threads; ++i)
+      if (mprotect(static_cast<char*>(base_) + slot_ * i, page_, PROT_NONE) != 0) fail("cannot protect a stack guard page");
   }
 
  private:
@@ -224,16 +236,23 @@ inline Stacks& stacks() {
 }
 
 // Called by a thread: wait in a collective operation until the scheduler completes it.
-inline double wait_in(State state, Op op, double value, unsigned mask = kFullMask, unsigned delta = 0) {
+inline double wait_in(State state, Op op, double value, unsigned mask = kFullMask, unsigned delta = 0,
+                      const std::source_location& site = std::source_location::current()) {
   Block* b = running_block();
+  if (b == nullptr || b->current < 0) fail("a barrier or warp operation outside a kernel");
   Fiber& f = b->fibers[b->current];
   f.state = state;
   f.op = op;
   f.value = value;
   f.mask = mask;
   f.delta = delta;
+  f.site = site;
   switch_to(f.context, b->scheduler);
   return f.result;
+}
+
+inline std::string site_text(const std::source_location& site) {
+  return std::string(site.file_name()) + ":" + std::to_string(site.line());
 }
 
 inline std::string where(const Block& b, int t) {
@@ -283,13 +302,19 @@ inline bool complete_barrier(Block& b) {
   int live = 0, waiting = 0;
   double count = 0;
   Op op = Op::None;
+  std::source_location site;
   for (int t = 0; t < static_cast<int>(b.fibers.size()); ++t) {
     const Fiber& f = b.fibers[t];
     if (f.state == State::Exited) continue;
     ++live;
     if (f.state != State::AtBarrier) continue;
     if (op != Op::None && f.op != op) fail("threads of a block wait in different kinds of barrier (" + where(b, t) + ")");
+    if (op != Op::None && (f.site.line() != site.line() || f.site.column() != site.column() ||
+                           std::string(f.site.file_name()) != site.file_name()))
+      fail("threads of a block wait at different barriers (" + site_text(site) + " and " + site_text(f.site) + ", " +
+           where(b, t) + ")");
     op = f.op;
+    site = f.site;
     ++waiting;
     count += f.value != 0;
   }
@@ -302,9 +327,17 @@ inline bool complete_barrier(Block& b) {
   return true;
 }
 
+// The next value of a splitmix64 generator.
+inline uint64_t next_random(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
 inline void run_block(const dim3& grid, const dim3& dim, const dim3& index, const std::function<void()>& body) {
+  if (running_block() != nullptr) fail("a kernel launched from inside a kernel (dynamic parallelism is not emulated)");
   const int n = static_cast<int>(dim.x * dim.y * dim.z);
-  if (n <= 0 || n > 1024) fail("a block of " + std::to_string(n) + " threads (CUDA allows 1..1024)");
   Block b;
   b.index = index;
   b.dim = dim;
@@ -318,14 +351,17 @@ inline void run_block(const dim3& grid, const dim3& dim, const dim3& index, cons
     f.thread = dim3(t % dim.x, (t / dim.x) % dim.y, t / (dim.x * dim.y));
     f.context.start(stacks().top_of(t), fiber_main);
   }
-  Block* outer = running_block();
-  if (outer != nullptr) fail("a kernel launched from inside a kernel");
+  b.random = (static_cast<uint64_t>(index.z) << 42) ^ (static_cast<uint64_t>(index.y) << 21) ^ index.x;
+  std::vector<int> order(n);
   running_block() = &b;
   struct Restore {
     ~Restore() { running_block() = nullptr; }
   } restore;
   for (;;) {
-    for (int t = 0; t < n; ++t) {
+    // A fresh shuffle for every pass (Fisher-Yates): any order is one a GPU could take.
+    std::iota(order.begin(), order.end(), 0);
+    for (int i = n - 1; i > 0; --i) std::swap(order[i], order[next_random(b.random) % (i + 1)]);
+    for (int t : order) {
       if (b.fibers[t].state != State::Runnable) continue;
       b.current = t;
       switch_to(b.scheduler, b.fibers[t].context);
@@ -363,9 +399,14 @@ struct Launch {
 
 template <class... Params>
 Launch<Params...> launch(dim3 grid, dim3 block, void (*kernel)(Params...)) {
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
-    fail("an invalid grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " + std::to_string(grid.z) +
-         ")");
+  auto text = [](const dim3& d) {
+    return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
+  };
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535)
+    fail("a grid of " + text(grid) + " blocks (CUDA allows 1..2^31-1 x 1..65535 x 1..65535)");
+  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  if (block.x == 0 || block.y == 0 || block.z == 0 || block.x > 1024 || block.y > 1024 || block.z > 64 || threads > 1024)
+    fail("a block of " + text(block) + " threads (CUDA allows up to 1024 x 1024 x 64, 1024 in all)");
   return {grid, block, kernel};
 }
 
@@ -376,9 +417,13 @@ Launch<Params...> launch(dim3 grid, dim3 block, void (*kernel)(Params...)) {
 #define blockDim (::gsa_emu::running_block()->dim)
 #define gridDim (::gsa_emu::running_block()->grid)
 
-inline void __syncthreads() { gsa_emu::wait_in(gsa_emu::State::AtBarrier, gsa_emu::Op::SyncThreads, 0); }
-inline int __syncthreads_count(int predicate) {
-  return static_cast<int>(gsa_emu::wait_in(gsa_emu::State::AtBarrier, gsa_emu::Op::SyncThreadsCount, predicate != 0));
+// The call site is recorded, so that threads waiting at different barriers are reported.
+inline void __syncthreads(const std::source_location& site = std::source_location::current()) {
+  gsa_emu::wait_in(gsa_emu::State::AtBarrier, gsa_emu::Op::SyncThreads, 0, gsa_emu::kFullMask, 0, site);
+}
+inline int __syncthreads_count(int predicate, const std::source_location& site = std::source_location::current()) {
+  return static_cast<int>(gsa_emu::wait_in(gsa_emu::State::AtBarrier, gsa_emu::Op::SyncThreadsCount, predicate != 0,
+                                           gsa_emu::kFullMask, 0, site));
 }
 inline int __any_sync(unsigned mask, int predicate) {
   return gsa_emu::wait_in(gsa_emu::State::AtWarpOp, gsa_emu::Op::Any, predicate != 0, mask) != 0;

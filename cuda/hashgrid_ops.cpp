@@ -131,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> hashgrid_backward(const at::Tensor& grad_out_
   float* grad_x_ptr = need_x_grad ? grad_x.data_ptr<float>() : nullptr;
   if (runs_kernels(x)) {
 #ifdef GSA_HAS_KERNELS
-    at::globalContext().alertNotDeterministic("gsavatar hashgrid_backward (float atomicAdd on CUDA)");
+    GSA_ALERT_ATOMICS("gsavatar hashgrid_backward (float atomicAdd on CUDA)");
     GSA_KERNEL_GUARD(x);
     hashgrid::launch_backward(p, x.data_ptr<float>(), table.data_ptr<float>(), grad_out.data_ptr<float>(),
                               grad_table.data_ptr<float>(), grad_x_ptr, kernel_stream(x));

@@ -30,6 +30,8 @@ inline cudaStream_t kernel_stream(const at::Tensor& t) {
 #define GSA_KERNEL_GUARD(tensor) const c10::cuda::CUDAGuard gsa_device_guard((tensor).device())
 #define GSA_CHECK_LAUNCH() C10_CUDA_KERNEL_LAUNCH_CHECK()
 #define GSA_CHECK_CUDA(expr) C10_CUDA_CHECK(expr)
+// The CUDA backward passes sum with float atomicAdd: their results vary in the last bits.
+#define GSA_ALERT_ATOMICS(what) at::globalContext().alertNotDeterministic(what)
 
 #elif defined(GSA_EMULATE_CUDA)
 #include "emulated_runtime.h"
@@ -45,6 +47,7 @@ inline cudaStream_t kernel_stream(const at::Tensor&) { return nullptr; }
 #define GSA_KERNEL_GUARD(tensor) (void)0
 #define GSA_CHECK_LAUNCH() (void)0  // the emulator throws (a RuntimeError in Python) instead
 #define GSA_CHECK_CUDA(expr) TORCH_CHECK((expr) == cudaSuccess, "CUDA emulator: " #expr " failed")
+#define GSA_ALERT_ATOMICS(what) (void)0  // one thread at a time: deterministic
 
 #else
 namespace gsa {
@@ -53,4 +56,5 @@ inline bool runs_kernels(const at::Tensor& t) {
   return false;
 }
 }  // namespace gsa
+#define GSA_ALERT_ATOMICS(what) (void)0  // no kernels in this build
 #endif

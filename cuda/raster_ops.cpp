@@ -413,7 +413,7 @@ std::vector<at::Tensor> rasterize_backward(const at::Tensor& means2d, const at::
     a.v_conics = f32m(v_conics);
     a.v_opacities = f32m(v_opacities);
     a.v_features = f32m(v_features);
-    at::globalContext().alertNotDeterministic("gsavatar rasterize_backward (float atomicAdd on CUDA)");
+    GSA_ALERT_ATOMICS("gsavatar rasterize_backward (float atomicAdd on CUDA)");
     GSA_LAUNCH_IMAGES_ON(means2d, launch_raster_backward, images);
     return {v_means2d, v_conics, v_opacities, v_features};
   }

@@ -1,6 +1,6 @@
 """Our compiled kernels (the sources are in ``cuda/`` at the repository root), built on first use.
 
-One set of sources, two builds of the same extension:
+One set of sources, three builds of the same extension:
 
 ``"cuda"``
     The CUDA kernels (``cuda/*.cu``) with the binding file, for CUDA tensors. Built the first time
@@ -14,12 +14,12 @@ One set of sources, two builds of the same extension:
 ``"emulated"``
     For tests on machines without a GPU: the CUDA kernels themselves (``cuda/*.cu``), compiled as
     C++ against a CPU emulator of the CUDA thread model (``cuda/cuda_emulator.h``: blocks one after
-    another, a block's threads as fibers that meet at barriers and warp operations), for CPU
-    tensors. Where the host twins check the kernels' arithmetic, this checks their thread logic:
+    another, a block's threads as fibers that meet at barriers and warp operations, in a shuffled
+    order between them), for CPU tensors. Where the host twins check the kernels' arithmetic, this checks their thread logic:
     indexing, launch configurations, shared-memory batches, barriers, warp shuffles and votes,
     atomics, the pair sort. Very slow (small scenes only); never picked automatically.
 
-Neither is needed to import gsavatar or to use the PyTorch reference path. The build directory is
+None is needed to import gsavatar or to use the PyTorch reference path. The build directory is
 ``$GSAVATAR_KERNEL_CACHE`` (default ``~/.cache/gsavatar/kernels``), one subfolder per build keyed by
 a hash of the sources, torch and Python versions, so a changed source or a new torch rebuilds and an
 unchanged one loads in about a second. Nothing is ever written into the source tree.
@@ -43,7 +43,7 @@ SOURCE_DIR = Path(os.environ.get("GSAVATAR_KERNEL_SOURCES", Path(__file__).resol
 """Where the kernel sources live: the repository's ``cuda/`` folder (``$GSAVATAR_KERNEL_SOURCES`` overrides it)."""
 
 HOST_SOURCES = ("bindings.cpp", "raster_ops.cpp", "hashgrid_ops.cpp")
-"""Compiled into both builds: the one binding file and the tensor-level ops with their host twins."""
+"""Compiled into every build: the one binding file and the tensor-level ops with their host twins."""
 CUDA_SOURCES = ("raster_kernels.cu", "hashgrid_kernels.cu")
 """Compiled into the ``"cuda"`` build only."""
 EMULATED_SOURCES = ("emulated_kernels.cpp",)
@@ -97,7 +97,7 @@ def missing_requirements(kind: str) -> str | None:
     if kind not in KINDS:
         return f"unknown kernel build {kind!r} (choose one of {', '.join(KINDS)})"
     if kind == "emulated" and not sys.platform.startswith("linux"):
-        return "the CUDA emulator needs Linux (ucontext fibers)"
+        return "the CUDA emulator needs Linux (its fibers use mmap and, off x86-64, ucontext)"
     missing = [p.name for p in _sources(kind) if not p.is_file()]
     if missing:
         return f"kernel sources not found in {SOURCE_DIR} ({', '.join(missing)}); install gsavatar from its repository (pip install -e .)"

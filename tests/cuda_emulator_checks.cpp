@@ -67,6 +67,43 @@ __global__ void divergent_warp_op(float* out) {
 
 __global__ void partial_mask(float* out) { out[threadIdx.x] = __shfl_down_sync(0x0000ffffu, 1.0f, 1); }
 
+__global__ void barrier_while_warp_ops_in_flight(int* out) {
+  // Warp 0 shuffles three times before it writes; warp 1 waits at the barrier meanwhile. The
+  // barrier must hold warp 1 until warp 0 has written.
+  __shared__ int written[64];
+  written[threadIdx.x] = -1;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    int x = static_cast<int>(threadIdx.x);
+    for (int i = 0; i < 3; ++i) x = __shfl_down_sync(0xffffffffu, x, 1);
+    written[threadIdx.x] = 7;
+  }
+  __syncthreads();
+  out[threadIdx.x] = written[threadIdx.x % 32];
+}
+
+__global__ void missing_barrier(int* out) {
+  // Each thread writes its slot, then reads its neighbour's with no barrier between: a race.
+  __shared__ int slot[256];
+  slot[threadIdx.x] = -1;
+  __syncthreads();
+  slot[threadIdx.x] = static_cast<int>(threadIdx.x);
+  out[threadIdx.x] = slot[(threadIdx.x + 255) % 256];
+}
+
+__global__ void different_barrier_sites(int*) {
+  if (threadIdx.x < 10)
+    __syncthreads();
+  else
+    __syncthreads();
+}
+
+__global__ void inner(int* out) { out[threadIdx.x] = 1; }
+
+__global__ void nested_launch(int* out) {
+  if (threadIdx.x == 0) gsa_emu::launch(1, 32, inner)(out);
+}
+
 __global__ void throws(int*) {
   if (threadIdx.x == 7) throw std::runtime_error("thrown in thread 7");
   __syncthreads();
@@ -133,6 +170,23 @@ bool run(const std::string& name) {
       if (out[t] != (t < 40)) return std::printf("thread %d wrote %d\n", t, out[t]), false;
     return true;
   }
+  if (name == "barrier_while_warp_ops_in_flight") {
+    std::vector<int> out(64, 0);
+    gsa_emu::launch(1, 64, barrier_while_warp_ops_in_flight)(out.data());
+    for (int t = 0; t < 64; ++t)
+      if (out[t] != 7) return std::printf("thread %d read %d\n", t, out[t]), false;
+    return true;
+  }
+  if (name == "shuffled_order_exposes_a_missing_barrier") {
+    // In thread order every read but thread 0's would come after its neighbour's write (1 stale
+    // read of 256; in reverse order 255): a shuffled order reads about half of them stale.
+    std::vector<int> out(256, 0);
+    gsa_emu::launch(1, 256, missing_barrier)(out.data());
+    int stale = 0;
+    for (int t = 0; t < 256; ++t) stale += out[t] == -1;
+    if (stale < 64 || stale > 192) return std::printf("%d of 256 reads stale\n", stale), false;
+    return true;
+  }
   if (name == "sort") {
     // Stable, on bits [0, 8) only: 0x105 and 0x205 tie there (input order kept); keys come out whole.
     const unsigned long long keys[5] = {0x100, 0x105, 0x003, 0x205, 0x0ff};
@@ -161,6 +215,8 @@ bool run(const std::string& name) {
     else if (name == "partial_warp") gsa_emu::launch(1, 48, shuffle_edge)(ints.data());
     else if (name == "throws") gsa_emu::launch(1, 32, throws)(ints.data());
     else if (name == "oversized_block") gsa_emu::launch(1, dim3(32, 33), throws)(ints.data());
+    else if (name == "different_barrier_sites") gsa_emu::launch(1, 64, different_barrier_sites)(ints.data());
+    else if (name == "nested_launch") gsa_emu::launch(1, 32, nested_launch)(ints.data());
     else return std::printf("unknown check %s\n", name.c_str()), false;
     std::printf("no error\n");
   } catch (const std::exception& e) {

@@ -3,8 +3,10 @@
 tests/test_kernels_*.py run our real kernels on it (the ``"emulated"`` backend); these checks pin
 down the emulator itself, so that a kernel bug cannot hide behind an emulator bug: warp shuffles
 and votes, barrier counts, shared memory per block, grid and block shapes, atomics, exited threads,
-the cub sort it stands in for, and the errors it raises where a GPU's behaviour is undefined
-(divergent barriers and warp operations, partial masks and warps, oversized blocks).
+barriers while warp operations are pending, the shuffled thread order (it must expose a missing
+barrier), the cub sort it stands in for, and the errors it raises where a GPU's behaviour is
+undefined (divergent barriers and warp operations, partial masks and warps, oversized blocks,
+nested launches). Both context switches are checked.
 """
 
 from __future__ import annotations
@@ -27,10 +29,16 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def checks(tmp_path_factory) -> Path:
+# The context switch: hand-written on x86-64 (what the kernels' build uses there), ucontext elsewhere.
+SWITCHES = {"native": [], "ucontext": ["-DGSA_EMU_UCONTEXT"]}
+
+
+@pytest.fixture(scope="module", params=list(SWITCHES))
+def checks(request, tmp_path_factory) -> Path:
     binary = tmp_path_factory.mktemp("emulator") / "checks"
-    cmd = [CXX, "-std=c++20", "-O1", "-DGSA_EMULATE_CUDA", "-I", str(SOURCE_DIR), str(CHECKS_SOURCE), "-o", str(binary)]
+    # -O3, as gsavatar.kernels builds the emulated kernels.
+    cmd = [CXX, "-std=c++20", "-O3", "-DGSA_EMULATE_CUDA", *SWITCHES[request.param], "-I", str(SOURCE_DIR),
+           str(CHECKS_SOURCE), "-o", str(binary)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-4000:]}"
     return binary
@@ -43,7 +51,8 @@ def _run(checks: Path, name: str) -> str:
 
 
 @pytest.mark.parametrize("name", ["warp_sum", "shuffle_edge", "votes", "shared_per_block", "grid_shape", "atomics",
-                                  "exited_threads_leave_the_barrier", "sort"])
+                                  "exited_threads_leave_the_barrier", "barrier_while_warp_ops_in_flight",
+                                  "shuffled_order_exposes_a_missing_barrier", "sort"])
 def test_behaves_as_cuda(checks, name):
     assert _run(checks, name) == "ok"
 
@@ -54,8 +63,12 @@ def test_behaves_as_cuda(checks, name):
     ("partial_mask", "warp operations under a partial mask are not emulated"),
     ("partial_warp", "a warp operation that not all 32 lanes of the warp reach"),
     ("throws", "thrown in thread 7"),
-    ("oversized_block", "a block of 1056 threads"),
+    ("oversized_block", "a block of (32, 33, 1) threads"),
+    ("different_barrier_sites", "threads of a block wait at different barriers ("),
+    ("nested_launch", "a kernel launched from inside a kernel"),
 ])
 def test_reports_what_a_gpu_leaves_undefined(checks, name, message):
     out = _run(checks, name)
     assert out.startswith("error: ") and message in out, out
+    if name == "different_barrier_sites":  # both call sites are named
+        assert out.count("cuda_emulator_checks.cpp:") == 2, out

@@ -178,7 +178,9 @@ def test_batched_images_equal_separate_renders(backend):
         (c1 * weights[k]).sum().backward()
     separate = [t.grad for t in leaves[0][:5] + leaves[1][:5]]
     for a, b in zip(batched_grads, separate):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # The CUDA backward sums with float atomics in whatever order the threads arrive (the
+        # emulator shuffles it too), so the two runs differ by summation order: ~1e-5 of the largest.
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4 * b.abs().max().item())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
