@@ -12,6 +12,7 @@ namespace gsa {
 
 constexpr float kAlphaMin = 1.0f / 255.0f;  // contributions with alpha <= this are skipped
 constexpr float kAlphaMax = 0.99f;          // alpha is capped here (transmittance never reaches 0)
+constexpr float kSkipPower = -5.55f;        // below this exponent alpha < 1/255 for any opacity <= 1
 constexpr int kTile = 16;                   // tile side in pixels (one CUDA block of 16 x 16 threads)
 constexpr int kMaxChannels = 8;             // feature channels per Gaussian (colour + depth + spare)
 
@@ -405,6 +406,10 @@ GSA_HD int64_t isect_key(int64_t tile, float depth) {
 // `capped` tells whether the cap was hit (the alpha then has no gradient w.r.t. the Gaussian).
 GSA_HD float pixel_alpha(float dx, float dy, float A, float B, float C, float o, bool& capped) {
   const float power = -0.5f * (A * dx * dx + C * dy * dy) - B * dx * dy;
+  // exp(-5.55) = 0.00389 < 1/255: with o <= 1 the pair is skipped whatever expf rounds to, so skip
+  // the exp (most pairs of a tile lie outside the Gaussian's 1/255 ellipse).
+  capped = false;
+  if (power < kSkipPower && o <= 1.0f) return 0.0f;
   const float raw = o * expf(power);
   capped = raw >= kAlphaMax;
   const float alpha = capped ? kAlphaMax : raw;
