@@ -282,7 +282,9 @@ class LogMelExtractor(AudioFeatureExtractor):
         spec = np.fft.rfft(frames * self._window, axis=-1)
         power = spec.real**2 + spec.imag**2
         mel = power.astype(np.float32) @ self._weights
-        feats = np.log10(np.maximum(mel, self.FLOOR))
+        # log10 in float64: numpy's float32 log10 is 1 ulp off on AVX-512 machines (silence gave
+        # -10.000001); float64 then rounded to float32 gives the same features on every machine.
+        feats = np.log10(np.maximum(mel, self.FLOOR).astype(np.float64))
         return feats.astype(np.float32).reshape(num_frames, self.steps_per_frame, self.dim)
 
     def options(self) -> dict[str, Any]:
