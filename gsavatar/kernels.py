@@ -15,9 +15,10 @@ One set of sources, three builds of the same extension:
     For tests on machines without a GPU: the CUDA kernels themselves (``cuda/*.cu``), compiled as
     C++ against a CPU emulator of the CUDA thread model (``cuda/cuda_emulator.h``: blocks one after
     another, a block's threads as fibers that meet at barriers and warp operations, in a shuffled
-    order between them), for CPU tensors. Where the host twins check the kernels' arithmetic, this checks their thread logic:
-    indexing, launch configurations, shared-memory batches, barriers, warp shuffles and votes,
-    atomics, the pair sort. Very slow (small scenes only); never picked automatically.
+    order between them), for CPU tensors. Where the host twins check the kernels' arithmetic, this
+    checks their thread logic: indexing, launch configurations, shared-memory batches, barriers,
+    warp shuffles and votes, atomics, the pair sort. Very slow (small scenes only); never picked
+    automatically.
 
 None is needed to import gsavatar or to use the PyTorch reference path. The build directory is
 ``$GSAVATAR_KERNEL_CACHE`` (default ``~/.cache/gsavatar/kernels``), one subfolder per build keyed by
@@ -51,6 +52,10 @@ EMULATED_SOURCES = ("emulated_kernels.cpp",)
 KINDS = ("cpu", "cuda", "emulated")
 """The builds :func:`load` makes; see the module docstring."""
 _DEFINES = {"cpu": [], "cuda": ["-DGSA_WITH_CUDA"], "emulated": ["-DGSA_EMULATE_CUDA"]}
+KIND_OF_BACKEND = {"cuda": "cuda", "cpp": "cpu", "emulated": "emulated"}
+"""Backend name of the compiled rasterizer and hash grid (``"cpp"``: the host twins) -> build."""
+DEVICE_OF_KIND = {"cuda": "cuda", "cpu": "cpu", "emulated": "cpu"}
+"""Build -> the torch device type of the tensors it takes."""
 
 # (torch's builder adds -std=c++20 itself.) No --use_fast_math: the parity tests hold the kernels to
 # float32 tolerances of the PyTorch reference.

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from gsavatar.config import AvatarConfig
+from gsavatar.kernels import KIND_OF_BACKEND
 from gsavatar.model.deformation import FaceDeformer, MouthDeformer, TorsoDeformer
 from gsavatar.model.gaussians import GaussianSet
 
@@ -136,7 +137,7 @@ class Avatar(nn.Module):
         """Each branch into its own layer in one pass of the compiled kernels (one binning, one sort,
         one compositing launch and one host synchronisation for all of them, none with a
         ``pair_budget``)."""
-        from gsavatar.render._compiled import KIND_OF_BACKEND, Group, rasterize_groups
+        from gsavatar.render._compiled import Group, rasterize_groups
 
         groups, offsets = [], []
         for b in branches:
@@ -173,7 +174,7 @@ class Avatar(nn.Module):
         zeros = inputs.viewmat.new_zeros(h, w, 3)
         wanted = [b for b in BRANCHES if b in layers and not (b == "torso" and inputs.back is not None)]
         deform_of = {b: deform.get(b, True) if isinstance(deform, dict) else deform for b in wanted}
-        if backend in ("cuda", "cpp", "emulated") and len(wanted) > 1:
+        if backend in KIND_OF_BACKEND and len(wanted) > 1:  # a compiled backend: one pass for all
             renders = self.render_branches_together(wanted, inputs, deform_of, backend, pair_budget)
         else:
             renders = {b: self.render_branch(b, inputs, deform_of[b], backend) for b in wanted}

@@ -238,8 +238,8 @@ class HashGrid(nn.Module):
                     or self.cfg.features_per_level > ext.hashgrid_max_features:
                 return None
             return ext
-        kind = {"cuda": "cuda", "cpp": "cpu", "emulated": "emulated"}[self.backend]  # the kernel build
-        device = "cuda" if kind == "cuda" else "cpu"
+        kind = kernels.KIND_OF_BACKEND[self.backend]  # the kernel build (host twins for "cpp")
+        device = kernels.DEVICE_OF_KIND[kind]
         if x.device.type != device or table.device.type != device:
             raise InputError(f"HashGrid backend {self.backend!r} needs {device} tensors "
                              f"(input on {x.device}, table on {table.device})")

@@ -39,11 +39,10 @@ from gsavatar.errors import InputError
 MIN_TRANSMITTANCE = 1e-4
 """Default early-stop threshold of the compiled backends (3DGS's value)."""
 
-KIND_OF_BACKEND = {"cuda": "cuda", "cpp": "cpu", "emulated": "emulated"}
+KIND_OF_BACKEND = kernels.KIND_OF_BACKEND
 """Rasterizer backend name -> kernel build (:func:`gsavatar.kernels.load`)."""
 BACKEND_OF_KIND = {kind: backend for backend, kind in KIND_OF_BACKEND.items()}
-DEVICE_OF_KIND = {"cuda": "cuda", "cpu": "cpu", "emulated": "cpu"}
-"""Kernel build -> the torch device type of the tensors it takes."""
+DEVICE_OF_KIND = kernels.DEVICE_OF_KIND
 
 
 class _Project(torch.autograd.Function):
