@@ -315,20 +315,20 @@ std::vector<float> pixel_box_half_widths(const RasterArgs& a, int64_t n) {
       hx = sqrtf(k2 * C / det) + 1.0f;
       hy = sqrtf(k2 * A / det) + 1.0f;
     }
-    half[2 * g] = std::isfinite(hx) ? hx : std::numeric_limits<float>::infinity();
-    half[2 * g + 1] = std::isfinite(hy) ? hy : std::numeric_limits<float>::infinity();
+    half[2 * g] = hx;
+    half[2 * g + 1] = hy;
   });
   return half;
 }
 
 // The local pixel range [lo, hi] (inclusive, within [0, size)) of a tile whose first pixel is
-// `first` and whose pixel k has its centre at first + k + 0.5, within `half` of `centre`.
+// `first` and whose pixel k has its centre at first + k + 0.5, within `half` of `centre`. An
+// infinite half-width or a NaN gives the whole range (the comparisons below are false for NaN).
 inline void pixel_range(float centre, float half, int first, int size, int& lo, int& hi) {
   const float l = ceilf(centre - half - 0.5f - static_cast<float>(first));
   const float h = floorf(centre + half - 0.5f - static_cast<float>(first));
-  lo = l > 0.0f ? (l < static_cast<float>(size) ? static_cast<int>(l) : size) : 0;     // NaN-safe: not > 0
+  lo = l > 0.0f ? (l < static_cast<float>(size) ? static_cast<int>(l) : size) : 0;
   hi = h < static_cast<float>(size - 1) ? (h > -1.0f ? static_cast<int>(h) : -1) : size - 1;
-  if (!(half < std::numeric_limits<float>::infinity())) lo = 0, hi = size - 1;
 }
 
 // One tile of one image: its pixel block and its list [start, stop) in gauss_ids.
