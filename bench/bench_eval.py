@@ -81,8 +81,10 @@ def main() -> None:
             continue
         m = result["methods"][key]
         append_row(REGION_TABLE, (
-            f"| {datetime.date.today()} | {args.source.name} | {args.preset} | {NAMES[key]} | {split['count']} @ {split['resolution']} px | "
-            + " | ".join(_f(m.get(k), "{:.2f}") for k in ("psnr", "psnr_face", "psnr_hair", "psnr_torso", "psnr_background", "psnr_head_edge"))
+            f"| {datetime.date.today()} | {args.source.name} | {args.preset} | {NAMES[key]} | "
+            f"{split['count']} @ {split['resolution']} px | "
+            + " | ".join(_f(m.get(k), "{:.2f}")
+                         for k in ("psnr", "psnr_face", "psnr_hair", "psnr_torso", "psnr_background", "psnr_head_edge"))
             + f" | {cmd} | {where} |"))
     for path, d in result["drives"].items():
         a = d["avatar"]

@@ -9,7 +9,7 @@ and its host twin (the same math in C++ loops) on cpu. Forward + backward is wha
 gradients to the tables only (the avatar feeds the Gaussian centres detached). Milliseconds per
 call, the median of --repeats calls after five warm-up calls (CUDA: synchronised), the reference's
 and ours taken in turn so that a busy machine slows both alike. On the CPU,
---threads torch threads (default 1: the machine is shared); --points may be smaller there.
+--threads torch threads (default 1: steadier when other jobs share the CPU); --points may be smaller there.
 --write appends one row per point count to BENCHMARKS.md.
 """
 
@@ -43,9 +43,9 @@ def main() -> None:
 
     import torch
 
-    from gsavatar import kernels
     from gsavatar.config import load_preset
     from gsavatar.model.encoding import TriPlaneEncoder
+    from gsavatar.render import get_backend
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
@@ -53,14 +53,15 @@ def main() -> None:
     avatar = load_preset(args.preset).avatar
     cfg, bound = avatar.face.hash, avatar.hash_bound
 
+    # Named explicitly (strict): the kernels run, or the benchmark stops with the reason.
+    backends = {"torch": get_backend("torch", device),
+                device: get_backend("cuda" if device == "cuda" else "cpp", device)}  # the CUDA kernel, or its host twin
     t0 = time.perf_counter()
-    kernels.load(device)
+    backends[device].extension()
     build_s = time.perf_counter() - t0
 
     torch.manual_seed(0)
-    ours = "cuda" if device == "cuda" else "cpp"  # the CUDA kernel, or its host twin on the CPU
-    encoders = {"torch": TriPlaneEncoder(cfg, bound, backend="torch").to(device),
-                device: TriPlaneEncoder(cfg, bound, backend=ours).to(device)}
+    encoders = {name: TriPlaneEncoder(cfg, bound).to(device) for name in backends}
     encoders[device].load_state_dict(encoders["torch"].state_dict())
 
     def sync():
@@ -91,16 +92,17 @@ def main() -> None:
     rows = []
     for n in args.points:
         xyz = (torch.rand(n, 3, device=device) * 2 - 1) * bound
-        def forward(enc):
+
+        def forward(name, xyz=xyz):
             with torch.no_grad():
-                enc(xyz)
+                encoders[name](xyz, backends[name])
 
-        def forward_backward(enc):
-            enc.zero_grad(set_to_none=True)
-            enc(xyz).sum().backward()
+        def forward_backward(name, xyz=xyz):
+            encoders[name].zero_grad(set_to_none=True)
+            encoders[name](xyz, backends[name]).sum().backward()
 
-        fwd = median_ms({name: functools.partial(forward, enc) for name, enc in encoders.items()})
-        both = median_ms({name: functools.partial(forward_backward, enc) for name, enc in encoders.items()})
+        fwd = median_ms({name: functools.partial(forward, name) for name in encoders})
+        both = median_ms({name: functools.partial(forward_backward, name) for name in encoders})
         (tf, tb), (of, ob) = (fwd["torch"], both["torch"]), (fwd[device], both[device])
         print(f"{n:>8} | {tf:>10.2f} | {of:>9.2f} | {tf / of:>4.1f}x | {tb:>10.2f} | {ob:>9.2f} | {tb / ob:>4.1f}x")
         rows.append((n, tf, of, tb, ob))

@@ -13,9 +13,11 @@ frame: the whole avatar frame of a trained run (audio window -> deformation nets
     branches -> composite) in frames per second at SIZE (default: the trained size), per backend,
     under torch.no_grad(), driven as `gsavatar render` drives it (pose loop, blinks) from the
     checkpoint alone, by --audio or 8 s of noise. Batches of --frames consecutive frames are timed
-    (one GPU sync per batch). On a GPU two more columns: "cuda no-sync" (a PairBudget sizes the
-    pair buffers, so no frame waits for the GPU) and "cuda graph" (that frame captured once as a
-    CUDA graph and replayed).
+    (one GPU sync per batch). A plain frame settles its pair budget (one sync per frame, as
+    `gsavatar render` does). On a GPU two more columns: "cuda no-sync" (inside
+    gsavatar.render.unsettled_pair_budget: a PairBudget sizes the pair buffers and is settled once
+    per batch, so no frame waits for the GPU) and "cuda graph" (that frame captured once as a CUDA
+    graph and replayed).
 train: training iterations per second of the `default` preset's loop (cpu-tiny's on CPU) on
     SUBJECT for --iterations, per backend.
 
@@ -141,10 +143,11 @@ def bench_frame(args) -> None:
     import numpy as np
 
     from gsavatar.drive import build_drive, load_speech
+    from gsavatar.model.io import load_run
     from gsavatar.render import PairBudget
-    from gsavatar.train.checkpoint import find_avatar_file, load_avatar
 
-    avatar, cfg, subject = load_avatar(find_avatar_file(args.run), args.device)
+    bundle = load_run(args.run, args.device)
+    avatar, subject = bundle.avatar, bundle.subject
     # Driven the way `gsavatar render` drives it, from the checkpoint alone (no subject dataset):
     # the given speech, or 8 s of noise (the speed does not depend on what is said).
     if args.audio:
@@ -152,7 +155,7 @@ def bench_frame(args) -> None:
     else:
         samples, speech = 0.1 * np.random.default_rng(0).standard_normal(8 * 16000).astype(np.float32), "8 s noise"
     seq = build_drive(subject, samples, size=args.size)
-    inputs = [seq.inputs(k, cfg.avatar, device=args.device) for k in range(len(seq))]  # on the device up front
+    inputs = [seq.inputs(k, avatar, device=args.device) for k in range(len(seq))]  # on the device up front
     counts = avatar.num_gaussians()
     print(f"avatar frame at {seq.size}x{seq.size}, {sum(counts.values())} Gaussians {counts}, device {args.device}, "
           f"driven by {speech}; {args.frames} frames per timed batch")
@@ -184,7 +187,9 @@ def bench_frame(args) -> None:
 
 def _frame_runner(variant: str, avatar, inputs: list, budget):
     """``(frame(k), settle())`` for one column of the frame table; ``settle`` says whether every
-    budgeted frame got all its (tile, Gaussian) pairs (True where there is no budget)."""
+    budgeted frame got all its (tile, Gaussian) pairs (True where the frames settle themselves)."""
+    from gsavatar.render import unsettled_pair_budget
+
     if variant in ("torch", "cpp", "cuda"):
         @torch.no_grad()
         def frame(k):
@@ -193,14 +198,15 @@ def _frame_runner(variant: str, avatar, inputs: list, budget):
         return frame, lambda: True
     if variant.endswith(" no-sync"):  # "cuda no-sync" (and "cpp no-sync", to try this code on a CPU)
         backend = variant.split()[0]
-        with torch.no_grad():  # size the budget on the whole drive first, so no timed frame overflows
+        with torch.no_grad(), unsettled_pair_budget(budget):  # size the budget on the whole drive first
             for k in range(len(inputs)):
-                avatar(inputs[k], backend=backend, pair_budget=budget)
+                avatar(inputs[k], backend=backend)
         budget.settle()
 
         @torch.no_grad()
         def frame(k):
-            avatar(inputs[k % len(inputs)], backend=backend, pair_budget=budget)
+            with unsettled_pair_budget(budget):
+                avatar(inputs[k % len(inputs)], backend=backend)
 
         return frame, budget.settle
     if variant == "cuda graph":
@@ -213,9 +219,12 @@ def _graph_frame(avatar, inputs: list, budget):
     captured ones and replays (no Python, no launches, no synchronisation per frame)."""
     import dataclasses
 
-    with torch.no_grad():
+    from gsavatar.render import get_backend, unsettled_pair_budget
+
+    backend = get_backend("cuda", inputs[0].viewmat.device)
+    with torch.no_grad(), unsettled_pair_budget(budget):
         for k in range(len(inputs)):
-            avatar(inputs[k], backend="cuda", pair_budget=budget)
+            avatar(inputs[k], backend=backend)
     budget.settle()
     fields = [f.name for f in dataclasses.fields(inputs[0]) if isinstance(getattr(inputs[0], f.name), torch.Tensor)]
     for f in fields:
@@ -225,13 +234,14 @@ def _graph_frame(avatar, inputs: list, budget):
     static = dataclasses.replace(inputs[0], **{f: getattr(inputs[0], f).clone() for f in fields})
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad(), torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph asks
+    # Warm-up on a side stream, as torch.cuda.graph asks; never settled inside (no host sync in the graph).
+    with torch.no_grad(), unsettled_pair_budget(budget), torch.cuda.stream(side):
         for _ in range(3):
-            avatar(static, backend="cuda", pair_budget=budget)
+            avatar(static, backend=backend)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        avatar(static, backend="cuda", pair_budget=budget)
+    with torch.no_grad(), unsettled_pair_budget(budget), torch.cuda.graph(graph):
+        avatar(static, backend=backend)
 
     def frame(k):
         src = inputs[k % len(inputs)]

@@ -2,7 +2,7 @@
 mouth opening on the held-out frames with the generator's ground truth, with the true audio
 and with the audio features shuffled in time.
 
-    python bench/bench_lipsync.py --work /tmp/lipsync_bench [--duration 6] [--write]
+    python bench/bench_lipsync.py --work WORK_DIR [--duration 6] [--write]
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ def main() -> None:
     import torch
 
     from gsavatar.config import PreprocessConfig, load_preset
+    from gsavatar.data.frames import SubjectFrames
     from gsavatar.data.preprocess import preprocess
     from gsavatar.data.synthetic import make_synthetic_subject, mouth_darkness
     from gsavatar.eval.baselines import avatar_predictor, score
-    from gsavatar.train.checkpoint import load_avatar
-    from gsavatar.train.data import TrainingData
+    from gsavatar.model.io import load_run
     from gsavatar.train.trainer import train
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -48,15 +48,16 @@ def main() -> None:
     if not (run / "summary.json").exists():
         train(args.work / "subject", run, load_preset(args.preset))
     summary = json.loads((run / "summary.json").read_text())
-    avatar, cfg, _ = load_avatar(run / "avatar.pt")
-    data = TrainingData(args.work / "subject", cfg.render_size)
+    bundle = load_run(run)
+    avatar, cfg = bundle.avatar, bundle.config
+    data = SubjectFrames(args.work / "subject", cfg.render_size)
     truth = np.load(truth_path)[data.test_indices]
     lm = data.dataset.landmarks
 
     perm = torch.from_numpy(np.random.default_rng(0).permutation(data.num_frames))
     results = {}
     for name, audio in (("true audio", data.audio), ("shuffled audio", data.audio[perm])):
-        images = {int(i): avatar_predictor(avatar, cfg, data, audio)(int(i)) for i in data.test_indices}
+        images = {int(i): avatar_predictor(avatar, data, audio)(int(i)) for i in data.test_indices}
         opening = [mouth_darkness(images[int(i)].numpy(), lm[i], data.dataset.size) for i in data.test_indices]
         r = float(np.corrcoef(opening, truth)[0, 1]) if np.std(opening) > 0 else 0.0
         results[name] = (r, score(images.__getitem__, data)["psnr_face"])

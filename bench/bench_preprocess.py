@@ -18,9 +18,7 @@ import tempfile
 from pathlib import Path
 
 import tyro
-
 from common import append_row, machine
-
 
 
 @dataclasses.dataclass

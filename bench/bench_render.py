@@ -66,7 +66,8 @@ def main() -> None:
         if args.camera != "train":
             cmd += f" --camera {args.camera}"
         note = (f", {args.note}" if args.note else "") + f", load average {load:.1f} at start"
-        row = (f"| {datetime.date.today()} | {args.run} ({r['gaussians']} Gaussians) | {r['size']} | {args.audio.name} ({r['seconds']:.1f} s, "
+        row = (f"| {datetime.date.today()} | {args.run} ({r['gaussians']} Gaussians) | {r['size']} | "
+               f"{args.audio.name} ({r['seconds']:.1f} s, "
                f"{r['frames']} frames) | {r['render_fps']:.1f} | {r['end_to_end_fps']:.1f} | {r['total_s']:.1f} "
                f"(set-up {r['setup_s']:.1f}) | {r['device']}: {machine()}{note} | `{cmd}` |")
         append_row(TABLE, row)

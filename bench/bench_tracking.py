@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import tyro
-
 from common import append_row, machine
 
 REAL_TABLE = "## Tracking on real video (`gsavatar track`)"

@@ -33,22 +33,23 @@ def main() -> None:
     import torch
 
     from gsavatar.config import load_preset
+    from gsavatar.data.frames import SubjectFrames
     from gsavatar.eval.baselines import avatar_predictor, mean_frame, nearest_audio_frame, score
-    from gsavatar.train.checkpoint import load_avatar
-    from gsavatar.train.data import TrainingData
+    from gsavatar.model.io import load_run
     from gsavatar.train.run import prepare_subject, train_command
 
     cfg = load_preset(args.preset)
     if not (args.run / "summary.json").exists():
         train_command(args.source, args.run, cfg)
     summary = json.loads((args.run / "summary.json").read_text())
-    avatar, cfg, _ = load_avatar(args.run / "avatar.pt")
+    bundle = load_run(args.run)
+    avatar, cfg = bundle.avatar, bundle.config
     torch.set_num_threads(max(1, cfg.cpu_threads) if cfg.cpu_threads else torch.get_num_threads())
     subject = prepare_subject(args.source, args.run, cfg.render_size)
-    data = TrainingData(subject, cfg.render_size, summary["audio_feature"])
+    data = SubjectFrames(subject, cfg.render_size, summary["audio_feature"])
 
     t = time.perf_counter()
-    results = {"avatar": score(avatar_predictor(avatar, cfg, data), data), "mean training frame": score(mean_frame(data), data),
+    results = {"avatar": score(avatar_predictor(avatar, data), data), "mean training frame": score(mean_frame(data), data),
                "nearest-audio training frame": score(nearest_audio_frame(data), data)}
     print(f"scored in {time.perf_counter() - t:.1f} s on {results['avatar']['frames']} test frames at {cfg.render_size} px")
     print(f"{'method':<30} {'PSNR':>8} {'face PSNR':>10}")

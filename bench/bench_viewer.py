@@ -131,10 +131,10 @@ def main() -> None:
     finally:
         viewer.stop()
     if args.write:
-        subject_dir = Path(viewer.subject.get("subject_dir") or "?")
+        subject_dir = Path(viewer.subject.subject_dir or "?")
         subject = f"{subject_dir.parent.name}/{subject_dir.name}" if subject_dir.name == "subject" else subject_dir.name
         with_client = (f"{client['fps']:.2f}" if client else "not measured")
-        row = (f"| {datetime.date.today()} | {args.run} ({subject}, trained at {viewer.subject['render_size']} px) | "
+        row = (f"| {datetime.date.today()} | {args.run} ({subject}, trained at {viewer.subject.render_size} px) | "
                f"{g['face']} / {g['mouth']} / {g['torso']} | {local['shape'][1]}x{local['shape'][0]} | {local['fps']:.2f} "
                f"({local['ms']:.0f} ms, JPEG {local['encode_ms']:.1f} ms) | {with_client} | "
                f"cpu, 1 torch thread: {machine()}, shared | `python bench/bench_viewer.py {args.run} --size {args.size} "

@@ -1,98 +1,146 @@
 #!/usr/bin/env bash
-# Train an avatar on a real subject on the lent GPU machine (the `device` tool, issue 4), in one
-# or more calls. The machine cannot preprocess (no PyAV, mediapipe, tyro), so the subject travels
-# as a pack (bench/subject_pack.py) and training goes through the Python API, not the tyro CLI.
-#
-# Prepare here, in the repository root (needs PyAV; /.gpu_data/ is in .git/info/exclude so it
-# travels only when carried):
-#   grep -qx '/.gpu_data/' .git/info/exclude || echo /.gpu_data/ >> .git/info/exclude
-#   gsavatar preprocess ../shared/data/cnn2_25fps.mp4 -o /tmp/benchwork/cnn2_25fps_512   # default features:
-#                                       # logmel + whisper (train picks whisper: better lip-sync on cnn2)
-#   python bench/subject_pack.py pack /tmp/benchwork/cnn2_25fps_512 .gpu_data/pack     # ~34 MiB
-# Then call, as many times as needed:
-#   run(command="bash bench/gpu_train.sh", carry=[".gpu_data"], timeout_s=600)
-# Settings through the environment, e.g. command="PRESET=default TRAIN_SECONDS=500 bash bench/gpu_train.sh":
-#   PRESET            training preset (default: default, 512 px)
-#   TRAIN_SECONDS     training is stopped this many seconds after the call started (default 500; the
-#                     rest of the 600 s saves the results). Lower it when status() shows less than
-#                     600 s of device time left (e.g. budget_left_s - 120).
-#   BACKEND           rasterizer (default auto: our CUDA kernels). BACKEND=gsplat trains the same preset
-#                     on gsplat's ops, to cross-check ours (carry .whl as bench/gpu_session.sh says; use
-#                     another RUN_DIR, e.g. RUN_DIR=/tmp/gsavatar_run_gsplat)
-#   CHECKPOINT_EVERY  optional override of the preset's checkpoint period; must be the same in every
-#                     call of a run. A stop by TRAIN_SECONDS loses nothing: `timeout` sends SIGTERM and
-#                     the trainer checkpoints the iteration it is on (SIGKILL 15 s later if it hangs)
-# The subject is unpacked to /tmp/subject and the run lives in /tmp/gsavatar_run on the device
-# machine. Both survive while it stays warm (about 30 s after a call), so the next call resumes
-# the run from its last checkpoint (train.log says "resuming from"); a fresh machine starts over.
-# To start over on a warm machine (or after re-packing): prefix the command with
-# "rm -rf /tmp/subject /tmp/gsavatar_run; ".
-#
-# Results in $OUT: session.txt (GPU, torch, unpack, GPU use sampled every 30 s), train.log,
-# status.json (finished or not, iterations, seconds, the avatar's sha256), summary.json (finished
-# runs only) and the avatar: avatar.pt when finished, else partial_avatar.pt (the last checkpoint
-# without optimizer state; it renders and evaluates like a finished avatar). A file over 15 MiB
-# comes back in parts NAME.part0, NAME.part1, ... (the default preset's avatar is ~40-47 MiB: 3-4
-# parts, so with the 4 other files a call returns up to the 8-file limit; add no more outputs).
-# Rejoin here (FILES_AT: the run reply's files_at):
-#   mkdir -p RUN_DIR && cat FILES_AT/avatar.pt.part* > RUN_DIR/avatar.pt && sha256sum RUN_DIR/avatar.pt
-# (partial_avatar.pt.part* likewise, also into RUN_DIR/avatar.pt; compare with status.json's sha256)
-# and copy summary.json / train.log next to it. Evaluate here on CPU (avatar.pt holds its config;
-# the subject path it records is the device's /tmp/subject, hence --subject):
-#   gsavatar eval RUN_DIR --subject /tmp/benchwork/cnn2_25fps_512
-# Simulate on a CPU: OUT=/tmp/gpu_train_out PRESET=cpu-tiny TRAIN_SECONDS=60 bash bench/gpu_train.sh
+# Train an avatar on a real subject on a machine with a GPU, for a bounded time, resuming from the
+# last checkpoint when run again. See `bash bench/gpu_train.sh --help`.
 set -uo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: bash bench/gpu_train.sh SUBJECT RUN_DIR [options]
+
+Trains an avatar on SUBJECT into RUN_DIR, stopping after --seconds at the latest. Run the same
+command again to resume from the last checkpoint (train.log says "resuming from"); a finished run
+is not trained again. Training goes through gsavatar's Python API, so the machine needs torch,
+numpy and opencv but not the preprocessing dependencies (PyAV, mediapipe) nor the command line's.
+
+  SUBJECT   a subject dataset made by `gsavatar preprocess`, or a pack made by
+            `python bench/subject_pack.py pack SUBJECT_DIR PACK_DIR` (a folder with pack.json) on a
+            machine that can preprocess; a pack is unpacked first (see --unpack-to)
+  RUN_DIR   the run directory (created; reused to resume)
+
+Options (each also settable through the environment variable in brackets):
+  --preset NAME|FILE.toml  training preset (PRESET; default: default, 512 px)
+  --backend NAME           rasterizer backend (BACKEND; default: auto, our CUDA kernels on a GPU);
+                           --backend gsplat trains the same preset on gsplat's ops, to cross-check
+                           ours (use another RUN_DIR)
+  --seconds S              stop training S seconds after the start of this command (TRAIN_SECONDS;
+                           default 3600; 0: no limit). A stop loses nothing: the trainer gets
+                           SIGTERM and checkpoints the iteration it is on (SIGKILL 30 s later if
+                           it hangs)
+  --checkpoint-every N     override the preset's checkpoint period (CHECKPOINT_EVERY; optional;
+                           keep it the same in every run of one RUN_DIR)
+  --unpack-to DIR          where a pack is unpacked (UNPACK_TO; default: SUBJECT-unpacked next to
+                           the pack; unpacking is skipped when DIR already is that unpack)
+  --out DIR                folder for the report (OUT_DIR; default: RUN_DIR-report)
+  -h, --help               this text
+TORCH_CUDA_ARCH_LIST (default: the local GPU's compute capability), MAX_JOBS (default: all
+cores), GSAVATAR_KERNEL_CACHE and PYTHON (default python3) are honoured.
+
+The report folder holds: machine.txt (GPU, torch, unpacking, GPU use sampled every 30 s),
+train.log, status.json (finished or not, iterations, seconds, the avatar's sha256), summary.json
+(finished runs only) and the avatar: avatar.pt when finished, else partial_avatar.pt (the last
+checkpoint without optimizer state; it renders and evaluates like a finished avatar).
+
+Evaluate afterwards, on this machine or another (copy the avatar into a run folder there):
+  gsavatar eval RUN_DIR [--subject SUBJECT_DIR]
+--subject is needed where the subject path recorded in the avatar does not exist.
+
+Without a GPU the script runs too (e.g. --preset cpu-tiny --seconds 60), to try it out.
+Exit status: 0 when training finished or stopped at --seconds, else the trainer's error status.
+EOF
+}
+
+die() { echo "gpu_train.sh: $*" >&2; exit 2; }
+
 start=$(date +%s)
-OUT=${OUT:-/tmp/gpu_out}
-PACK=${PACK:-.gpu_data/pack}
-SUBJECT=${SUBJECT:-/tmp/subject}
-RUN_DIR=${RUN_DIR:-/tmp/gsavatar_run}
 PRESET=${PRESET:-default}
-TRAIN_SECONDS=${TRAIN_SECONDS:-500}
-CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-}
 BACKEND=${BACKEND:-auto}
-PART_BYTES=$((15 * 1024 * 1024))
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 GSAVATAR_KERNEL_CACHE=/tmp/gsavatar_kernels
-# Hopper only, all cores, builds on /tmp (gsplat's source-only wheel JIT-compiles on first use:
-# with BACKEND=gsplat on a fresh machine that build comes out of TRAIN_SECONDS).
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
-if [ "$BACKEND" = gsplat ] && compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
-session="$OUT/session.txt"
+TRAIN_SECONDS=${TRAIN_SECONDS:-3600}
+CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-}
+UNPACK_TO=${UNPACK_TO:-}
+OUT_DIR=${OUT_DIR:-}
+PYTHON=${PYTHON:-python3}
+positional=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --preset) PRESET=${2:?--preset needs a name}; shift 2 ;;
+    --backend) BACKEND=${2:?--backend needs a name}; shift 2 ;;
+    --seconds) TRAIN_SECONDS=${2:?--seconds needs a number}; shift 2 ;;
+    --checkpoint-every) CHECKPOINT_EVERY=${2:?--checkpoint-every needs a number}; shift 2 ;;
+    --unpack-to) UNPACK_TO=${2:?--unpack-to needs a folder}; shift 2 ;;
+    --out) OUT_DIR=${2:?--out needs a folder}; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    -*) usage >&2; die "unknown option: $1" ;;
+    *) positional+=("$1"); shift ;;
+  esac
+done
+[ ${#positional[@]} -eq 2 ] || { usage >&2; die "expected SUBJECT and RUN_DIR"; }
+SUBJECT=${positional[0]%/}
+RUN_DIR=${positional[1]%/}
+[[ "$TRAIN_SECONDS" =~ ^[0-9]+$ ]] || die "--seconds takes whole seconds (got '$TRAIN_SECONDS')"
+[ -z "$CHECKPOINT_EVERY" ] || [[ "$CHECKPOINT_EVERY" =~ ^[1-9][0-9]*$ ]] \
+  || die "--checkpoint-every takes a positive number (got '$CHECKPOINT_EVERY')"
+[ -d "$SUBJECT" ] || die "no subject folder $SUBJECT"
+OUT_DIR=${OUT_DIR:-$RUN_DIR-report}
+mkdir -p "$OUT_DIR" || die "cannot create $OUT_DIR"
 
-if command -v nvidia-smi > /dev/null; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$session"
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$REPO"
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+report="$OUT_DIR/machine.txt"
+: > "$report"
+
+gpu=no
+if command -v nvidia-smi > /dev/null && nvidia-smi > /dev/null 2>&1; then
+  gpu=yes
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$report"
+  # Build kernels for this GPU only (with --backend gsplat, gsplat's source-only wheel JIT-compiles
+  # on first use too; that build comes out of --seconds).
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    TORCH_CUDA_ARCH_LIST=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2> /dev/null) \
+      || unset TORCH_CUDA_ARCH_LIST
+  fi
+  [ -n "${TORCH_CUDA_ARCH_LIST:-}" ] && export TORCH_CUDA_ARCH_LIST
 else
-  echo "no nvidia-smi: no GPU here" | tee "$session"
+  echo "no NVIDIA GPU found: training on what torch offers (the preset decides the device)" | tee -a "$report"
 fi
-python3 -c "import torch, cv2; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cv2', cv2.__version__)" \
-  | tee -a "$session"
+"$PYTHON" -c "import torch, cv2; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cv2', cv2.__version__)" \
+  2>&1 | tee -a "$report"
+[ "${PIPESTATUS[0]}" -eq 0 ] || die "needs torch and opencv (cv2) importable by $PYTHON"
 
-python3 bench/subject_pack.py unpack "$PACK" "$SUBJECT" 2>&1 | tee -a "$session"
-[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "unpack failed: nothing trained" | tee -a "$session"; exit 1; }
+# A pack is unpacked first (idempotent: a folder that already is this unpack is kept).
+if [ -f "$SUBJECT/pack.json" ]; then
+  UNPACK_TO=${UNPACK_TO:-$SUBJECT-unpacked}
+  "$PYTHON" "$REPO/bench/subject_pack.py" unpack "$SUBJECT" "$UNPACK_TO" 2>&1 | tee -a "$report"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || die "unpacking $SUBJECT failed: nothing trained"
+  SUBJECT=$UNPACK_TO
+fi
 
 # Sample GPU use while training (stopped by its PID below).
 sampler=""
-if command -v nvidia-smi > /dev/null; then
-  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 30 >> "$session" &
+if [ "$gpu" = yes ]; then
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 30 >> "$report" &
   sampler=$!
+  trap '[ -n "$sampler" ] && kill "$sampler" 2> /dev/null' EXIT
 fi
 
 resumed=no
 [ -f "$RUN_DIR/checkpoint.pt" ] && resumed=yes
-left=$((TRAIN_SECONDS - ($(date +%s) - start)))
 rc=0
+limit=""
+if [ "$TRAIN_SECONDS" -gt 0 ]; then
+  limit=$((TRAIN_SECONDS - ($(date +%s) - start)))
+fi
 if [ -f "$RUN_DIR/summary.json" ] && [ -f "$RUN_DIR/avatar.pt" ]; then
   echo "$RUN_DIR already holds a finished run: not training"
-elif [ "$left" -lt 30 ]; then
-  echo "only $left s left of TRAIN_SECONDS=$TRAIN_SECONDS after unpacking: not training"
+elif [ -n "$limit" ] && [ "$limit" -lt 30 ]; then
+  echo "only $limit s left of --seconds $TRAIN_SECONDS after unpacking: not training"
 else
-  echo "training preset $PRESET on backend $BACKEND for at most $left s (resuming: $resumed)"
-  timeout --signal=TERM --kill-after=15 "$left" python3 - "$SUBJECT" "$RUN_DIR" "$PRESET" "$CHECKPOINT_EVERY" "$BACKEND" <<'EOF'
+  echo "training $SUBJECT with preset $PRESET on backend $BACKEND into $RUN_DIR" \
+       "(${limit:+at most $limit s; }resuming: $resumed)"
+  bound=()
+  [ -n "$limit" ] && bound=(timeout --signal=TERM --kill-after=30 "$limit")
+  ${bound[@]+"${bound[@]}"} "$PYTHON" - "$SUBJECT" "$RUN_DIR" "$PRESET" "$CHECKPOINT_EVERY" "$BACKEND" <<'EOF'
 import dataclasses
 import logging
 import sys
@@ -118,36 +166,41 @@ except GsavatarError as e:
     sys.exit(e.exit_code)
 EOF
   rc=$?
-  [ "$rc" -eq 124 ] && echo "training stopped after $left s (TRAIN_SECONDS=$TRAIN_SECONDS)"
+  [ "$rc" -eq 124 ] && echo "training stopped after $limit s (--seconds $TRAIN_SECONDS); run again to resume"
 fi
-[ -n "$sampler" ] && kill "$sampler" 2> /dev/null
+if [ -n "$sampler" ]; then
+  kill "$sampler" 2> /dev/null
+  sampler=""
+fi
 
-# status.json, and the avatar to bring back: the final one, else the checkpoint stripped of
-# optimizer state. Prints the one-line verdict.
-export_dir=/tmp/gsavatar_export
-rm -rf "$export_dir" && mkdir -p "$export_dir"
-python3 - "$RUN_DIR" "$export_dir" "$OUT/status.json" "$rc" <<'EOF'
+# status.json, and the avatar: the final one, else the checkpoint stripped of optimizer state.
+# Prints the one-line verdict.
+"$PYTHON" - "$RUN_DIR" "$OUT_DIR" "$rc" <<'EOF'
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
 from gsavatar.errors import GsavatarError
-from gsavatar.train.checkpoint import load_checkpoint, save_checkpoint
+from gsavatar.model.io import load_checkpoint, save_checkpoint
 
 
 def db(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-run_dir, export_dir, status_path, rc = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+run_dir, out_dir, rc = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+status_path = out_dir / "status.json"
 finished = (run_dir / "summary.json").is_file() and (run_dir / "avatar.pt").is_file()
 source = run_dir / ("avatar.pt" if finished else "checkpoint.pt")
-status = {"finished": finished, "train_exit_code": rc, "run_dir": str(run_dir)}
+status = {"finished": finished, "train_exit_code": rc, "run_dir": str(run_dir.resolve())}
+for stale in ("avatar.pt", "partial_avatar.pt"):
+    (out_dir / stale).unlink(missing_ok=True)
 try:
     ckpt = load_checkpoint(source)
 except GsavatarError as e:
-    print(f"training: nothing to bring back ({e})")
+    print(f"training: no avatar yet ({e})")
     status_path.write_text(json.dumps(status, indent=2) + "\n")
     sys.exit(0)
 p, stages = ckpt.progress, ckpt.config["stages"]
@@ -155,42 +208,28 @@ total = sum(s["iterations"] for s in stages)
 status.update(iterations=p.global_iteration, total_iterations=total, training_seconds=round(p.elapsed_s, 1),
               stage=p.stage_index, stage_iteration=p.stage_iteration, completed_stages=p.completed_stages)
 if finished:
-    avatar = export_dir / "avatar.pt"
-    avatar.symlink_to(source)
+    avatar = out_dir / "avatar.pt"
+    shutil.copyfile(source, avatar)
     summary = json.loads((run_dir / "summary.json").read_text())
     status["summary"] = summary
     print(f"training: FINISHED, {p.global_iteration}/{total} iterations in {summary['wall_s']:.0f} s of training; "
           f"test PSNR {db(summary['test_psnr'])} dB (face {db(summary['test_psnr_face'])} dB)")
 else:
-    avatar = export_dir / "partial_avatar.pt"
+    avatar = out_dir / "partial_avatar.pt"
     ckpt.optimizers, ckpt.strategy, ckpt.rng = {}, {}, {}
     save_checkpoint(ckpt, avatar)
     stage = stages[p.stage_index]["name"] if p.stage_index < len(stages) else "evaluation"
     print(f"training: NOT finished, {p.global_iteration}/{total} iterations at the last checkpoint (stage {stage}, "
-          f"{p.stage_iteration} done), {p.elapsed_s:.0f} s of training so far; the next call resumes it "
-          f"if this machine is still warm")
+          f"{p.stage_iteration} done), {p.elapsed_s:.0f} s of training so far; run the same command again to "
+          f"resume")
 status["avatar_file"] = avatar.name
 status["avatar_sha256"] = hashlib.sha256(avatar.read_bytes()).hexdigest()
 status_path.write_text(json.dumps(status, indent=2) + "\n")
 EOF
 
 for name in train.log summary.json; do
-  [ -f "$RUN_DIR/$name" ] && cp "$RUN_DIR/$name" "$OUT/"
+  [ -f "$RUN_DIR/$name" ] && cp "$RUN_DIR/$name" "$OUT_DIR/"
 done
-for avatar in "$export_dir"/*.pt; do
-  [ -e "$avatar" ] || continue
-  name=$(basename "$avatar")
-  size=$(stat -L -c %s "$avatar")
-  if [ "$size" -gt $((4 * PART_BYTES)) ]; then
-    echo "warning: $name is $size bytes: too big to bring back (64 MiB per call); not copied"
-  elif [ "$size" -gt "$PART_BYTES" ]; then
-    split -b "$PART_BYTES" -d -a 1 "$avatar" "$OUT/$name.part"
-    echo "$name: $size bytes in $(ls "$OUT/$name".part* | wc -l) parts; rejoin: cat $name.part* > RUN_DIR/avatar.pt"
-  else
-    cp -L "$avatar" "$OUT/$name"
-    echo "$name: $size bytes"
-  fi
-done
-echo "call took $(($(date +%s) - start)) s; in \$OUT: $(ls "$OUT" | tr '\n' ' ')"
-# 124: stopped by TRAIN_SECONDS, as planned; anything else non-zero is a training error (see above).
+echo "took $(($(date +%s) - start)) s; report in $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"
+# 124: stopped at --seconds, as planned; anything else non-zero is a training error (see above).
 [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ] || exit "$rc"

@@ -1,9 +1,9 @@
-"""Pack a preprocessed subject small enough to carry to a GPU machine, and unpack it there.
+"""Pack a preprocessed subject into a small folder to copy to another machine, and unpack it there.
 
-Why: the lent GPU machine (see bench/gpu_train.sh) receives at most 64 MiB of untracked data
-per call and cannot preprocess (no PyAV, mediapipe, tyro...). A 512 px subject is ~140 MB, most
-of it JPEG frames and preprocessing intermediates. A pack keeps only what training, eval and
-rendering read, and stores the frames as one near-lossless H.264 video:
+Why: a machine with a GPU may lack the preprocessing dependencies (PyAV, mediapipe, tyro...), so
+the subject is preprocessed elsewhere and copied over (bench/gpu_train.sh takes a pack). A 512 px
+subject is ~140 MB, most of it JPEG frames and preprocessing intermediates. A pack keeps only what
+training, eval and rendering read, and stores the frames as one near-lossless H.264 video:
 
     frames.mp4        every frame, in order: libx264 yuv444p (no chroma subsampling), CRF 12
     masks/ ...        copied as is (uint8 label bit-fields: must stay lossless)
@@ -13,19 +13,19 @@ rendering read, and stores the frames as one near-lossless H.264 video:
                       machine's decoder reproduces the colours measured when packing
     pack.json         format, frame count, size, CRF, source path, sha256 of every file, and the
                       PSNR of the decoded video against the source JPEGs (decoded with cv2, as
-                      on the GPU side)
+                      when unpacking)
 
 Left out: matte/ and landmarks.npz (inputs of the masks and tracking stages; nothing after
 preprocessing reads them), so an unpacked subject trains, evaluates and renders but cannot
 re-run those preprocessing stages.
 
-    python bench/subject_pack.py pack SUBJECT_DIR PACK_DIR [--crf 12]    # here: needs PyAV
-    python bench/subject_pack.py unpack PACK_DIR SUBJECT_DIR            # numpy + cv2 only
+    python bench/subject_pack.py pack SUBJECT_DIR PACK_DIR [--crf 12] [--force]   # needs PyAV
+    python bench/subject_pack.py unpack PACK_DIR SUBJECT_DIR [--force]            # numpy + cv2 only
 
 Unpacking decodes frames.mp4 with cv2.VideoCapture into frames/NNNNNN.jpg (JPEG quality 100,
 4:4:4) and is idempotent. Both commands write into a temporary directory next to the target and
 rename it at the end, so a failed or killed run leaves nothing half-written. This script imports
-neither gsavatar nor PyAV at module level, so it runs on the bare GPU machine.
+neither gsavatar nor PyAV at module level, so unpacking needs only numpy and OpenCV.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def check_indices(num_frames: int) -> list[int]:
 
 
 def decoded_frames(video: Path):
-    """Yield the BGR frames of ``video`` decoded by cv2 (FFmpeg), as on the GPU machine."""
+    """Yield the BGR frames of ``video`` decoded by cv2 (FFmpeg), as when unpacking."""
     import cv2
 
     cap = cv2.VideoCapture(str(video))
@@ -353,8 +353,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pack: {args.pack}  {mib(info['pack_bytes'])} ({VIDEO} {mib(info['video']['bytes'])}), "
                   f"{info['num_frames']} frames at {info['size']} px, CRF {info['crf']}; video PSNR vs the JPEGs "
                   f"mean {q['mean']:.2f} dB, min {q['min']:.2f} dB (frame {q['min_frame']}); {info['pack_seconds']:.0f} s")
-            if info["pack_bytes"] > 60 * 2**20:
-                print("warning: over 60 MiB: will not fit the GPU machine's 64 MiB carry with anything else", file=sys.stderr)
         else:
             t0 = time.time()
             info, done = unpack(args.pack, args.subject, args.force)

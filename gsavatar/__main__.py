@@ -1,3 +1,5 @@
 import sys
+
 from gsavatar.cli import main
+
 sys.exit(main())

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 import tyro
 
-from gsavatar.config import PreprocessConfig
+from gsavatar.config import PreprocessConfig, check_frame_size
 from gsavatar.errors import GsavatarError, InputError
 
 
@@ -32,7 +32,8 @@ class Preprocess:
     size: int = 512
     """Working resolution (square crop resized to SIZE x SIZE)."""
     audio_features: tuple[str, ...] = ("logmel", "whisper")
-    """Audio feature kinds to extract: logmel (built in), whisper (Whisper tiny.en encoder, offline), hubert / wav2vec2 (local weights: the directory in $GSAVATAR_HUBERT_MODEL / $GSAVATAR_WAV2VEC2_MODEL)."""
+    """Audio feature kinds to extract: logmel (built in), whisper (Whisper tiny.en encoder, offline),
+    hubert / wav2vec2 (local weights: the directory in $GSAVATAR_HUBERT_MODEL / $GSAVATAR_WAV2VEC2_MODEL)."""
 
     def __call__(self) -> None:
         from gsavatar.data.preprocess import preprocess
@@ -103,7 +104,8 @@ class Train:
     out: Annotated[Path, tyro.conf.arg(aliases=["-o"], metavar="RUN_DIR")]
     """Run directory for the avatar, logs and checkpoints."""
     preset: str = "auto"
-    """Training preset: a name in configs/ (cpu-tiny: minutes on a CPU, 128 px; cpu-30min: about 30 min on 2 cores, 256 px; default: GPU, 512 px), a .toml path, or auto (default on a CUDA device, cpu-30min on a CPU)."""
+    """Training preset: a name in configs/ (cpu-tiny: minutes on a CPU, 128 px; cpu-30min: about 30 min on 2
+    cores, 256 px; default: GPU, 512 px), a .toml path, or auto (default on a CUDA device, cpu-30min on a CPU)."""
     iterations_scale: float = 1.0
     """Multiply every stage's iterations by this (e.g. 0.5 for a quicker, rougher avatar)."""
     render_size: int | None = None
@@ -113,8 +115,9 @@ class Train:
     device: str | None = None
     """auto | cpu | cuda (default: the preset's, auto)."""
     backend: str | None = None
-    """Rasterizer: auto (our CUDA kernels on a GPU, else the PyTorch reference) | torch | cuda | cpp |
-    gsplat (gsplat's CUDA ops, to cross-check ours; pip install gsplat==1.5.3 packaging) (default: the preset's, auto)."""
+    """Rendering backend: auto (our CUDA kernels on a GPU once they pass a self-check, else the PyTorch
+    reference) | torch | cuda | cpp | gsplat (gsplat's CUDA rasterizer, to cross-check ours; pip install
+    gsplat==1.5.3 packaging) (default: the preset's, auto)."""
     force: bool = False
     """Discard an existing run in RUN_DIR and start again."""
 
@@ -129,7 +132,8 @@ class Train:
         if preset == "auto":
             device = resolve_device(self.device or "auto")
             preset = auto_preset(device.type)
-            note = f"preset auto: {preset} (for {'the CUDA device' if device.type == 'cuda' else 'a CPU: no CUDA device'}; --preset NAME chooses another)"
+            where = "the CUDA device" if device.type == "cuda" else "a CPU: no CUDA device"
+            note = f"preset auto: {preset} (for {where}; --preset NAME chooses another)"
         cfg = load_preset(preset)
         cfg = dataclasses.replace(cfg, seed=cfg.seed if self.seed is None else self.seed,
                                   device=self.device or cfg.device, render_size=self.render_size or cfg.render_size,
@@ -226,7 +230,8 @@ class Export:
     frame: Annotated[int | None, tyro.conf.arg(metavar="K")] = None
     """Export the Gaussians deformed for output frame K (default: the canonical, undeformed avatar)."""
     audio: Annotated[Path | None, tyro.conf.arg(metavar="SPEECH")] = None
-    """With --frame: drive the avatar with this speech file (default: the training video's own audio, if its subject dataset still exists)."""
+    """With --frame: drive the avatar with this speech file (default: the training video's own audio, if
+    its subject dataset still exists)."""
 
     def __call__(self) -> None:
         from gsavatar.outputs.ply import export_ply
@@ -353,8 +358,8 @@ class View:
 
         if not 0 <= self.port < 65536:
             raise InputError(f"--port must be between 0 and 65535 (got {self.port})")
-        if self.size is not None and (self.size < 16 or self.size % 2):
-            raise InputError(f"--size must be an even number of at least 16 pixels (got {self.size})")
+        if self.size is not None:
+            check_frame_size(self.size)
         serve(self.run, self.audio, host=self.host, port=self.port, size=self.size, device=self.device)
 
 

@@ -4,9 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Literal
 
 from gsavatar.errors import InputError
+
+BACKEND_NAMES = ("auto", "torch", "cpp", "cuda", "gsplat")
+"""The rendering backends a user can name (see :mod:`gsavatar.render.backends`)."""
+
+MIN_FRAME_SIZE = 16
+"""Smallest frame side rendered or written (pixels)."""
+
+
+def check_frame_size(size, minimum: int = MIN_FRAME_SIZE, what: str = "--size") -> int:
+    """``size`` as an int if it is an even number of at least ``minimum`` pixels (H.264's 4:2:0
+    chroma needs even sides), else a one-line :class:`InputError`."""
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < minimum or size % 2:
+        raise InputError(f"{what} must be an even number of at least {minimum} pixels (H.264 4:2:0 needs even "
+                         f"sizes), got {size}")
+    return int(size)
 
 
 @dataclasses.dataclass
@@ -69,8 +85,6 @@ class PreprocessConfig:
     """Frames sampled (evenly) for the background plate's temporal median."""
     audio_features: tuple[str, ...] = ("logmel", "whisper")
     """Audio feature kinds to extract (see ``gsavatar.data.audio_features.available_kinds``)."""
-    audio_window_radius: int = 8
-    """Frames of audio context on each side that models read around each frame."""
     test_fraction: float = 1.0 / 11.0
     """The last ``test_fraction`` of frames form the test split (the published convention)."""
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
@@ -307,9 +321,9 @@ class TrainConfig:
     cpu_threads: int = 0
     """Torch CPU threads (0: torch's default). The small ops of CPU training often run faster on 1 thread."""
     backend: str = "auto"
-    """Rasterizer backend: auto (our CUDA kernels on a CUDA device, else the PyTorch reference) | torch |
-    cuda | cpp | gsplat (gsplat's CUDA ops, a cross-check; see ``gsavatar.render.available_backends``).
-    Rendering, eval and the viewer always use auto."""
+    """Rendering backend (rasterizer and hash grid): auto (our CUDA kernels on a CUDA device once they
+    pass a self-check, else the PyTorch reference) | torch | cuda | cpp | gsplat (gsplat's CUDA
+    rasterizer, a cross-check); see ``gsavatar.render.backends``. Rendering, eval and the viewer use auto."""
     checkpoint_every: int = 500
     """Write the resumable checkpoint every this many iterations (and at every stage end)."""
     log_every: int = 25
@@ -326,8 +340,7 @@ class TrainConfig:
             (self.densify.every >= 1, f"densify.every must be at least 1 (got {self.densify.every})"),
             (0 < self.optim.final_lr_fraction <= 1, "optim.final_lr_fraction must be in (0, 1]"),
             (bool(self.stages), "at least one stage is needed"),
-            (self.backend in ("auto", "torch", "cuda", "cpp", "gsplat"),
-             f"backend must be auto, torch, cuda, cpp or gsplat (got {self.backend!r})"),
+            (self.backend in BACKEND_NAMES, f"backend must be one of {', '.join(BACKEND_NAMES)} (got {self.backend!r})"),
         ]
         for s in self.stages:
             checks += [
@@ -443,14 +456,21 @@ def config_from_dict(cls, data: dict, base=None):
 
 
 def presets_dir():
-    from pathlib import Path
+    """The training presets: the repository's configs/, installed as the package ``gsavatar.presets``
+    (an importlib.resources Traversable; a pathlib.Path for an installed package)."""
+    from importlib.resources import files
 
-    return Path(__file__).resolve().parents[1] / "configs"
+    try:
+        return files("gsavatar.presets")
+    except ModuleNotFoundError:  # a checkout used through PYTHONPATH, not installed: nothing maps configs/
+        from pathlib import Path
+
+        return Path(__file__).resolve().parents[1] / "configs"
 
 
 def available_presets() -> list[str]:
     d = presets_dir()
-    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
+    return sorted(p.name.removesuffix(".toml") for p in d.iterdir() if p.name.endswith(".toml")) if d.is_dir() else []
 
 
 AUTO_PRESET = {"cuda": "default", "cpu": "cpu-30min"}

@@ -25,9 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gsavatar.config import DriveConfig
-from gsavatar.data.timebase import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: F401 (re-exported)
+from gsavatar.config import DriveConfig, check_frame_size
+from gsavatar.data.timebase import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from gsavatar.errors import InputError
+from gsavatar.model.audio import AudioSpec
+from gsavatar.model.io import SubjectInfo
+from gsavatar.tracking.camera import scale_intrinsics
+
+__all__ = ["FPS", "SAMPLE_RATE", "SAMPLES_PER_FRAME", "DriveConfig", "DriveSequence", "SpeechFeaturizer", "build_drive",
+           "camera_path", "load_keyframes", "load_speech", "speech_features"]
+
 SPEECH_SUFFIXES = (".wav", ".mp3", ".m4a", ".mp4", ".aac", ".flac", ".ogg", ".webm", ".mov", ".mkv")
 
 # -- audio ------------------------------------------------------------------------------------
@@ -90,9 +97,9 @@ class SpeechFeaturizer:
     into features; rebuilding Whisper for each cost ~0.27 s of a 0.93 s upload of 5 s). Calls are
     serialised: one extractor is shared by every thread that uses this object."""
 
-    def __init__(self, subject: dict):
-        self.description = subject.get("audio_extractor") or {"kind": subject["audio_kind"], "options": {}}
-        self.expected = (int(subject["steps_per_frame"]), int(subject["feature_dim"]))
+    def __init__(self, audio: AudioSpec):
+        self.description = audio.extractor or {"kind": audio.kind, "options": {}}
+        self.expected = (audio.steps_per_frame, audio.feature_dim)
         self._extractor = None
         self._lock = threading.Lock()
 
@@ -111,10 +118,10 @@ class SpeechFeaturizer:
         return torch.from_numpy(np.ascontiguousarray(feats, np.float32))
 
 
-def speech_features(subject: dict, samples: np.ndarray, num_frames: int | None = None) -> torch.Tensor:
+def speech_features(audio: AudioSpec, samples: np.ndarray, num_frames: int | None = None) -> torch.Tensor:
     """``[N, S, D]`` features of ``samples`` made by the extractor the avatar was trained with
     (built for this call; keep a :class:`SpeechFeaturizer` to make features more than once)."""
-    return SpeechFeaturizer(subject)(samples, num_frames)
+    return SpeechFeaturizer(audio)(samples, num_frames)
 
 
 # -- head pose and blink ----------------------------------------------------------------------
@@ -138,18 +145,18 @@ def _gaussian_smooth(x: np.ndarray, sigma: float) -> np.ndarray:
     return np.stack([np.convolve(padded[:, c], w, mode="valid") for c in range(x.shape[1])], 1)
 
 
-def source_frames(subject: dict) -> np.ndarray:
+def source_frames(subject: SubjectInfo) -> np.ndarray:
     """The training split's frame indices (the motion the avatar has seen)."""
-    lo, hi = subject.get("train", [0, subject["num_frames"]])
+    lo, hi = subject.train
     return np.arange(int(lo), int(hi))
 
 
-def pose_sequence(subject: dict, num: int, cfg: DriveConfig) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def pose_sequence(subject: SubjectInfo, num: int, cfg: DriveConfig) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """``(viewmats [N,4,4], poses [N,6], source indices [N])`` for ``num`` output frames."""
     from gsavatar.tracking.camera import axis_angle_to_matrix
 
     frames = source_frames(subject)
-    poses_all = subject["poses"].detach().cpu().numpy().astype(np.float64)
+    poses_all = subject.poses.detach().cpu().numpy().astype(np.float64)
     if cfg.pose == "still":
         src = np.full(num, frames[len(frames) // 2], np.int64)
         poses = np.repeat(np.median(poses_all[frames], 0, keepdims=True), num, 0)
@@ -181,8 +188,8 @@ def generated_blinks(num: int, rng: np.random.Generator, rate_per_min: float = 1
     return out
 
 
-def blink_sequence(subject: dict, num: int, src: np.ndarray, cfg: DriveConfig) -> torch.Tensor:
-    blink = subject["blink"].detach().cpu().numpy().astype(np.float32)
+def blink_sequence(subject: SubjectInfo, num: int, src: np.ndarray, cfg: DriveConfig) -> torch.Tensor:
+    blink = subject.blink.detach().cpu().numpy().astype(np.float32)
     if cfg.blink == "track":
         return torch.from_numpy(blink[src])
     if cfg.blink == "generate":
@@ -260,10 +267,10 @@ def camera_path(cfg: DriveConfig, num: int, centre: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(mats.astype(np.float32))
 
 
-def head_centre(subject: dict) -> np.ndarray:
+def head_centre(subject: SubjectInfo) -> np.ndarray:
     """The head-frame origin in camera coordinates, averaged over the training frames."""
     frames = source_frames(subject)
-    return subject["poses"][frames, 3:].detach().cpu().numpy().astype(np.float64).mean(0)
+    return subject.poses[frames, 3:].detach().cpu().numpy().astype(np.float64).mean(0)
 
 
 # -- the sequence -----------------------------------------------------------------------------
@@ -296,12 +303,10 @@ class DriveSequence:
             self._copies[key] = copies  # two threads may both copy; either result is the same
         return copies
 
-    def inputs(self, index: int, avatar_cfg, camera: torch.Tensor | None = None, background: torch.Tensor | None = None,
+    def inputs(self, index: int, avatar, camera: torch.Tensor | None = None, background: torch.Tensor | None = None,
                device: str | torch.device = "cpu"):
-        """FrameInputs of frame ``index`` on ``device`` (indexing copies kept there, see :meth:`on`);
-        ``camera`` overrides the path's transform (the viewer's camera)."""
-        from gsavatar.model.avatar import FrameInputs, audio_context
-
+        """``avatar``'s FrameInputs of frame ``index`` on ``device`` (indexing copies kept there, see
+        :meth:`on`); ``camera`` overrides the path's transform (the viewer's camera)."""
         t = self.on(device)
         if camera is None:
             cam = t["cameras"][index]
@@ -309,13 +314,11 @@ class DriveSequence:
             cam = camera.pin_memory().to(t["cameras"].device, non_blocking=True)  # no wait for the queue
         else:
             cam = camera.to(t["cameras"].device)
-        return FrameInputs(
-            viewmat=t["viewmats"][index], K=t["K"], width=self.size, height=self.size,
-            audio=audio_context(t["audio"], index, avatar_cfg.audio_window_radius, avatar_cfg.audio_smoothing_frames),
-            blink=t["blink"][index], pose=t["poses"][index], background=background, camera=cam)
+        return avatar.frame_inputs(t["audio"], index, viewmat=t["viewmats"][index], K=t["K"], size=self.size,
+                                   blink=t["blink"][index], pose=t["poses"][index], background=background, camera=cam)
 
 
-def build_drive(subject: dict, samples: np.ndarray, cfg: DriveConfig | None = None, size: int | None = None,
+def build_drive(subject: SubjectInfo, samples: np.ndarray, cfg: DriveConfig | None = None, size: int | None = None,
                 features: torch.Tensor | None = None, featurizer: SpeechFeaturizer | None = None) -> DriveSequence:
     """A :class:`DriveSequence` for a speech track (``features`` skips extraction when already made;
     ``featurizer`` reuses an extractor kept by the caller)."""
@@ -324,15 +327,12 @@ def build_drive(subject: dict, samples: np.ndarray, cfg: DriveConfig | None = No
     if features is not None:
         feats = features
     else:
-        feats = (featurizer or SpeechFeaturizer(subject))(samples, num)
+        feats = (featurizer or SpeechFeaturizer(subject.audio))(samples, num)
     viewmats, poses, src = pose_sequence(subject, num, cfg)
     blink = blink_sequence(subject, num, src, cfg)
     cameras = camera_path(cfg, num, head_centre(subject))
-    trained = int(subject["render_size"])
-    size = trained if size is None else int(size)
-    if size < 16 or size % 2:
-        raise InputError(f"render size must be an even number of at least 16 pixels, got {size}")
-    K = subject["K"].detach().cpu().float().clone()
-    K[:2] *= size / trained
+    trained = subject.render_size
+    size = trained if size is None else check_frame_size(size)
+    K = scale_intrinsics(subject.K, size / trained)
     padded = np.pad(np.asarray(samples, np.float32), (0, max(0, num * SAMPLES_PER_FRAME - len(samples))))
     return DriveSequence(feats, viewmats, poses, blink, cameras, K, size, padded[: num * SAMPLES_PER_FRAME])

@@ -74,14 +74,14 @@ def cpu_kernels_built_meanwhile(session: pytest.Session, enabled: bool):
     build failure is remembered by gsavatar.kernels, and the kernel tests report it."""
     from gsavatar import kernels
 
-    if not enabled or not kernels.available("cpu") or not any(
+    if not enabled or not kernels.available("cpp") or not any(
             item.path.name.startswith("test_kernels_") for item in session.items):
         yield
         return
 
     def build():
         with contextlib.suppress(kernels.KernelBuildError):
-            kernels.load("cpu")
+            kernels.load("cpp")
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MAX_JOBS", "1")  # read by torch's extension builder
@@ -133,7 +133,7 @@ def tone(seconds: float, rate: int = 16000, freq: float = 220.0) -> np.ndarray:
 def avatar_file(request):
     """A trained avatar: ``$GSAVATAR_TEST_AVATAR`` (an avatar.pt; how a GPU machine without the
     preprocessing dependencies runs these tests) or the session's cpu-tiny run on the demo subject."""
-    from gsavatar.train.checkpoint import find_avatar_file
+    from gsavatar.model.io import find_avatar_file
 
     given = os.environ.get("GSAVATAR_TEST_AVATAR")
     if given:
@@ -147,11 +147,11 @@ def driven_avatar(path, device):
     import numpy as np
 
     from gsavatar.drive import build_drive
-    from gsavatar.train.checkpoint import load_avatar
+    from gsavatar.model.io import load_run
 
-    avatar, cfg, subject = load_avatar(path, device)
+    bundle = load_run(path, device)
     speech = 0.1 * np.random.default_rng(0).standard_normal(16000).astype(np.float32)
-    return avatar, build_drive(subject, speech).inputs(12, cfg.avatar, device=device)
+    return bundle.avatar, build_drive(bundle.subject, speech).inputs(12, bundle.avatar, device=device)
 
 
 def avatar_frame_with_grads(avatar, inputs, backends):

@@ -23,7 +23,6 @@ from gsavatar.data.audio_features import (
     available_kinds,
     check_available,
     extractor_from_description,
-    frame_windows,
     make_extractor,
     mel_filterbank,
 )
@@ -194,50 +193,50 @@ def test_mel_filterbank_shape_and_order():
 
 
 # --------------------------------------------------------------------------------------------
-# frame_windows
+# Windows of feature frames (the avatar's audio input)
 # --------------------------------------------------------------------------------------------
 
 
-def _indexed_features(n: int = 5) -> np.ndarray:
+def _indexed_features(n: int = 5):
     # features[i] is filled with i (plus a per-channel offset), so windows are easy to read.
-    return (np.arange(n)[:, None, None] * 10 + np.arange(6).reshape(1, 2, 3)).astype(np.float32)
+    import torch
+
+    return torch.from_numpy((np.arange(n)[:, None, None] * 10 + np.arange(6).reshape(1, 2, 3)).astype(np.float32))
 
 
-def test_frame_windows_clamps_and_centres():
+def test_audio_windows_clamp_and_centre():
+    import torch
+
+    from gsavatar.model.audio import audio_windows
+
     feats = _indexed_features(5)
-    out = frame_windows(feats, [0, 2, 4], radius=2)
+    out = audio_windows(feats, torch.tensor([0, 2, 4]), radius=2)
     assert out.shape == (3, 5, 2, 3)
     expected_frames = np.array([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [2, 3, 4, 4, 4]])
-    np.testing.assert_array_equal(out, feats[expected_frames])
-    np.testing.assert_array_equal(out[:, 2], feats[[0, 2, 4]])  # the centre is the frame itself
-    np.testing.assert_array_equal(frame_windows(feats, np.array([3]), 0), feats[[3]][:, None])
+    np.testing.assert_array_equal(out.numpy(), feats.numpy()[expected_frames])
+    np.testing.assert_array_equal(out[:, 2].numpy(), feats.numpy()[[0, 2, 4]])  # the centre is the frame itself
+    np.testing.assert_array_equal(audio_windows(feats, torch.tensor([3]), 0).numpy(), feats.numpy()[[3]][:, None])
+    for dtype in (torch.float32, torch.float64):  # any dtype, kept
+        assert audio_windows(feats.to(dtype), torch.tensor([1]), 1).dtype == dtype
 
 
-def test_frame_windows_torch_matches_numpy():
-    torch = pytest.importorskip("torch", reason="torch not installed")
-    feats = _indexed_features(7)
-    ref = frame_windows(feats, [0, 1, 6, 3], radius=3)
-    for dtype in (torch.float32, torch.float64):
-        t = torch.as_tensor(feats, dtype=dtype)
-        out = frame_windows(t, torch.tensor([0, 1, 6, 3]), radius=3)
-        assert isinstance(out, torch.Tensor) and out.dtype == dtype and out.device == t.device
-        np.testing.assert_array_equal(out.numpy(), ref)
-    out = frame_windows(torch.as_tensor(feats), [0, 1, 6, 3], radius=3)  # list indices
-    np.testing.assert_array_equal(out.numpy(), ref)
+def test_avatar_audio_input_is_neighbouring_windows_with_replicated_edges():
+    """The avatar's one window cutter: ``neighbours`` windows of ``2 r + 1`` frames centred on
+    ``index - neighbours // 2 ...``, frames before 0 and past the end replicated."""
+    from types import SimpleNamespace
 
+    import torch
 
-def test_frame_windows_errors():
-    feats = _indexed_features(4)
-    with pytest.raises(InputError):
-        frame_windows(feats, [4], 1)
-    with pytest.raises(InputError):
-        frame_windows(feats, [-1], 1)
-    with pytest.raises(InputError):
-        frame_windows(feats, [0], -1)
-    with pytest.raises(InputError):
-        frame_windows(feats, [0.5], 1)
-    with pytest.raises(InputError):
-        frame_windows(feats[:0], [0], 1)
+    from gsavatar.model.avatar import Avatar
+
+    stand_in = SimpleNamespace(cfg=SimpleNamespace(audio_window_radius=1, audio_smoothing_frames=4))
+    feats = _indexed_features(6)
+    out = Avatar.audio_input(stand_in, feats, 0)
+    assert out.shape == (4, 3, 2, 3)
+    centres = torch.tensor([-2, -1, 0, 1])
+    expected = (centres[:, None] + torch.tensor([-1, 0, 1])).clamp(0, 5)
+    np.testing.assert_array_equal(out.numpy(), feats.numpy()[expected.numpy()])
+    np.testing.assert_array_equal(Avatar.audio_input(stand_in, feats, 5)[-1].numpy(), feats.numpy()[[5, 5, 5]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,9 +311,15 @@ class TestWhisper:
         assert json.loads(json.dumps(desc)) == desc
         assert desc["options"]["model_path"] is None  # the bundled default
         assert os.path.isfile(os.path.join(desc["details"]["resolved_model_path"], "model.bin"))
+        # What defines the features only: how to run the extractor is chosen where it runs.
+        assert not {"device", "cpu_threads"} & set(desc["options"])
         rebuilt = extractor_from_description(desc)
         wav = _tone(330, 1.0)
         np.testing.assert_array_equal(rebuilt.extract(wav, 25), whisper.extract(wav, 25))
+        one_thread = extractor_from_description({**desc, "options": {**desc["options"], "device": "cpu", "cpu_threads": 3}},
+                                                cpu_threads=1)
+        assert one_thread.cpu_threads == 1  # a run setting stored by an older description is not obeyed
+        np.testing.assert_array_equal(one_thread.extract(wav, 25), whisper.extract(wav, 25))
 
     def test_missing_model_dir(self, tmp_path):
         with pytest.raises(MissingDependencyError) as info:
@@ -515,6 +520,7 @@ class TestHFSpeechEncoders:
         assert json.loads(json.dumps(desc)) == desc
         assert desc["options"]["model_path"] == os.path.abspath(tiny_models["wav2vec2"])
         assert desc["options"]["layer"] == 1 and desc["details"]["model_type"] == "wav2vec2"
+        assert "device" not in desc["options"]
         wav = _noise(5 * 640, seed=8)
         rebuilt = extractor_from_description(desc)
         np.testing.assert_array_equal(rebuilt.extract(wav, 5), ext.extract(wav, 5))

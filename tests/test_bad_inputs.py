@@ -7,8 +7,6 @@ import shutil
 import sys
 
 import numpy as np
-import pytest
-
 from conftest import remux, require_preprocess_deps, tone
 
 require_preprocess_deps()

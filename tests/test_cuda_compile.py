@@ -3,19 +3,23 @@ and every C++ source with the CUDA paths enabled (-DGSA_WITH_CUDA) against torch
 
 Linking and running need a GPU machine (tests/test_kernels_*.py); this catches what a CPU machine
 can: syntax, types, device-code restrictions, and host code that only the CUDA build compiles.
+Also what each build compiles (gsavatar.kernels.compiled_files), which is what its cache key hashes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
 import sysconfig
 from pathlib import Path
 
+import emulated
 import pytest
 
-from gsavatar.kernels import CUDA_SOURCES, EMULATED_SOURCES, HOST_SOURCES, SOURCE_DIR
+from gsavatar import kernels
+from gsavatar.kernels import BUILDS, CUDA_SOURCES, HOST_SOURCES, SOURCE_DIR
 
 NVCC = shutil.which("nvcc") or (str(Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc")
                                 if os.environ.get("CUDA_HOME") else None)
@@ -33,9 +37,72 @@ def _cuda_include() -> Path:
 
 
 def test_every_source_is_in_a_build():
-    """A new kernel file must be added to gsavatar.kernels' source lists (else it is never built)."""
+    """A new kernel file must be added to gsavatar.kernels' source lists (else it is never built),
+    every header of cuda/ is compiled by the CUDA build, and the emulator's files (tests/cuda_emulator/)
+    are the test build's alone."""
     on_disk = {p.name for p in SOURCE_DIR.iterdir() if p.suffix in (".cu", ".cpp")}
-    assert on_disk == set(HOST_SOURCES) | set(CUDA_SOURCES) | set(EMULATED_SOURCES)
+    assert on_disk == set(HOST_SOURCES) | set(CUDA_SOURCES)
+    headers = {p.resolve() for p in SOURCE_DIR.iterdir() if p.suffix == ".h"}
+    assert headers and headers <= set(kernels.compiled_files(BUILDS["cuda"]))
+    emulator = {p.name for p in emulated.EMULATOR_DIR.iterdir() if p.suffix in (".cu", ".cpp", ".h")}
+    assert emulator == {"cuda_emulator.h", "emulated_kernels.cpp", "cuda_emulator_checks.cpp"}
+    assert {p.name for p in emulated.BUILD.sources} == set(HOST_SOURCES) | {"emulated_kernels.cpp"}
+    # The emulated build compiles the CUDA kernels themselves (emulated_kernels.cpp includes them).
+    emulated_files = {p.resolve() for p in kernels.compiled_files(emulated.BUILD)}
+    assert {(SOURCE_DIR / n).resolve() for n in CUDA_SOURCES} <= emulated_files
+    assert (emulated.EMULATOR_DIR / "cuda_emulator.h").resolve() in emulated_files
+
+
+def test_the_public_builds_compile_only_the_kernel_sources():
+    """What the cache key of the "cpp" and "cuda" builds hashes: their sources and the headers they
+    include (raster_math.h and the like), all in cuda/; never the test emulator."""
+    for name in ("cpp", "cuda"):
+        files = [p.resolve() for p in kernels.compiled_files(BUILDS[name])]
+        assert all(p.parent == SOURCE_DIR.resolve() for p in files), (name, files)
+        names = {p.name for p in files}
+        assert "cuda_emulator.h" not in names and "emulated_kernels.cpp" not in names
+        assert {"raster_math.h", "hashgrid_math.h", "gsa_common.h", "raster.h", "hashgrid.h"} <= names, (name, names)
+        assert set(HOST_SOURCES) <= names
+        assert (set(CUDA_SOURCES) <= names) == (name == "cuda")
+
+
+def _copied_builds(tmp_path: Path) -> tuple[Path, Path, dict[str, kernels.Build]]:
+    """cuda/ and tests/cuda_emulator/ copied under ``tmp_path``, with the three builds made from the copies."""
+    sources, emulator = tmp_path / "cuda", tmp_path / "cuda_emulator"
+    shutil.copytree(SOURCE_DIR, sources)
+    shutil.copytree(emulated.EMULATOR_DIR, emulator)
+
+    def moved(b: kernels.Build) -> kernels.Build:
+        where = {SOURCE_DIR.resolve(): sources, emulated.EMULATOR_DIR.resolve(): emulator}
+        return dataclasses.replace(b, sources=tuple(where[p.resolve().parent] / p.name for p in b.sources),
+                                   include_dirs=tuple(where[p.resolve()] for p in b.include_dirs))
+
+    return sources, emulator, {"cpp": moved(BUILDS["cpp"]), "cuda": moved(BUILDS["cuda"]),
+                               "emulated": moved(emulated.BUILD)}
+
+
+def test_build_cache_key_follows_exactly_what_a_build_compiles(tmp_path):
+    """Editing the test emulator (tests/cuda_emulator/cuda_emulator.h) rebuilds the emulated build
+    only; editing a header the kernels include (raster_math.h, hashgrid_math.h) rebuilds them all."""
+    sources, emulator, builds = _copied_builds(tmp_path)
+    keys = {name: kernels._build_key(b) for name, b in builds.items()}
+    assert keys == {name: kernels._build_key(b) for name, b in builds.items()}  # stable
+    assert len(set(keys.values())) == 3
+
+    def edit(path: Path) -> dict[str, bool]:
+        """Which builds' keys change when ``path`` changes."""
+        before = {name: kernels._build_key(b) for name, b in builds.items()}
+        path.write_text(path.read_text() + "\n// edited\n")
+        return {name: kernels._build_key(b) != before[name] for name, b in builds.items()}
+
+    assert edit(emulator / "cuda_emulator.h") == {"cpp": False, "cuda": False, "emulated": True}
+    assert edit(emulator / "emulated_kernels.cpp") == {"cpp": False, "cuda": False, "emulated": True}
+    assert edit(emulator / "cuda_emulator_checks.cpp") == {"cpp": False, "cuda": False, "emulated": False}
+    assert edit(sources / "raster_math.h") == {"cpp": True, "cuda": True, "emulated": True}
+    assert edit(sources / "hashgrid_math.h") == {"cpp": True, "cuda": True, "emulated": True}
+    assert edit(sources / "raster_kernels.cu") == {"cpp": False, "cuda": True, "emulated": True}
+    # Files that no build compiles change nothing.
+    assert edit(sources / "README.md") == {"cpp": False, "cuda": False, "emulated": False}
 
 
 @pytest.mark.skipif(NVCC is None or not Path(NVCC).exists(), reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")

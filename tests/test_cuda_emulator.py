@@ -1,6 +1,6 @@
-"""The CPU emulator of the CUDA thread model (cuda/cuda_emulator.h) on small kernels of its own.
+"""The CPU emulator of the CUDA thread model (tests/cuda_emulator/cuda_emulator.h) on small kernels of its own.
 
-tests/test_kernels_*.py run our real kernels on it (the ``"emulated"`` backend); these checks pin
+tests/test_kernels_*.py run our real kernels on it (the tests' ``"emulated"`` backend, tests/emulated.py); these checks pin
 down the emulator itself, so that a kernel bug cannot hide behind an emulator bug: warp shuffles
 and votes, barrier counts, shared memory per block, grid and block shapes, atomics, exited threads,
 barriers while warp operations are pending, the shuffled thread order (it must expose a missing
@@ -16,12 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import emulated
 import pytest
+from emulated import EMULATOR_DIR
 
 from gsavatar.kernels import SOURCE_DIR
 
 CXX = shutil.which("g++") or shutil.which("c++")
-CHECKS_SOURCE = Path(__file__).with_name("cuda_emulator_checks.cpp")
+CHECKS_SOURCE = EMULATOR_DIR / "cuda_emulator_checks.cpp"
 
 pytestmark = [
     pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++)"),
@@ -36,9 +38,12 @@ SWITCHES = {"native": [], "ucontext": ["-DGSA_EMU_UCONTEXT"]}
 @pytest.fixture(scope="module", params=list(SWITCHES))
 def checks(request, tmp_path_factory) -> Path:
     binary = tmp_path_factory.mktemp("emulator") / "checks"
-    # -O3, as gsavatar.kernels builds the emulated kernels.
-    cmd = [CXX, "-std=c++20", "-O3", "-DGSA_EMULATE_CUDA", *SWITCHES[request.param], "-I", str(SOURCE_DIR),
-           str(CHECKS_SOURCE), "-o", str(binary)]
+    # -O3 and the include directories of the emulated build (tests/emulated.py): the emulator's
+    # header includes the kernels' runtime shim (cuda/emulated_runtime.h).
+    includes = [arg for folder in emulated.BUILD.include_dirs for arg in ("-I", str(folder))]
+    assert set(emulated.BUILD.include_dirs) == {SOURCE_DIR, EMULATOR_DIR}
+    cmd = [CXX, "-std=c++20", "-O3", "-DGSA_EMULATE_CUDA", *SWITCHES[request.param], *includes, str(CHECKS_SOURCE),
+           "-o", str(binary)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-4000:]}"
     return binary

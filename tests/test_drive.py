@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -25,6 +26,7 @@ from gsavatar.drive import (
     speech_features,
 )
 from gsavatar.errors import InputError
+from gsavatar.model.audio import AudioSpec
 
 CENTRE = np.array([0.01, -0.02, 0.6])  # the head centre in camera coordinates (m)
 
@@ -158,15 +160,20 @@ def test_frame_inputs_index_copies_made_once_per_device():
     """inputs() gives each frame's slice of the sequence (audio window with replicated edges) and
     copies the sequence to a device once, not per frame; a replaced sequence gets its own copies."""
     import dataclasses
+    import types
     from types import SimpleNamespace
 
     from gsavatar.drive import DriveSequence
+    from gsavatar.model.avatar import Avatar
 
     g = torch.Generator().manual_seed(0)
     n = 6
     seq = DriveSequence(torch.randn(n, 2, 5, generator=g), torch.randn(n, 4, 4, generator=g), torch.randn(n, 6, generator=g),
                         torch.rand(n, generator=g), torch.randn(n, 4, 4, generator=g), torch.eye(3), 32)
-    cfg = SimpleNamespace(audio_window_radius=1, audio_smoothing_frames=3)
+    # The avatar's own input builders on a stand-in with a radius-1 window over 3 neighbours.
+    cfg = SimpleNamespace(cfg=SimpleNamespace(audio_window_radius=1, audio_smoothing_frames=3))
+    cfg.audio_input = types.MethodType(Avatar.audio_input, cfg)
+    cfg.frame_inputs = types.MethodType(Avatar.frame_inputs, cfg)
     inp = seq.inputs(0, cfg)
     assert torch.equal(inp.audio[0, 0], seq.audio[0]) and torch.equal(inp.audio[0, 2], seq.audio[0])  # frames -1, -2 -> 0
     assert torch.equal(inp.audio[2, 2], seq.audio[2]) and inp.audio.shape == (3, 3, 2, 5)
@@ -192,14 +199,14 @@ def test_speech_featurizer_builds_the_extractor_once_and_matches_speech_features
     builds = []
     real = af.extractor_from_description
 
-    def counting(description):
+    def counting(description, **run):
         builds.append(description["kind"])
-        return real(description)
+        return real(description, **run)
 
     monkeypatch.setattr(af, "extractor_from_description", counting)
-    subject = {"audio_kind": "logmel", "audio_extractor": {"kind": "logmel", "options": {}}}
-    probe = real(subject["audio_extractor"])
-    subject.update(steps_per_frame=probe.steps_per_frame, feature_dim=probe.dim)
+    description = {"kind": "logmel", "options": {}}
+    probe = real(description)
+    subject = AudioSpec(kind="logmel", extractor=description, feature_dim=probe.dim, steps_per_frame=probe.steps_per_frame)
     rng = np.random.default_rng(0)
     clips = [rng.standard_normal(int(s * SAMPLE_RATE)).astype(np.float32) * 0.1 for s in (1.0, 2.3)]
     featurizer = SpeechFeaturizer(subject)
@@ -210,4 +217,4 @@ def test_speech_featurizer_builds_the_extractor_once_and_matches_speech_features
         assert torch.equal(feats, speech_features(subject, clip))
     assert builds == ["logmel"] * 3  # speech_features builds its own each time
     with pytest.raises(InputError, match=r"gives features \(\d+, \d+\), the avatar was trained on \(\d+, 999\)"):
-        SpeechFeaturizer({**subject, "feature_dim": 999})(clips[0])
+        SpeechFeaturizer(dataclasses.replace(subject, feature_dim=999))(clips[0])

@@ -191,14 +191,15 @@ def test_gt_torso_protocol_draws_the_head_over_the_frames_own_torso(trained):
     the head the prediction is the truth itself, and on the face it is the avatar's own head."""
     import cv2
 
+    from gsavatar.data.frames import SubjectFrames
     from gsavatar.eval.baselines import avatar_predictor
-    from gsavatar.train.checkpoint import load_avatar
-    from gsavatar.train.data import TrainingData
+    from gsavatar.model.io import load_run
 
     subject_dir, run, _ = trained
-    avatar, cfg, subject = load_avatar(run / "avatar.pt", torch.device("cpu"))
-    data = TrainingData(subject_dir, subject["render_size"], subject["audio_kind"], "cpu")
-    own, pasted = avatar_predictor(avatar, cfg, data), avatar_predictor(avatar, cfg, data, true_torso=True)
+    bundle = load_run(run, torch.device("cpu"))
+    avatar, subject = bundle.avatar, bundle.subject
+    data = SubjectFrames(subject_dir, subject.render_size, subject.audio.kind, "cpu")
+    own, pasted = avatar_predictor(avatar, data), avatar_predictor(avatar, data, true_torso=True)
     for i in list(data.test_indices)[:2]:
         f = data.frame(int(i))
         a, b = own(int(i)), pasted(int(i))
@@ -211,11 +212,11 @@ def test_gt_torso_protocol_draws_the_head_over_the_frames_own_torso(trained):
 
 
 def test_region_masks_partition_the_frame_and_ring_the_head(trained):
+    from gsavatar.data.frames import SubjectFrames
     from gsavatar.eval.evaluate import HEAD_EDGE_PX, REGIONS, region_masks
-    from gsavatar.train.data import TrainingData
 
     subject_dir, _, summary = trained
-    data = TrainingData(subject_dir, summary["render_size"], summary["audio_feature"], "cpu")
+    data = SubjectFrames(subject_dir, summary["render_size"], summary["audio_feature"], "cpu")
     f = data.frame(int(data.test_indices[0]))
     r = region_masks(f)
     assert set(r) == set(REGIONS)

@@ -14,7 +14,6 @@ import importlib.util
 
 import pytest
 import torch
-
 from conftest import avatar_frame_with_grads, driven_avatar
 
 from gsavatar.errors import InputError
@@ -194,7 +193,8 @@ def test_unavailable_gsplat_backend_says_why():
 
 
 def test_check_backend_refuses_before_any_work():
-    with pytest.raises(InputError, match=r"unknown rasterizer backend 'opengl' \(known: auto, torch, cuda, cpp, gsplat"):
+    with pytest.raises(InputError, match=r"unknown backend 'opengl' \(known: auto, torch, cpp, cuda, gsplat; "
+                                         r"available here: torch"):
         check_backend("opengl", "cpu")
     assert check_backend("auto", "cpu") == "auto" and check_backend("torch", "cpu") == "torch"
     with pytest.raises(InputError, match=r"backend 'gsplat' (cannot run here|runs on cuda tensors, not cpu)"):
@@ -203,20 +203,27 @@ def test_check_backend_refuses_before_any_work():
 
 @pytest.fixture
 def gsplat_backend_on(monkeypatch):
-    """``device -> None``: makes ``backend="gsplat"`` run there: gsplat's CUDA ops on CUDA, the
-    PyTorch twins on CPU (registered in place of the CUDA ops for the test's duration)."""
+    """``device -> calls``: makes ``backend="gsplat"`` run there: gsplat's CUDA ops on CUDA, the
+    PyTorch twins on CPU (registered in place of the CUDA ops for the test's duration); ``calls``
+    (CPU only) grows by one per image the adapter renders on the twins."""
     import dataclasses
-    import functools
-    import importlib
 
-    rasterize_module = importlib.import_module("gsavatar.render.rasterize")  # the module, not the function
+    from gsavatar.render import backends
 
     def use(device):
+        calls = []
         if device == "cpu":
-            twins = _cpu_twin_ops()
-            backend = dataclasses.replace(rasterize_module._BACKENDS["gsplat"], available=lambda: True, devices=("cpu",),
-                                          run=functools.partial(_gsplat.rasterize_gsplat, ops=twins))
-            monkeypatch.setitem(rasterize_module._BACKENDS, "gsplat", backend)
+            twins, adapter = _cpu_twin_ops(), _gsplat.rasterize_gsplat
+
+            def on_twins(*args, **kwargs):
+                calls.append(args[0].device)
+                return adapter(*args, ops=twins, **kwargs)
+
+            monkeypatch.setattr(_gsplat, "missing_requirements", lambda: None)
+            monkeypatch.setattr(_gsplat, "rasterize_gsplat", on_twins)
+            monkeypatch.setitem(backends._NAMED, "gsplat",
+                                dataclasses.replace(backends._NAMED["gsplat"], device_types=("cpu",)))
+        return calls
 
     return use
 
@@ -231,9 +238,11 @@ def test_trained_avatar_trains_alike_through_gsplat(avatar_file, gsplat_backend_
     screen-space gradients densification reads. A trained avatar has opaque Gaussians, where the
     alpha caps differ (gsplat 0.999, ours 0.99), so the image is compared with a margin and the
     gradients by direction (cpu-tiny on the twins: cosines above 0.99999)."""
-    gsplat_backend_on(device)
+    on_twins = gsplat_backend_on(device)
     avatar, inputs = driven_avatar(avatar_file, device)
     results = avatar_frame_with_grads(avatar, inputs, ("torch", "gsplat"))
+    if device == "cpu":  # the three branches went through the adapter
+        assert len(on_twins) == 3
     (ref, ref_grads), (ours, our_grads) = results["torch"], results["gsplat"]
     assert set(ours.branches) == {"face", "mouth", "torso"}
     diff = (ours.image - ref.image).abs()

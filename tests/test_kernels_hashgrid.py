@@ -1,8 +1,10 @@
 """Our hash-grid kernels (cuda/hashgrid_*) against the PyTorch reference (gsavatar.model.encoding).
 
-Run on "cpu" (the host twin: the kernels' math in C++ loops, built with a C++ compiler), on
-"cuda" (the CUDA kernels; skipped without a CUDA device) and on "emulated" (the CUDA kernels
-themselves on CPU tensors, run by the CPU emulator of the CUDA thread model). Forward values, table and input gradients
+Run on "cpp" (the host twin: the kernels' math in C++ loops, built with a C++ compiler), on
+"cuda" (the CUDA kernels; skipped without a CUDA device) and on "emulated" (the tests' own backend,
+tests/emulated.py: the CUDA kernels themselves on CPU tensors, run by the CPU emulator of the CUDA
+thread model). Each grid is called with the backend (``grid(x, backend)``, as the render layer
+calls it). Forward values, table and input gradients
 under random output gradients, for dense, mixed and hashed levels, points on cell borders, on the
 domain's faces and outside it. The gradients are compared with the float32 reference: a float64
 reference would put points within an ulp of a cell border into the other cell.
@@ -15,13 +17,14 @@ import subprocess
 import sys
 import warnings
 
+import emulated
 import pytest
 import torch
 
 from gsavatar import kernels
 from gsavatar.errors import InputError
-from gsavatar.model import encoding
 from gsavatar.model.encoding import HashGrid, HashGridConfig, TriPlaneEncoder
+from gsavatar.render import backends, get_backend
 
 # (config, dense levels in 2-D, in 3-D): the counts make sure each case covers what its name says.
 CONFIGS = {
@@ -31,38 +34,41 @@ CONFIGS = {
     "single": (HashGridConfig(num_levels=1, log2_table_size=8, base_resolution=12, max_resolution=12), 1, 0),
 }
 
+BACKEND_OF = {"cpp": backends._NAMED["cpp"], "cuda": backends._NAMED["cuda"], "emulated": emulated.BACKEND}
+"""Each case's :class:`~gsavatar.render.Backend` (named explicitly, so strict: never the reference)."""
 
-@pytest.fixture(scope="module", params=["cpu", "cuda", "emulated"])
+
+@pytest.fixture(scope="module", params=["cpp", "cuda", "emulated"])
 def build(request):
-    """A kernel build ("cpu": host twin, "cuda": CUDA kernels, "emulated": the CUDA kernels on the
-    CPU emulator), built once (then cached on disk)."""
-    reason = kernels.missing_requirements(request.param)
-    if request.param == "emulated" and reason is None and kernels.missing_requirements("cuda") is None:
-        reason = "the CUDA cases run these kernels on this machine's GPU"
+    """A kernel build's backend ("cpp": host twin, "cuda": CUDA kernels, "emulated": the CUDA kernels
+    on the CPU emulator), built once (then cached on disk)."""
+    backend = BACKEND_OF[request.param]
+    reason = emulated.missing_requirements() if request.param == "emulated" else kernels.missing_requirements(
+        request.param)
     if reason is not None:
         pytest.skip(f"{request.param} kernels: {reason}")
-    kernels.load(request.param)
-    return request.param
+    backend.extension()
+    return backend
 
 
 @pytest.fixture(scope="module")
 def cpu_ext():
-    reason = kernels.missing_requirements("cpu")
+    reason = kernels.missing_requirements("cpp")
     if reason is not None:
-        pytest.skip(f"cpu kernels: {reason}")
-    return kernels.load("cpu")
+        pytest.skip(f"cpp kernels: {reason}")
+    return kernels.load("cpp")
 
 
-BACKEND_OF = {"cpu": "cpp", "cuda": "cuda", "emulated": "emulated"}  # kernel build -> HashGrid backend name
-DEVICE_OF = {"cpu": "cpu", "cuda": "cuda", "emulated": "cpu"}  # kernel build -> torch device
+def device_of(backend) -> str:
+    return backend.build.device_type
 
 
-def grid_pair(dim: int, cfg: HashGridConfig, backend: str, device: str, seed: int = 0) -> tuple[HashGrid, HashGrid]:
+def grid_pair(dim: int, cfg: HashGridConfig, device: str, seed: int = 0) -> tuple[HashGrid, HashGrid]:
     """(reference, kernel) grids with the same float32 table, entries in [-1, 1]."""
     torch.manual_seed(seed)
     cfg = dataclasses.replace(cfg, init_scale=1.0)
-    ref = HashGrid(dim, cfg, backend="torch").to(device)
-    ours = HashGrid(dim, cfg, backend=BACKEND_OF[backend]).to(device)
+    ref = HashGrid(dim, cfg).to(device)
+    ours = HashGrid(dim, cfg).to(device)
     ours.load_state_dict(ref.state_dict())
     return ref, ours
 
@@ -82,11 +88,12 @@ def hard_points(grid: HashGrid, n: int = 200, seed: int = 0) -> torch.Tensor:
     return torch.cat(parts + [faces, outside])
 
 
-def run(grid: HashGrid, x: torch.Tensor, grad_out: torch.Tensor):
-    """Forward value and the gradients of sum(out * grad_out) w.r.t. the table and x."""
+def run(grid: HashGrid, x: torch.Tensor, grad_out: torch.Tensor, backend=None):
+    """Forward value (on ``backend``; None: the reference) and the gradients of sum(out * grad_out)
+    w.r.t. the table and x."""
     x = x.clone().requires_grad_()
     grid.zero_grad(set_to_none=True)
-    out = grid(x)
+    out = grid(x, backend)
     (out * grad_out).sum().backward()
     return out.detach(), grid.table.grad, x.grad
 
@@ -101,13 +108,13 @@ def assert_matches(got: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5):
 @pytest.mark.parametrize("dim", [2, 3])
 def test_forward_and_gradients_match_reference(build, dim, config, features):
     cfg, *dense = CONFIGS[config]
-    device = DEVICE_OF[build]
-    ref, ours = grid_pair(dim, dataclasses.replace(cfg, features_per_level=features), build, device)
+    device = device_of(build)
+    ref, ours = grid_pair(dim, dataclasses.replace(cfg, features_per_level=features), device)
     assert ref.num_dense == dense[dim - 2]
     x = hard_points(ref).to(device)
     grad_out = torch.randn(len(x), ref.output_dim, generator=torch.Generator().manual_seed(1)).to(device)
     out_ref, table_ref, x_ref = run(ref, x, grad_out)
-    out, table_grad, x_grad = run(ours, x, grad_out)
+    out, table_grad, x_grad = run(ours, x, grad_out, build)
     assert out.shape == out_ref.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
     assert_matches(table_grad, table_ref)
@@ -119,29 +126,29 @@ def test_forward_and_gradients_match_reference(build, dim, config, features):
 
 def test_avatar_settings_match_reference(build):
     # The face deformer's planes: 12 levels, 2^17 entries, 10 dense and 2 hashed levels in 2-D.
-    device = DEVICE_OF[build]
-    ref, ours = grid_pair(2, HashGridConfig(), build, device)
+    device = device_of(build)
+    ref, ours = grid_pair(2, HashGridConfig(), device)
     assert ref.num_dense == 10
     x = hard_points(ref, n=500).to(device)
     grad_out = torch.randn(len(x), ref.output_dim, generator=torch.Generator().manual_seed(2)).to(device)
-    for got, want in zip(run(ours, x, grad_out), run(ref, x, grad_out)):
+    for got, want in zip(run(ours, x, grad_out, build), run(ref, x, grad_out)):
         assert_matches(got, want)
 
 
 def test_tri_plane_end_to_end(build):
     cfg = dataclasses.replace(CONFIGS["mixed"][0], features_per_level=2, init_scale=1.0)
-    device = DEVICE_OF[build]
+    device = device_of(build)
     torch.manual_seed(0)
-    ref = TriPlaneEncoder(cfg, bound=0.2, backend="torch").to(device)
-    ours = TriPlaneEncoder(cfg, bound=0.2, backend=BACKEND_OF[build]).to(device)
+    ref = TriPlaneEncoder(cfg, bound=0.2).to(device)
+    ours = TriPlaneEncoder(cfg, bound=0.2).to(device)
     ours.load_state_dict(ref.state_dict())
     g = torch.Generator().manual_seed(3)
     xyz = ((torch.rand(300, 3, generator=g) * 2 - 1) * 0.25).to(device)   # some beyond the bound
     grad_out = torch.randn(len(xyz), ref.output_dim, generator=g).to(device)
     results = []
-    for enc in (ref, ours):
+    for enc, backend in ((ref, backends.TORCH), (ours, build)):
         p = xyz.clone().requires_grad_()
-        out = enc(p)
+        out = enc(p, backend)
         (out * grad_out).sum().backward()
         results.append((out.detach(), p.grad, *(plane.table.grad for plane in enc.planes)))
     for got, want in zip(results[1], results[0]):
@@ -149,33 +156,35 @@ def test_tri_plane_end_to_end(build):
 
 
 def test_only_the_needed_gradients(build):
-    device = DEVICE_OF[build]
-    ref, ours = grid_pair(3, CONFIGS["mixed"][0], build, device)
+    device = device_of(build)
+    ref, ours = grid_pair(3, CONFIGS["mixed"][0], device)
+    grids = ((ours, build), (ref, None))
     x = hard_points(ref).to(device)
     # A frozen table with an input that needs gradients, and the other way round.
     xg = x.clone().requires_grad_()
     for grid in (ref, ours):
         grid.table.requires_grad_(False)
-    g, g_ref = (torch.autograd.grad(grid(xg).sum(), xg)[0] for grid in (ours, ref))
+    g, g_ref = (torch.autograd.grad(grid(xg, b).sum(), xg)[0] for grid, b in grids)
     assert_matches(g, g_ref)
     for grid in (ref, ours):
         grid.table.requires_grad_(True)
-    t, t_ref = (torch.autograd.grad(grid(x).square().sum(), grid.table)[0] for grid in (ours, ref))
+    t, t_ref = (torch.autograd.grad(grid(x, b).square().sum(), grid.table)[0] for grid, b in grids)
     assert_matches(t, t_ref)
     # Leading batch dimensions, float64 input (converted to float32 as the reference does), no points.
     xb = x[:12].double().view(3, 4, 3)
-    assert_matches(ours(xb), ref(xb))
-    assert ours(xb).shape == (3, 4, ours.output_dim) and ours(xb).dtype == torch.float32
-    assert ours(x[:0]).shape == (0, ours.output_dim)
+    assert_matches(ours(xb, build), ref(xb))
+    assert ours(xb, build).shape == (3, 4, ours.output_dim) and ours(xb, build).dtype == torch.float32
+    assert ours(x[:0], build).shape == (0, ours.output_dim)
 
 
 def test_host_twin_nan_and_determinism(cpu_ext):
-    ref, ours = grid_pair(3, CONFIGS["mixed"][0], "cpu", "cpu")
+    cpp = get_backend("cpp", "cpu")
+    ref, ours = grid_pair(3, CONFIGS["mixed"][0], "cpu")
     nan = torch.tensor([[float("nan"), 0.5, 0.5]])
-    assert torch.isnan(ours(nan)).all() and torch.isnan(ref(nan)).all()
+    assert torch.isnan(ours(nan, cpp)).all() and torch.isnan(ref(nan)).all()
     x = torch.rand(4000, 3, generator=torch.Generator().manual_seed(4))
     grad_out = torch.randn(len(x), ours.output_dim, generator=torch.Generator().manual_seed(5))
-    first, second = run(ours, x, grad_out), run(ours, x, grad_out)
+    first, second = run(ours, x, grad_out, cpp), run(ours, x, grad_out, cpp)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -195,47 +204,120 @@ def test_op_checks(cpu_ext):
         cpu_ext.hashgrid_backward(torch.zeros(5, 3), x, table, [4, 8], True)
 
 
+class _Recorder:
+    """A stand-in backend that records the hash grids it is asked to encode (and leaves them to the reference)."""
+
+    def __init__(self):
+        self.tables = []
+
+    def encode_hash_grid(self, x, table, resolutions):
+        self.tables.append(table)
+        return None
+
+
 def test_backend_choice_and_refusals(monkeypatch):
     cfg = HashGridConfig(num_levels=2, log2_table_size=8)
-    with pytest.raises(InputError, match=r"HashGrid backend must be one of auto, torch, cpp, cuda, emulated \(got 'gpu'\)"):
-        HashGrid(2, cfg, backend="gpu")
+    # Backends are named through the render layer, the same names as for the rasterizer.
+    with pytest.raises(InputError, match=r"unknown backend 'gpu' \(known: auto, torch, cpp, cuda, gsplat; "):
+        get_backend("gpu", "cpu")
+    # Named explicitly (strict), a backend refuses what its kernels cannot take.
     with pytest.raises(InputError, match=r"backend 'cpp' needs a float32 table \(got torch.float64\)"):
-        HashGrid(2, cfg, backend="cpp").double()(torch.rand(3, 2))
+        HashGrid(2, cfg).double()(torch.rand(3, 2), backends._NAMED["cpp"])
     with pytest.raises(InputError, match=r"backend 'cuda' needs cuda tensors \(input on cpu, table on cpu\)"):
-        HashGrid(2, cfg, backend="cuda")(torch.rand(3, 2))
-    assert all(p.backend == "cpp" for p in TriPlaneEncoder(cfg, 1.0, backend="cpp").planes)
+        HashGrid(2, cfg)(torch.rand(3, 2), backends._NAMED["cuda"])
+    # The tri-plane encoder hands its backend to each of its planes.
+    enc, recorder = TriPlaneEncoder(cfg, 1.0), _Recorder()
+    assert enc(torch.rand(5, 3), recorder).shape == (5, 6)
+    assert len(recorder.tables) == 3 and all(t is p.table for t, p in zip(recorder.tables, enc.planes))
     # "auto" on CPU tensors is the reference: nothing is built.
     monkeypatch.setattr(kernels, "load", lambda kind: pytest.fail("auto must not build kernels for CPU tensors"))
-    assert HashGrid(3, cfg)(torch.rand(4, 3)).shape == (4, 2)
+    monkeypatch.setattr(kernels, "build", lambda b: pytest.fail("auto must not build kernels for CPU tensors"))
+    auto = get_backend("auto", "cpu")
+    assert auto is backends.TORCH
+    grid, x = HashGrid(3, cfg), torch.rand(4, 3)
+    assert grid(x, auto).shape == (4, 2)
+    assert torch.equal(grid(x, auto), grid(x))
+
+
+def test_a_backend_chosen_by_auto_leaves_what_its_kernels_cannot_take_to_the_reference(cpu_ext):
+    """Chosen by "auto" (strict=False), our kernels hand a float64 table, too many levels or too many
+    features back to the reference (named explicitly, the first is an error: see above)."""
+    chosen = dataclasses.replace(get_backend("cpp", "cpu"), strict=False)
+    x = torch.rand(50, 2, generator=torch.Generator().manual_seed(6))
+    small = HashGridConfig(num_levels=2, log2_table_size=8)
+    cases = {
+        "float32 (kernels)": (HashGrid(2, small), True),
+        "float64": (HashGrid(2, small).double(), False),
+        "too many levels": (HashGrid(2, dataclasses.replace(small, num_levels=cpu_ext.hashgrid_max_levels + 1,
+                                                            max_resolution=64)), False),
+        "too many features": (HashGrid(2, dataclasses.replace(small, features_per_level=cpu_ext.hashgrid_max_features + 1)),
+                              False),
+    }
+    for name, (grid, kernels_take_it) in cases.items():
+        ours = chosen.encode_hash_grid(x.to(grid.table.dtype), grid.table, grid.resolutions)
+        assert (ours is not None) == kernels_take_it, name
+        out = grid(x, chosen)
+        if kernels_take_it:
+            assert torch.equal(out, ours), name
+            assert_matches(out, grid(x))
+        else:
+            assert torch.equal(out, grid(x)), name  # the reference's own code
 
 
 def test_auto_warns_once_when_the_cuda_build_fails(monkeypatch):
-    def fail(kind):
+    """How "auto" decides on a GPU (``backends._choose_for_gpu``, run here on CPU tensors): our
+    kernels failing to build give one warning and the fallback, whose hash grid is the reference's;
+    the choice is made once per device (``get_backend("auto", "cuda:0")``, here with the GPU missing)."""
+    def fail(build):
         raise kernels.KernelBuildError("building the cuda kernels failed (test)")
 
-    monkeypatch.setattr(kernels, "available", lambda kind: True)
-    monkeypatch.setattr(kernels, "load", fail)
-    encoding._auto_cuda_kernels.cache_clear()
-    try:
+    gsplat_runs = backends._NAMED["gsplat"].missing_requirements() is None
+    fallback = dataclasses.replace(backends._NAMED["gsplat"] if gsplat_runs else backends.TORCH, strict=False)
+    instead = f"rendering with {'gsplat' if gsplat_runs else 'the PyTorch reference'} instead"
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "missing_requirements", lambda build: None)  # as if it could be built
+        m.setattr(kernels, "build", fail)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert encoding._auto_cuda_kernels() is None and encoding._auto_cuda_kernels() is None
-        assert [str(w.message) for w in caught] == [
-            "building the cuda kernels failed (test); HashGrid falls back to the PyTorch reference"]
-    finally:
-        encoding._auto_cuda_kernels.cache_clear()
+            chosen = backends._choose_for_gpu(dataclasses.replace(backends._NAMED["cpp"], strict=False),
+                                              torch.device("cpu"))
+        assert [(w.category, str(w.message)) for w in caught] == [
+            (RuntimeWarning, f"gsavatar: not using our CUDA kernels (building the cuda kernels failed (test)); {instead}")]
+        assert chosen == fallback
+        grid, x = HashGrid(2, HashGridConfig(num_levels=2)), torch.rand(7, 2)
+        assert chosen.encode_hash_grid(x, grid.table, grid.resolutions) is None
+        assert torch.equal(grid(x, chosen), grid(x))
+
+    monkeypatch.setattr(backends, "_auto_choice", {})
+    monkeypatch.setattr(kernels, "missing_requirements", lambda build: "no CUDA device is available (test)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = get_backend("auto", "cuda:0")
+        again = get_backend("auto", torch.device("cuda", 0))
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (RuntimeWarning, f"gsavatar: not using our CUDA kernels (no CUDA device is available (test)); {instead}")]
+    assert first is again and first == fallback
 
 
 def test_auto_uses_the_cuda_kernels_on_cuda():
     reason = kernels.missing_requirements("cuda")
     if reason is not None:
         pytest.skip(f"cuda kernels: {reason}")
+    auto = get_backend("auto", "cuda")
+    assert auto.name == "cuda" and auto.compiled and not auto.strict  # after its self-check passed
+    assert auto.extension() is kernels.load("cuda")
     grid = HashGrid(2, HashGridConfig(num_levels=2)).cuda()
-    assert grid._kernels(torch.rand(3, 2, device="cuda")) is kernels.load("cuda")
-    assert grid.double()._kernels(torch.rand(3, 2, device="cuda")) is None
+    x = torch.rand(3, 2, device="cuda")
+    ours = auto.encode_hash_grid(x, grid.table, grid.resolutions)
+    assert ours is not None
+    assert_matches(ours, grid(x))
+    assert torch.equal(grid(x, auto), ours)
+    grid.double()
+    assert auto.encode_hash_grid(x, grid.table, grid.resolutions) is None  # float64: the reference
+    assert grid(x, auto).dtype == torch.float64
 
 
 def test_importing_builds_nothing():
-    code = ("import gsavatar, gsavatar.model.encoding, gsavatar.kernels as k; "
+    code = ("import gsavatar, gsavatar.model.encoding, gsavatar.render, gsavatar.kernels as k; "
             "assert not k._loaded and not k._failed, (k._loaded, k._failed)")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -2,7 +2,7 @@
 
 The kernels' per-element math is shared by the CUDA build and the host twins (the ``"cpp"``
 backend), so on a CPU machine these tests check the kernels' arithmetic; the ``"emulated"`` backend
-runs the CUDA kernels themselves on a CPU emulator of the CUDA thread model, so their thread logic
+(the tests' own, ``tests/emulated.py``) runs the CUDA kernels themselves on a CPU emulator of the CUDA thread model, so their thread logic
 (blocks, shared-memory batches, barriers, warp reductions, atomics, the sort) is checked too. On a
 GPU the same tests run the CUDA build. The reference runs in float64, so the tolerances measure the kernels' float32
 rounding only. gsplat is a further cross-check where it is installed (GPU only).
@@ -10,24 +10,25 @@ rounding only. gsplat is a further cross-check where it is installed (GPU only).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from pathlib import Path
 
+import emulated
 import pytest
 import torch
-
 from conftest import avatar_frame_with_grads, driven_avatar
 
 from gsavatar import kernels
 from gsavatar.errors import InputError
-from gsavatar.render import _compiled, rasterize
+from gsavatar.render import _compiled, backends, rasterize
 from gsavatar.render.synthetic import random_scene
 
-_CPU_MISSING = kernels.missing_requirements("cpu")
+_CPU_MISSING = kernels.missing_requirements("cpp")
 _CUDA_MISSING = kernels.missing_requirements("cuda")
 # On a GPU machine the "cuda" cases run the same kernels for real; the emulated ones are for CPU machines.
-_EMULATED_MISSING = kernels.missing_requirements("emulated") or (
-    "the CUDA cases run these kernels on this machine's GPU" if _CUDA_MISSING is None else None)
+_EMULATED_MISSING = emulated.missing_requirements()
 
 BACKENDS = [
     pytest.param("cpp", marks=pytest.mark.skipif(_CPU_MISSING is not None, reason=f"host twins: {_CPU_MISSING}")),
@@ -37,6 +38,19 @@ BACKENDS = [
                                                       reason=f"emulated CUDA kernels: {_EMULATED_MISSING}")),
 ]
 DEVICE = {"cpp": "cpu", "cuda": "cuda", "emulated": "cpu"}
+BACKEND = {"cpp": backends._NAMED["cpp"], "cuda": backends._NAMED["cuda"], "emulated": emulated.BACKEND}
+"""The :class:`~gsavatar.render.Backend` of each case (the emulated one is the tests' own)."""
+
+
+def _entry(backend: str):
+    """What a caller passes as ``backend=``: the public name, or the tests' own Backend object."""
+    return emulated.BACKEND if backend == "emulated" else backend
+
+
+def _ours(backend: str) -> tuple:
+    """``(extension, backend name, device type)``: how ``_compiled``'s functions are called for it."""
+    b = BACKEND[backend]
+    return b.extension(), b.name, b.build.device_type
 
 
 def _render(backend, scene, width, height, sh_degree, grads_out, dtype, device, **kwargs):
@@ -45,9 +59,8 @@ def _render(backend, scene, width, height, sh_degree, grads_out, dtype, device, 
     if backend == "torch":
         out = rasterize(*leaves, width, height, sh_degree=sh_degree, backend="torch", tile_size=8)
     else:
-        out = _compiled.make_backend_run(_compiled.KIND_OF_BACKEND[backend])(
-            *leaves, width, height, sh_degree=sh_degree, background=None, near=0.01, far=1e3, eps2d=0.3,
-            tile_size=16, **kwargs)
+        out = _compiled.rasterize_image(*_ours(backend), *leaves, width, height, sh_degree=sh_degree,
+                                        background=None, near=0.01, far=1e3, eps2d=0.3, **kwargs)
     color, alpha, depth, means2d, radii, visible = out
     means2d.retain_grad()
     g_color, g_alpha, g_depth = (g.to(device=device, dtype=dtype) for g in grads_out)
@@ -151,7 +164,7 @@ def test_early_stop_leaves_out_less_than_its_threshold(backend):
 def test_batched_images_equal_separate_renders(backend):
     """Two Gaussian sets seen by two cameras in one call (the avatar's face and mouth) = two calls."""
     device = DEVICE[backend]
-    kind = _compiled.KIND_OF_BACKEND[backend]
+    ours = _ours(backend)
     width, height = 48, 40
     scenes = [random_scene(400, width, height, seed=s, sh=True) for s in (10, 11)]
     scenes[1] = scenes[1]._replace(viewmat=torch.eye(4))
@@ -161,7 +174,7 @@ def test_batched_images_equal_separate_renders(backend):
     ids = torch.cat([torch.zeros(400), torch.ones(400)]).int().to(device)
     viewmats = torch.stack([leaves[0][5], leaves[1][5]])
     Ks = torch.stack([leaves[0][6], leaves[1][6]])
-    color, alpha, depth, *_ = _compiled.rasterize_batch(kind, *cat, ids, viewmats, Ks, width, height,
+    color, alpha, depth, *_ = _compiled.rasterize_batch(*ours, *cat, ids, viewmats, Ks, width, height,
                                                         sh_degree=sh_degree)
     weights = torch.randn(2, height, width, 3, device=device)
     (color * weights).sum().backward()
@@ -169,9 +182,8 @@ def test_batched_images_equal_separate_renders(backend):
     for t in leaves[0][:5] + leaves[1][:5]:
         t.grad = None
     for k in range(2):
-        c1, a1, d1, *_ = _compiled.make_backend_run(kind)(*leaves[k], width, height, sh_degree=sh_degree,
-                                                          background=None, near=0.01, far=1e3, eps2d=0.3,
-                                                          tile_size=16)
+        c1, a1, d1, *_ = _compiled.rasterize_image(*ours, *leaves[k], width, height, sh_degree=sh_degree,
+                                                   background=None, near=0.01, far=1e3, eps2d=0.3)
         torch.testing.assert_close(color[k], c1, rtol=0, atol=1e-6)
         torch.testing.assert_close(alpha[k], a1, rtol=0, atol=1e-6)
         torch.testing.assert_close(depth[k], d1, rtol=0, atol=1e-5)
@@ -190,7 +202,8 @@ def test_background_and_entry_point(backend):
     scene = random_scene(200, width, height, seed=5)
     bg = torch.tensor([0.2, 0.5, 0.9])
     ref = rasterize(*scene, width, height, background=bg, backend="torch")
-    out = rasterize(*scene.to(DEVICE[backend]), width, height, background=bg.to(DEVICE[backend]), backend=backend)
+    out = rasterize(*scene.to(DEVICE[backend]), width, height, background=bg.to(DEVICE[backend]),
+                    backend=_entry(backend))
     # Default early stop: within 1e-4 of the full composite.
     torch.testing.assert_close(out.color.cpu(), ref.color, rtol=0, atol=2e-4)
     torch.testing.assert_close(out.alpha.cpu(), ref.alpha, rtol=0, atol=2e-4)
@@ -201,10 +214,10 @@ def test_compiled_backends_reject_what_they_do_not_support(backend):
     device = DEVICE[backend]
     scene = random_scene(20, 16, 16, seed=1).to(device)
     with pytest.raises(InputError, match="float32 only"):
-        rasterize(*scene.to(torch.float64), 16, 16, backend=backend)
+        rasterize(*scene.to(torch.float64), 16, 16, backend=_entry(backend))
     viewmat = scene.viewmat.clone().requires_grad_(True)
     with pytest.raises(InputError, match="camera as a constant"):
-        rasterize(*scene[:5], viewmat, scene.K, 16, 16, backend=backend)
+        rasterize(*scene[:5], viewmat, scene.K, 16, 16, backend=_entry(backend))
 
 
 @pytest.mark.skipif(_CPU_MISSING is not None, reason=f"host twins: {_CPU_MISSING}")
@@ -253,9 +266,9 @@ def test_trained_avatar_renders_the_same_through_the_kernels(avatar_file, monkey
     gradients the densification reads and the radii. With the default early stop, Gaussians hidden
     behind an opaque layer lose their last tiny gradients: hence the looser tolerance."""
     avatar, inputs = driven_avatar(avatar_file, DEVICE[backend])
-    monkeypatch.setitem(_compiled.rasterize_groups.__kwdefaults__, "min_transmittance", min_transmittance)
-    results = avatar_frame_with_grads(avatar, inputs, ("torch", backend))
-    (ref, ref_grads), (ours, our_grads) = results["torch"], results[backend]
+    monkeypatch.setattr(_compiled, "MIN_TRANSMITTANCE", min_transmittance)  # the default the frame gets
+    results = avatar_frame_with_grads(avatar, inputs, ("torch", _entry(backend)))
+    (ref, ref_grads), (ours, our_grads) = results["torch"], results[_entry(backend)]
     assert set(ours.branches) == {"face", "mouth", "torso"}
     torch.testing.assert_close(ours.image, ref.image, rtol=0, atol=5e-4)  # early stop: < 1e-4 per layer
     assert (ours.image - ref.image).abs().mean() < 1e-5
@@ -287,21 +300,27 @@ def _host_syncs(fn) -> list[str]:
 
 
 @pytest.mark.skipif(_CUDA_MISSING is not None, reason=f"CUDA kernels: {_CUDA_MISSING}")
-def test_avatar_frame_synchronises_with_the_host_once_or_never_with_a_pair_budget(avatar_file):
+def test_avatar_frame_synchronises_with_the_host_once_or_never_with_an_unsettled_pair_budget(avatar_file):
     """The whole frame on the GPU (deformation, all branches in one kernel pass, composite) waits for
-    the device once, for the number of (tile, Gaussian) pairs that sizes the sort; with a
-    PairBudget that has seen a frame, never."""
-    from gsavatar.render import PairBudget
+    the device once: binned exactly (a training frame), for the number of (tile, Gaussian) pairs
+    that sizes the sort; read back at once, to settle this thread's pair budget. Inside
+    ``unsettled_pair_budget`` with a PairBudget that has seen a frame, never."""
+    from gsavatar.render import PairBudget, unsettled_pair_budget
 
     avatar, inputs = driven_avatar(avatar_file, "cuda")
     budget = PairBudget()
     with torch.no_grad():
-        avatar(inputs)  # builds / loads the kernels, warms up the caches
-        avatar(inputs, pair_budget=budget)  # the budget's first frame: exact
+        avatar(inputs, backend="cuda")  # builds / loads the kernels, warms up the caches and this thread's budget
+        with unsettled_pair_budget(budget):
+            avatar(inputs, backend="cuda")  # the budget's first frame: exact
         assert budget.settle()
-        exact = _host_syncs(lambda: avatar(inputs))
-        budgeted = _host_syncs(lambda: avatar(inputs, pair_budget=budget))
+        settled = _host_syncs(lambda: avatar(inputs, backend="cuda"))
+        with unsettled_pair_budget(budget):
+            budgeted = _host_syncs(lambda: avatar(inputs, backend="cuda"))
+    avatar(inputs, backend="cuda")  # warm-up: a frame whose parameters need grad is binned exactly
+    exact = _host_syncs(lambda: avatar(inputs, backend="cuda"))
     assert len(exact) <= 1, exact
+    assert len(settled) <= 1, settled
     assert budgeted == [], budgeted
     assert budget.settle()
 
@@ -315,11 +334,11 @@ def test_an_image_id_without_a_camera_culls_the_gaussian(backend):
     ids[::5] = 7  # only one camera
     ids[1::5] = -1
     color, alpha, depth, means2d, radii, visible = _compiled.rasterize_batch(
-        _compiled.KIND_OF_BACKEND[backend], *scene[:5], ids, scene.viewmat[None], scene.K[None], 32, 32,
+        *_ours(backend), *scene[:5], ids, scene.viewmat[None], scene.K[None], 32, 32,
         sh_degree=None)
     assert not visible[ids != 0].any() and visible[ids == 0].any()
     kept = ids == 0
-    ref = rasterize(*(t[kept] for t in scene[:5]), scene.viewmat, scene.K, 32, 32, backend=backend)
+    ref = rasterize(*(t[kept] for t in scene[:5]), scene.viewmat, scene.K, 32, 32, backend=_entry(backend))
     torch.testing.assert_close(color[0], ref.color, rtol=0, atol=1e-6)
 
 
@@ -329,7 +348,7 @@ def test_a_cached_build_is_trusted_only_as_it_was_loaded(tmp_path):
     cache trusts only the library a successful load vouched for, else load() rebuilds from scratch."""
     import shutil
 
-    module = kernels.load("cpu")
+    module = kernels.load("cpp")
     built = Path(module.__file__).parent
     assert kernels.cached_build_is_trusted(built)
     copy = tmp_path / built.name
@@ -354,12 +373,12 @@ def test_a_pair_budget_bins_without_the_count_and_reports_what_did_not_fit(backe
     from gsavatar.render import PairBudget
 
     device = DEVICE[backend]
-    kind = _compiled.KIND_OF_BACKEND[backend]
+    ours = _ours(backend)
     scene = random_scene(600, 64, 48, seed=5, hard_cases=False).to(device)
     ids = torch.zeros(600, dtype=torch.int32, device=device)
 
     def render(budget):
-        return _compiled.rasterize_batch(kind, *scene[:5], ids, scene.viewmat[None], scene.K[None], 64, 48,
+        return _compiled.rasterize_batch(*ours, *scene[:5], ids, scene.viewmat[None], scene.K[None], 64, 48,
                                          sh_degree=None, pair_budget=budget)[0]
 
     exact = render(None)
@@ -379,7 +398,7 @@ def test_a_pair_budget_bins_without_the_count_and_reports_what_did_not_fit(backe
     assert budget.settle()
 
     # The op itself: lists end at the capacity, and the count it reports is the full need.
-    ext = kernels.load(kind)
+    ext = ours[0]
     means2d, conics, depths, colors, cov2d, radii = _compiled._Project.apply(
         *scene[:3], None, ext, None, ids, scene.viewmat[None].contiguous(), scene.K[None].contiguous(), 64, 48,
         0.3, 0.01, 1e3)
@@ -392,19 +411,30 @@ def test_a_pair_budget_bins_without_the_count_and_reports_what_did_not_fit(backe
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_avatar_render_settled_renders_again_a_frame_that_did_not_fit(avatar_file, backend):
-    """What `gsavatar render`, `view` and `eval` call: with a budget far too small the frame is
-    rendered again, so the image equals the unbudgeted frame and the budget has grown."""
-    from gsavatar.render import PairBudget
-
+def test_a_frame_that_did_not_fit_its_pair_budget_is_rendered_again(avatar_file, monkeypatch, backend):
+    """What `gsavatar render`, `view` and `eval` get: a frame read back at once is binned with this
+    thread's pair budget; when that is far too small, rasterize_layers renders the frame again, so
+    the image equals the exactly binned frame and the budget has grown."""
     avatar, inputs = driven_avatar(avatar_file, DEVICE[backend])
-    budget = PairBudget()
-    budget.capacity = 64
+    exact = avatar(inputs, backend=_entry(backend)).image.detach()  # parameters need grad: binned exactly
+    passes = []
+    real = _compiled.rasterize_groups
+
+    def counted(*args, **kwargs):
+        passes.append(kwargs["pair_budget"])
+        return real(*args, **kwargs)
+
     with torch.no_grad():
-        exact = avatar(inputs, backend=backend).image
-        settled = avatar.render_settled(inputs, budget, backend=backend).image
+        avatar(inputs, backend=_entry(backend))  # this thread's budget has seen a frame
+        budget = backends._frame_budget(BACKEND[backend])
+        assert budget.capacity is not None and budget.capacity > 64
+        budget.capacity = 1
+        monkeypatch.setattr(_compiled, "rasterize_groups", counted)
+        settled = avatar(inputs, backend=_entry(backend)).image
+    assert len(passes) == 2 and all(p is budget for p in passes)  # cut, then rendered again
     torch.testing.assert_close(settled, exact, rtol=0, atol=0)
     assert budget.capacity > 64
+    assert budget.settle()  # the second pass fitted
 
 
 def test_pair_budget_rejects_headroom_below_one_and_a_second_device():
@@ -417,3 +447,69 @@ def test_pair_budget_rejects_headroom_below_one_and_a_second_device():
     with pytest.raises(ValueError, match="one device"):
         budget.record(torch.tensor([5], device="meta"), 10)
     assert budget.settle()
+
+
+# -- the dispatcher's self-check (what "auto" runs before it uses our kernels on a GPU) ------------------
+class _WrongBackward:
+    """An extension whose compositing gradients are 1 % too large (everything else passes through)."""
+
+    def __init__(self, ext):
+        self._ext = ext
+
+    def __getattr__(self, name):
+        return getattr(self._ext, name)
+
+    def rasterize_backward(self, *args):
+        return tuple(None if g is None else g * 1.01 for g in self._ext.rasterize_backward(*args))
+
+
+def _brighter(real):
+    """``_compiled.rasterize_groups`` with every layer's colour 1 % too bright."""
+    def rasterize_groups(*args, **kwargs):
+        return [(color * 1.01, *rest) for color, *rest in real(*args, **kwargs)]
+
+    return rasterize_groups
+
+
+@pytest.mark.skipif(_CPU_MISSING is not None, reason=f"host twins: {_CPU_MISSING}")
+def test_self_check_passes_on_the_host_twins_and_catches_wrong_kernels(monkeypatch):
+    """The self-check (a small scene and hash grid against the reference, forward and gradients)
+    passes on the host twins, and names what differs when the kernels are wrong."""
+    cpp = backends.get_backend("cpp", "cpu")
+    assert backends.self_check(cpp, "cpu") is None
+    with monkeypatch.context() as m:
+        m.setattr(_compiled, "rasterize_groups", _brighter(_compiled.rasterize_groups))
+        assert backends.self_check(cpp, "cpu") == "the self-check's colour differs from the reference"
+    with monkeypatch.context() as m:
+        real_build = kernels.build
+        m.setattr(kernels, "build", lambda b: _WrongBackward(real_build(b)))
+        assert backends.self_check(cpp, "cpu") == "the self-check's means differs from the reference"
+    with monkeypatch.context() as m:
+        real_grid = _compiled.hash_grid_compiled
+        m.setattr(_compiled, "hash_grid_compiled", lambda *args: real_grid(*args) * 1.01)
+        assert backends.self_check(cpp, "cpu") == "the self-check's hash-grid features differ from the reference"
+    assert backends.self_check(cpp, "cpu") is None
+
+
+@pytest.mark.skipif(_CPU_MISSING is not None, reason=f"host twins: {_CPU_MISSING}")
+def test_wrong_kernels_are_not_chosen_for_a_gpu(monkeypatch):
+    """``_choose_for_gpu`` (how "auto" decides on a GPU; run here on the host twins and CPU tensors):
+    kernels that fail the self-check give one RuntimeWarning and the fallback (gsplat where it can
+    run, else the reference), which then renders exactly as the reference; working ones are chosen."""
+    cpp = dataclasses.replace(backends.get_backend("cpp", "cpu"), strict=False)
+    assert backends._choose_for_gpu(cpp, torch.device("cpu")) is cpp
+    monkeypatch.setattr(_compiled, "rasterize_groups", _brighter(_compiled.rasterize_groups))
+    gsplat_runs = backends._NAMED["gsplat"].missing_requirements() is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chosen = backends._choose_for_gpu(cpp, torch.device("cpu"))
+    assert [(w.category, str(w.message)) for w in caught] == [(
+        RuntimeWarning, "gsavatar: not using our CUDA kernels (the self-check's colour differs from the reference); "
+                        f"rendering with {'gsplat' if gsplat_runs else 'the PyTorch reference'} instead")]
+    fallback = backends._NAMED["gsplat"] if gsplat_runs else backends.TORCH
+    assert chosen == dataclasses.replace(fallback, strict=False)
+    if not gsplat_runs:
+        scene = random_scene(200, 32, 24, seed=5)
+        ours = rasterize(*scene, 32, 24, backend=chosen)
+        ref = rasterize(*scene, 32, 24, backend="torch")
+        assert all(torch.equal(a, b) for a, b in zip(ours, ref))

@@ -164,7 +164,7 @@ def known(tmp_path_factory):
         "branch": torch.randint(0, 3, (n,), generator=gen, dtype=torch.int32),
     }
     path = tmp_path_factory.mktemp("interop") / "known.ply"
-    write_ply(path, g, ["gsavatar export of /tmp/run/avatar.pt: canonical (undeformed) Gaussians",
+    write_ply(path, g, ["gsavatar export of runs/talk/avatar.pt: canonical (undeformed) Gaussians",
                         "gsavatar branches [start, stop): face 0 100, mouth 100 200, torso 200 300",
                         "gsavatar vertex property branch (int): 0 face, 1 mouth, 2 torso"])
     return g, path
@@ -207,14 +207,14 @@ def test_splat_transform_reads_an_exported_avatar(tool, trained, tmp_path):
     """`gsavatar export` of the session's trained cpu-tiny avatar (conftest's ``trained``, shared with
     the other export tests): the tool gets every branch's Gaussians, the torso's turned into the head frame."""
     from gsavatar.cli import main
+    from gsavatar.model.io import load_run
     from gsavatar.outputs.ply import avatar_gaussians, reference_view
-    from gsavatar.train.checkpoint import load_avatar
 
     _, run, _ = trained
     ply = tmp_path / "avatar.ply"
     assert main(["export", str(run), "-o", str(ply)]) == 0
     splat_transform(ply, tmp_path / "avatar.glb")
-    avatar, _, subject = load_avatar(run / "avatar.pt")
-    want = avatar_gaussians(avatar, reference_view(subject))
+    bundle = load_run(run)
+    want = avatar_gaussians(bundle.avatar, reference_view(bundle.subject))
     assert want["sh_degree"] >= 1 and set(want["branch"].tolist()) == {0, 1, 2}
     assert_tool_read_our_gaussians(tmp_path / "avatar.glb", want)

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
+import warnings
 
 import pytest
 import torch
 
 from gsavatar.errors import InputError
-from gsavatar.render import _torch_impl, available_backends, eval_sh, project_gaussians, rasterize
+from gsavatar.render import (
+    BACKEND_CHOICES,
+    LayerGaussians,
+    _torch_impl,
+    available_backends,
+    backends,
+    check_backend,
+    eval_sh,
+    get_backend,
+    project_gaussians,
+    rasterize,
+    rasterize_layers,
+)
 
 F64 = torch.float64
 
@@ -489,7 +504,7 @@ def _good_args():
     (dict(background=torch.zeros(4)), r"background must have shape \[3\]"),
     (dict(tile_size=0), r"tile_size must be a positive int"),
     (dict(near=-1.0), r"near < far"),
-    (dict(backend="vulkan"), r"unknown rasterizer backend 'vulkan' \(known: auto, torch, cuda, cpp, gsplat, emulated; available here: torch"),
+    (dict(backend="vulkan"), r"rasterize: unknown backend 'vulkan' \(known: auto, torch, cpp, cuda, gsplat; available here: torch"),
     (dict(means=[[0.0, 0.0, 1.0]]), r"means must be a torch.Tensor"),
 ])
 def test_bad_inputs_raise_input_error(change, match):
@@ -509,6 +524,96 @@ def test_mixed_devices_raise_input_error():
 
 def test_available_backends():
     assert available_backends()[0] == "torch"
+    assert set(available_backends()) <= set(BACKEND_CHOICES) - {"auto"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The dispatcher (gsavatar.render.backends): one meaning per name, for rasterizer and hash grid
+# ---------------------------------------------------------------------------------------------
+
+def test_a_backend_name_means_the_same_for_the_rasterizer_and_the_hash_grid():
+    """Every name stands for one Backend, which does both the rasterizing and the hash grid: "torch"
+    is the reference for both (its hash grid runs the grid's own code), gsplat's hash grid is the
+    reference too, "cpp" and "cuda" are the two public builds of our kernels."""
+    from gsavatar import kernels
+    from gsavatar.model.encoding import HashGrid, HashGridConfig
+
+    assert set(backends._NAMED) == set(BACKEND_CHOICES) - {"auto"}
+    assert get_backend("torch", "cpu") is backends.TORCH and get_backend("auto", "cpu") is backends.TORCH
+    assert backends.TORCH.rasterizer == "torch" and backends.TORCH.build is None
+    cpp, cuda, gsplat = (backends._NAMED[n] for n in ("cpp", "cuda", "gsplat"))
+    assert (cpp.rasterizer, cpp.build, cpp.device_types) == ("compiled", kernels.BUILDS["cpp"], ("cpu",))
+    assert (cuda.rasterizer, cuda.build, cuda.device_types) == ("compiled", kernels.BUILDS["cuda"], ("cuda",))
+    assert (gsplat.rasterizer, gsplat.build, gsplat.device_types) == ("gsplat", None, ("cuda",))
+    assert all(b.strict and b.name == n for n, b in backends._NAMED.items())  # named: strict
+    for name in available_backends():
+        b = backends._NAMED[name]
+        assert get_backend(name, b.device_types[0]) is b and get_backend(b, b.device_types[0]) is b
+
+    grid = HashGrid(2, HashGridConfig(num_levels=3, log2_table_size=8))
+    x = torch.rand(20, 2, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    for b in (backends.TORCH, gsplat):
+        assert b.encode_hash_grid(x, grid.table, grid.resolutions) is None, b.name  # the reference
+        assert torch.equal(grid(x, b), grid(x)), b.name
+
+    means, quats, scales, opacities, colors = random_scene(30, 24, 16, 40.0, seed=3, dtype=torch.float32)
+    viewmat, K = camera(24, 16, 40.0, dtype=torch.float32)
+    by_name = rasterize(means, quats, scales, opacities, colors, viewmat, K, 24, 16, backend="torch")
+    by_object = rasterize(means, quats, scales, opacities, colors, viewmat, K, 24, 16, backend=backends.TORCH)
+    assert all(torch.equal(a, b) for a, b in zip(by_name, by_object)) and by_name.alpha.max() > 0.5
+    sh = ((colors - 0.5) / _torch_impl.SH_C0)[:, None]  # degree 0: colour = C0 sh + 0.5 = the RGB above
+    layer = rasterize_layers([LayerGaussians(means, quats, scales, opacities, sh, 0, viewmat)], K, 24, 16, "torch")[0]
+    torch.testing.assert_close(layer.color, by_name.color, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.alpha, by_name.alpha, rtol=0, atol=0)
+    assert torch.equal(layer.radii, by_name.radii)
+
+
+@pytest.mark.parametrize("call", ["get_backend", "check_backend", "rasterize_layers"])
+def test_an_unknown_backend_name_is_one_line_input_error(call):
+    _, K = camera(8, 8, 10.0, dtype=torch.float32)
+    run = {"get_backend": lambda: get_backend("opengl", "cpu"), "check_backend": lambda: check_backend("opengl", "cpu"),
+           "rasterize_layers": lambda: rasterize_layers([], K, 8, 8, "opengl")}[call]
+    with pytest.raises(InputError) as caught:
+        run()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert re.fullmatch(r"unknown backend 'opengl' \(known: auto, torch, cpp, cuda, gsplat; available here: torch(, \w+)*\)",
+                        message), message
+
+
+def test_a_backend_on_the_wrong_device_type_is_input_error():
+    """Cheap: nothing is built and no CUDA device is needed to be told."""
+    with pytest.raises(InputError, match=r"^backend 'cuda' (cannot run here: |runs on cuda tensors, not cpu)"):
+        get_backend("cuda", "cpu")
+    with pytest.raises(InputError, match=r"^backend 'cuda' (cannot run here: |runs on cuda tensors, not cpu)"):
+        get_backend("cuda", torch.device("cpu"))
+    if backends._NAMED["cpp"].missing_requirements() is None:  # else it says why it cannot run at all
+        with pytest.raises(InputError, match=r"^backend 'cpp' runs on cpu tensors, not cuda$"):
+            get_backend("cpp", "cuda")
+        with pytest.raises(InputError, match=r"^backend 'cpp' runs on cpu tensors, not cuda$"):
+            get_backend(backends._NAMED["cpp"], "cuda:0")
+    with pytest.raises(InputError, match=r"^backend 'torch' runs on cpu or cuda tensors, not meta$"):
+        get_backend("torch", "meta")
+
+
+def test_auto_on_a_gpu_decides_once_per_device(monkeypatch):
+    """On a CUDA device "auto" asks for our kernels once per device: here they cannot run (no GPU
+    here, or a self-check made to fail), so one RuntimeWarning, then the same fallback every time,
+    not strict (its hash grid leaves what the kernels cannot take to the reference)."""
+    monkeypatch.setattr(backends, "_auto_choice", {})
+    monkeypatch.setattr(backends, "self_check", lambda backend, device: "the self-check failed (test)")
+    why = backends._NAMED["cuda"].missing_requirements() or "the self-check failed (test)"
+    gsplat_runs = backends._NAMED["gsplat"].missing_requirements() is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = get_backend("auto", "cuda:0")
+        again = get_backend("auto", torch.device("cuda", 0))
+        other = get_backend("auto", "cuda:1")  # another device decides for itself
+    assert [(w.category, str(w.message)) for w in caught] == [(
+        RuntimeWarning, f"gsavatar: not using our CUDA kernels ({why}); rendering with "
+                        f"{'gsplat' if gsplat_runs else 'the PyTorch reference'} instead")] * 2
+    assert first is again and first == other
+    assert first == dataclasses.replace(backends._NAMED["gsplat"] if gsplat_runs else backends.TORCH, strict=False)
 
 
 def test_auto_backend_is_the_reference_on_cpu(monkeypatch):
@@ -516,6 +621,7 @@ def test_auto_backend_is_the_reference_on_cpu(monkeypatch):
     from gsavatar import kernels
 
     monkeypatch.setattr(kernels, "load", lambda kind: pytest.fail("auto must not build kernels for CPU tensors"))
+    monkeypatch.setattr(kernels, "build", lambda b: pytest.fail("auto must not build kernels for CPU tensors"))
     means, quats, scales, opacities, colors = random_scene(30, 24, 16, 40.0, seed=3, dtype=torch.float32)
     viewmat, K = camera(24, 16, 40.0, dtype=torch.float32)
     auto = rasterize(means, quats, scales, opacities, colors, viewmat, K, 24, 16, backend="auto")

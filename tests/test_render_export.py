@@ -306,10 +306,10 @@ def _rebuild_and_render(ply: dict, ranges: dict, branch: str, viewmat, K, size):
 def test_ply_has_the_3dgs_layout(exported, trained):
     from plyfile import PlyData
 
-    from gsavatar.train.checkpoint import load_avatar
+    from gsavatar.model.io import load_run
 
     _, run, _ = trained
-    avatar, _, _ = load_avatar(run / "avatar.pt")
+    avatar = load_run(run).avatar
     raw = PlyData.read(str(exported))
     assert [e.name for e in raw.elements] == ["vertex"] and raw.header.startswith("ply\nformat binary_little_endian 1.0")
     props = raw["vertex"].properties
@@ -335,20 +335,21 @@ def test_ply_has_the_3dgs_layout(exported, trained):
 def test_ply_round_trip_renders_every_branch_as_the_avatar(exported, trained):
     """export -> read_ply -> rasterize with the recorded view equals each branch of the avatar (torso included)."""
     from gsavatar.model.avatar import FrameInputs
+    from gsavatar.model.io import load_run
     from gsavatar.outputs.ply import header_info, read_ply
-    from gsavatar.train.checkpoint import load_avatar
 
     _, run, _ = trained
-    avatar, cfg, subject = load_avatar(run / "avatar.pt")
+    bundle = load_run(run)
+    avatar, subject = bundle.avatar, bundle.subject
     ply = read_ply(exported)
     info = header_info(ply["comments"])
     size = info["size"]
-    assert size == subject["render_size"] and torch.equal(info["K"], subject["K"].float())
+    assert size == subject.render_size and torch.equal(info["K"], subject.K.float())
     inputs = FrameInputs(viewmat=info["viewmat"], K=info["K"], width=size, height=size, audio=torch.zeros(1),
                          blink=torch.zeros(()), pose=torch.zeros(6))
     for branch in ("face", "mouth", "torso"):
         with torch.no_grad():
-            want = avatar.render_branch(branch, inputs, deform=False)
+            want = avatar(inputs, layers=(branch,), deform=False).branches[branch]
             got = _rebuild_and_render(ply, info["ranges"], branch, info["viewmat"], info["K"], size)
         assert want.alpha.max() > 0.5, branch
         torch.testing.assert_close(got.color, want.color, atol=1e-5, rtol=0, msg=branch)
@@ -356,11 +357,12 @@ def test_ply_round_trip_renders_every_branch_as_the_avatar(exported, trained):
 
 
 def test_frame_export_is_the_deformed_avatar(exported, trained, speech, tmp_path, capsys):
+    from gsavatar.model.io import load_run
     from gsavatar.outputs.ply import _own_audio_sequence, header_info, read_ply
-    from gsavatar.train.checkpoint import load_avatar
 
     _, run, _ = trained
-    avatar, cfg, subject = load_avatar(run / "avatar.pt")
+    bundle = load_run(run)
+    avatar, subject = bundle.avatar, bundle.subject
     k = 7
     assert main(["export", str(run), "-o", str(tmp_path / "f.ply"), "--frame", str(k)]) == 0
     assert main(["export", str(run), "-o", str(tmp_path / "s.ply"), "--frame", str(k), "--audio", str(speech)]) == 0
@@ -369,11 +371,11 @@ def test_frame_export_is_the_deformed_avatar(exported, trained, speech, tmp_path
     a, b = info["ranges"]["face"]
     assert (framed["means"][a:b] - canonical["means"][a:b]).abs().max() > 1e-4
     assert (framed["means"][a:b] - driven["means"][a:b]).abs().max() > 1e-6  # other audio, other mouth
-    torch.testing.assert_close(info["viewmat"], subject["viewmats"][k].float(), atol=1e-6, rtol=0)
-    inputs = _own_audio_sequence(subject).inputs(k, cfg.avatar)
+    torch.testing.assert_close(info["viewmat"], subject.viewmats[k].float(), atol=1e-6, rtol=0)
+    inputs = _own_audio_sequence(subject).inputs(k, avatar)
     for branch in ("face", "mouth", "torso"):
         with torch.no_grad():
-            want = avatar.render_branch(branch, inputs, deform=True)
+            want = avatar(inputs, layers=(branch,), deform=True).branches[branch]
             got = _rebuild_and_render(framed, info["ranges"], branch, info["viewmat"], info["K"], info["size"])
         torch.testing.assert_close(got.color, want.color, atol=1e-5, rtol=0, msg=branch)
 
@@ -393,8 +395,12 @@ def test_export_bad_input_gives_one_line(args, message, trained, speech, tmp_pat
 
 def test_frame_export_without_audio_needs_the_subject(tmp_path):
     from gsavatar.errors import InputError
+    from gsavatar.model.audio import AudioSpec
+    from gsavatar.model.io import SubjectInfo
     from gsavatar.outputs.ply import _own_audio_sequence
 
+    gone = SubjectInfo(str(tmp_path / "gone"), AudioSpec("logmel", {}, 80, 4), 1, 16, torch.eye(3),
+                       torch.eye(4)[None], torch.zeros(1, 6), torch.zeros(1), (0, 1), (0, 0))
     with pytest.raises(InputError, match="pass --audio SPEECH") as e:
-        _own_audio_sequence({"subject_dir": str(tmp_path / "gone"), "audio_kind": "logmel"})
+        _own_audio_sequence(gone)
     assert "\n" not in str(e.value)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA, remux, require_preprocess_deps
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "cnn2_25fps.mp4").is_file(),
@@ -69,7 +68,7 @@ def test_cnn2_tracking_meets_the_targets(cnn2):
     71 s (32 s of tracking on a quiet machine, bench/bench_tracking.py). The time bar is a
     regression guard for the first 20 s: 23 s (2 torch threads) to 33 s (1 thread, as after the
     suite's training) of tracking measured on the 2-core machine shared with two other jobs; the
-    bar is 90 s, about 3x, because a CI failure costs a whole session's work. (The
+    bar is 90 s, about 3x, because a spurious CI failure is costly. (The
     whole clip's bar was 120 s: the time is not proportional to the frames, the focal search
     costs the same from 400 frames up.)"""
     ds, report = cnn2

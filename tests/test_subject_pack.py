@@ -1,4 +1,4 @@
-"""bench/subject_pack.py: a subject packed for the GPU machine unpacks, without PyAV, into a subject
+"""bench/subject_pack.py: a packed subject unpacks, without PyAV, into a subject
 dataset that loads and trains, with frames close to the originals and masks unchanged."""
 
 from __future__ import annotations
@@ -87,13 +87,13 @@ def test_unpacked_subject_loads_and_trains(packed, tmp_path):
     import torch
 
     from gsavatar.config import load_preset
-    from gsavatar.train.data import TrainingData
+    from gsavatar.data.frames import SubjectFrames
     from gsavatar.train.trainer import train
 
     torch.set_num_threads(1)
     subject, _, unpacked = packed
     size = json.loads((subject / "manifest.json").read_text())["size"]
-    original, copy = TrainingData(subject, size), TrainingData(unpacked, size)
+    original, copy = SubjectFrames(subject, size), SubjectFrames(unpacked, size)
     assert copy.num_frames == original.num_frames
     a, b = original.frame(0), copy.frame(0)
     assert psnr(a.image.numpy(), b.image.numpy()) >= PSNR_MEAN_BAR

@@ -11,7 +11,12 @@ import torch
 
 from gsavatar.config import TrackingConfig
 from gsavatar.tracking.camera import (
-    Intrinsics, axis_angle_to_matrix, matrix_to_axis_angle, principal_point_in_crop, project, rotation_angle_deg,
+    Intrinsics,
+    axis_angle_to_matrix,
+    matrix_to_axis_angle,
+    principal_point_in_crop,
+    project,
+    rotation_angle_deg,
 )
 from gsavatar.tracking.fit import fit_rigid_poses, initial_pose
 from gsavatar.tracking.morphable import learn_morphable_model, similarity_align

@@ -20,15 +20,15 @@ import torch
 
 from gsavatar.config import load_preset
 from gsavatar.data.synthetic import mouth_darkness
-from gsavatar.train.checkpoint import load_avatar, load_checkpoint
+from gsavatar.model.io import load_checkpoint, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _render_test_split(avatar, cfg, data, audio: torch.Tensor) -> dict[int, torch.Tensor]:
+def _render_test_split(avatar, data, audio: torch.Tensor) -> dict[int, torch.Tensor]:
     from gsavatar.eval.baselines import avatar_predictor
 
-    predict = avatar_predictor(avatar, cfg, data, audio)
+    predict = avatar_predictor(avatar, data, audio)
     return {int(i): predict(int(i)) for i in data.test_indices}
 
 
@@ -40,23 +40,24 @@ def _face_psnr(images: dict, data) -> float:
 
 def test_learns_lip_sync_on_held_out_frames(trained, demo_video):
     """Rendered mouth opening follows the ground truth on the test split (r >= 0.8); shuffled audio breaks it."""
-    from gsavatar.train.data import TrainingData
+    from gsavatar.data.frames import SubjectFrames
 
     subject, run, _ = trained
-    avatar, cfg, _ = load_avatar(run / "avatar.pt")
-    data = TrainingData(subject, cfg.render_size)
+    bundle = load_run(run)
+    avatar, cfg = bundle.avatar, bundle.config
+    data = SubjectFrames(subject, cfg.render_size)
     truth = demo_video.mouth_open_px[data.test_indices]
     assert truth.max() > 5 and (truth < 0.5).sum() > 3, "the test split must hold both open and closed mouths"
     lm = data.dataset.landmarks
 
-    images = _render_test_split(avatar, cfg, data, data.audio)
+    images = _render_test_split(avatar, data, data.audio)
     opening = [mouth_darkness(images[int(i)].numpy(), lm[i], data.dataset.size) for i in data.test_indices]
     r = np.corrcoef(opening, truth)[0, 1]
     assert r >= 0.8, f"rendered vs true mouth opening on held-out frames: r = {r:.3f}"
 
     # The same frames driven by the audio features shuffled in time (fixed permutation).
     perm = torch.from_numpy(np.random.default_rng(0).permutation(data.num_frames))
-    shuffled = _render_test_split(avatar, cfg, data, data.audio[perm])
+    shuffled = _render_test_split(avatar, data, data.audio[perm])
     opening_shuffled = [mouth_darkness(shuffled[int(i)].numpy(), lm[i], data.dataset.size) for i in data.test_indices]
     r_shuffled = np.corrcoef(opening_shuffled, truth)[0, 1] if np.std(opening_shuffled) > 0 else 0.0
     assert r_shuffled < 0.5, f"shuffled audio still gives r = {r_shuffled:.3f}: the mouth is not driven by audio"
@@ -71,8 +72,9 @@ def test_run_directory_has_avatar_log_and_summary(trained):
     """avatar.pt loads weights-only and reproduces the summary's PSNR; it beats the mean training frame."""
     import json
 
-    from gsavatar.train.data import TrainingData
-    from gsavatar.train.trainer import evaluate
+    from gsavatar.data.frames import SubjectFrames
+    from gsavatar.eval import score_test_split
+    from gsavatar.train.trainer import summary_frames
 
     subject, run, summary = trained
     assert json.loads((run / "summary.json").read_text()) == summary
@@ -83,10 +85,11 @@ def test_run_directory_has_avatar_log_and_summary(trained):
     assert "test PSNR" in log
     ckpt = load_checkpoint(run / "avatar.pt")
     assert ckpt.progress.completed_stages == ["mouth", "face", "fuse", "torso"] and ckpt.optimizers == {}
-    avatar, cfg, _ = load_avatar(run / "avatar.pt")
-    data = TrainingData(subject, cfg.render_size)
-    again = evaluate(avatar, data, cfg)
-    assert again["test_psnr_face"] == pytest.approx(summary["test_psnr_face"], abs=1e-3)
+    bundle = load_run(run)
+    avatar, cfg = bundle.avatar, bundle.config
+    data = SubjectFrames(subject, cfg.render_size)
+    again = score_test_split(avatar, data, summary_frames(data.test_indices, cfg.eval_frames))
+    assert again["psnr_face"] == pytest.approx(summary["test_psnr_face"], abs=1e-3)
     # Baseline: the mean training frame, measured the same way.
     from gsavatar.eval.baselines import mean_frame, score
 
@@ -221,12 +224,12 @@ def test_sigterm_checkpoints_the_current_iteration_and_exits_in_one_line(micro_r
     (["train", "{tmp}", "-o", "{tmp}/run", "--iterations-scale", "0"], "iterations-scale must be positive"),
     (["train", "{tmp}", "-o", "{tmp}/run", "--device", "tpu"], "unknown device"),
     (["train", "/nonexistent/video.mp4", "-o", "{tmp}/run", "--backend", "vulkan"],
-     "backend must be auto, torch, cuda, cpp or gsplat"),
+     "backend must be one of auto, torch, cpp, cuda, gsplat"),
     # A backend that cannot run on the device fails before the video is even looked at.
     (["train", "/nonexistent/video.mp4", "-o", "{tmp}/run", "--backend", "gsplat", "--device", "cpu"],
-     "rasterizer backend 'gsplat' "),
+     "backend 'gsplat' cannot run here"),
     (["train", "/nonexistent/video.mp4", "-o", "{tmp}/run", "--backend", "cuda", "--device", "cpu"],
-     "rasterizer backend 'cuda' "),
+     "backend 'cuda' cannot run here"),
 ])
 def test_train_command_bad_input_gives_one_line(args, message, tmp_path, capsys):
     from gsavatar.cli import main

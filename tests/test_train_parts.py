@@ -32,7 +32,7 @@ def test_presets_load_and_typos_are_refused(tmp_path):
 
 
 def test_psnr_of_known_noise_and_ssim_of_known_images():
-    from gsavatar.train.losses import psnr, ssim_map
+    from gsavatar.imaging import psnr, ssim_map
 
     g = torch.Generator().manual_seed(0)
     a = torch.full((64, 64, 3), 0.5)
@@ -103,7 +103,8 @@ def test_densification_clones_splits_prunes_and_keeps_optimizer_state_aligned():
     children = gs.means.detach()[-10:]
     parents = means_before[:5].repeat(2, 1)
     assert (children - parents).norm(dim=1).max() < 0.2
-    assert torch.allclose(gs.log_scales.detach()[-10:], torch.full((10, 3), math.log(0.02 / 1.6)), atol=3e-3)  # one Adam step of 1e-3 moved them
+    # One Adam step of 1e-3 moved them.
+    assert torch.allclose(gs.log_scales.detach()[-10:], torch.full((10, 3), math.log(0.02 / 1.6)), atol=3e-3)
     # The budget caps growth.
     capped = DensifyStrategy(DensifyConfig(grad_threshold=0.5), max_gaussians=len(gs) + 3)
     st = capped.initial_state(len(gs), "cpu")
@@ -113,7 +114,7 @@ def test_densification_clones_splits_prunes_and_keeps_optimizer_state_aligned():
 
 
 def test_checkpoint_round_trip_is_typed_atomic_and_weights_only(tmp_path):
-    from gsavatar.train.checkpoint import Checkpoint, Progress, load_checkpoint, save_checkpoint
+    from gsavatar.model.io import Checkpoint, Progress, load_checkpoint, save_checkpoint
 
     gen = torch.Generator().manual_seed(3)
     rng = np.random.default_rng(5)
@@ -210,13 +211,12 @@ def test_motion_stage_fits_the_tracked_landmark_motion_and_touches_nothing_else(
 
     cfg = dataclasses.replace(load_preset("cpu-tiny"), stages=[StageConfig("motion", 300, densify=False)],
                               eval_frames=0).validate()
-    a = cfg.avatar
 
     def landmark_error(trainer) -> float:
         frames = [int(i) for i in trainer.data.train_indices[::3]]
         with torch.no_grad():
-            return float(np.mean([float(trainer._landmark_loss(i, trainer.data.inputs(
-                i, a.audio_smoothing_frames, a.audio_window_radius))) for i in frames]))
+            return float(np.mean([float(trainer._landmark_loss(i, trainer.data.inputs(i, trainer.avatar)))
+                                  for i in frames]))
 
     initial = Trainer(cfg, demo_subject[0], tmp_path / "unused", show_progress=False)
     initial._fresh()  # what run() starts from (same seed)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import require_preprocess_deps
 
 require_preprocess_deps()
 
-from gsavatar.data.video import (SAMPLES_PER_FRAME, DecodeStats, decode_audio, iter_frames,  # noqa: E402
-                                 probe_video, read_wav, write_wav)
+from gsavatar.data.video import SAMPLES_PER_FRAME, DecodeStats, decode_audio, iter_frames, probe_video, read_wav, write_wav  # noqa: E402
 from gsavatar.outputs.video_writer import write_mp4  # noqa: E402
 
 
@@ -88,6 +86,8 @@ def test_probe_and_wav_round_trip(tmp_path):
 
 def test_writer_leaves_nothing_on_failure(tmp_path):
     path = tmp_path / "bad.mp4"
-    with pytest.raises(Exception):
+    import av
+
+    with pytest.raises(av.error.FFmpegError):
         write_mp4(path, [np.zeros((31, 31, 3), np.uint8)])  # odd size: H.264 yuv420p refuses
     assert list(tmp_path.iterdir()) == []

@@ -18,12 +18,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import tone
+
 from gsavatar.drive import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from gsavatar.errors import InputError
-from gsavatar.viewer.core import (AUDIO_ELEMENT_ID, PlayClock, UploadGate, audio_html, camera_from_pose, frame_at,
-                                  initial_camera, tracked_fov, upload_label, validate_upload, view_intrinsics, wav_bytes)
+from gsavatar.viewer.core import (
+    AUDIO_ELEMENT_ID,
+    PlayClock,
+    UploadGate,
+    audio_html,
+    camera_from_pose,
+    frame_at,
+    initial_camera,
+    tracked_fov,
+    upload_label,
+    validate_upload,
+    view_intrinsics,
+    wav_bytes,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -391,9 +403,9 @@ def test_initial_view_renders_like_the_tracked_camera_and_server_binds_localhost
         wxyz, position, _ = _look_at_pose(init["position"], init["look_at"], init["up"])
         camera = camera_from_pose(wxyz, position)
         assert np.array_equal(camera, np.eye(4))
-        drive, avatar, cfg = viewer.drive, viewer.avatar, viewer.cfg
+        drive, avatar = viewer.drive, viewer.avatar
         with torch.no_grad():
-            reference = avatar(drive.inputs(7, cfg.avatar)).image
+            reference = avatar(drive.inputs(7, avatar)).image
         reference = (reference.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
         image = viewer.renderer.render(drive, 7, camera, init["fov"], aspect=1.0)
         assert np.array_equal(image, reference)
@@ -577,7 +589,7 @@ def test_viewer_in_headless_chromium(browser_available, trained, tmp_path):
               and s1.last_camera is not None and np.array_equal(s1.last_camera, np.eye(4)), what="the tracked view")
         assert np.array_equal(s1.camera, np.eye(4)), "the initial browser camera is not the tracked camera"
         with torch.no_grad():
-            tracked = viewer.avatar(viewer.drive.inputs(s1.last_frame, viewer.cfg.avatar)).image
+            tracked = viewer.avatar(viewer.drive.inputs(s1.last_frame, viewer.avatar)).image
         tracked = (tracked.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
         assert np.array_equal(s1.last_image, tracked)  # untouched view == camera=None render
         time.sleep(1.0)  # let the texture reach the screen

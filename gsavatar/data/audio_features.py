@@ -57,7 +57,6 @@ __all__ = [
     "available_kinds",
     "check_available",
     "extractor_from_description",
-    "frame_windows",
     "make_extractor",
     "mel_filterbank",
 ]
@@ -102,10 +101,14 @@ class AudioFeatureExtractor(abc.ABC):
             ``[k/25, (k+1)/25)``.
         """
 
-    @classmethod
+    @classmethod  # noqa: B027 (an optional hook: most kinds need nothing)
     def check_available(cls, **options: Any) -> None:
         """Raise :class:`MissingDependencyError` if building this kind with ``options`` would fail
         for a missing package or missing weights; loads nothing (see :func:`check_available`)."""
+
+    RUN_OPTIONS: tuple[str, ...] = ()
+    """Constructor options that say how to run the extractor (device, threads), not what the features
+    are: left out of :meth:`describe`, chosen again wherever it is rebuilt."""
 
     def options(self) -> dict[str, Any]:
         """Constructor keyword arguments that rebuild this extractor (json-serialisable)."""
@@ -120,7 +123,8 @@ class AudioFeatureExtractor(abc.ABC):
 
         ``make_extractor(d["kind"], **d["options"])`` (or :func:`extractor_from_description`)
         rebuilds an equivalent extractor; ``details`` records the fixed analysis settings and
-        the resolved model location for provenance.
+        the resolved model location for provenance. It holds what defines the features only:
+        how to run the extractor (:attr:`RUN_OPTIONS`) is decided where it runs.
         """
         return {
             "kind": self.kind,
@@ -128,7 +132,7 @@ class AudioFeatureExtractor(abc.ABC):
             "steps_per_frame": int(self.steps_per_frame),
             "sample_rate": SAMPLE_RATE,
             "fps": FPS,
-            "options": self.options(),
+            "options": {k: v for k, v in self.options().items() if k not in self.RUN_OPTIONS},
             "details": self.details(),
         }
 
@@ -340,6 +344,8 @@ class WhisperEncoderExtractor(AudioFeatureExtractor):
     extractor is built; nothing is downloaded.
     """
 
+    RUN_OPTIONS = ('device', 'cpu_threads')
+
     kind = "whisper"
     CHUNK_SECONDS = 30
     ENCODER_HOP = 320  # samples per encoder state (2 mel hops of 160)
@@ -514,6 +520,8 @@ class HFSpeechEncoderExtractor(AudioFeatureExtractor):
     on the right that exactly ``2 * num_frames`` outputs exist; should a model produce fewer,
     the last one is replicated.
     """
+
+    RUN_OPTIONS = ('device',)
 
     def __init__(
         self,
@@ -801,14 +809,18 @@ def make_extractor(kind: str, **options: Any) -> AudioFeatureExtractor:
     return factory(**options)
 
 
-def extractor_from_description(description: dict[str, Any]) -> AudioFeatureExtractor:
-    """Rebuild an extractor from :meth:`AudioFeatureExtractor.describe` output."""
+def extractor_from_description(description: dict[str, Any], **run_options: Any) -> AudioFeatureExtractor:
+    """Rebuild an extractor from :meth:`AudioFeatureExtractor.describe` output; ``run_options`` (its
+    kind's ``RUN_OPTIONS``, e.g. ``device``) say how to run it here. Run settings an older
+    description still holds are dropped: they belong to the machine that made it."""
     try:
         kind = description["kind"]
         options = dict(description.get("options") or {})
     except (KeyError, TypeError, AttributeError):
         raise InputError("not an audio feature description (needs 'kind' and 'options')") from None
-    extractor = make_extractor(kind, **options)
+    run_names = getattr(_REGISTRY.get(kind, (None, None))[1], "RUN_OPTIONS", ())
+    options = {k: v for k, v in options.items() if k not in run_names}
+    extractor = make_extractor(kind, **options, **{k: v for k, v in run_options.items() if k in run_names})
     for key in ("dim", "steps_per_frame"):
         want = description.get(key)
         if want is not None and int(want) != getattr(extractor, key):
@@ -817,53 +829,3 @@ def extractor_from_description(description: dict[str, Any]) -> AudioFeatureExtra
                 f"description says {want} (different model?)"
             )
     return extractor
-
-
-# --------------------------------------------------------------------------------------------
-# Temporal windows
-# --------------------------------------------------------------------------------------------
-
-
-def frame_windows(features: Any, indices: Any, radius: int) -> Any:
-    """Windows of ``2 * radius + 1`` frames around each index, with edge replication.
-
-    Args:
-        features: ``[N, ...]`` (typically ``[N, S, D]``) numpy array or torch tensor.
-        indices: 1-D integer indices in ``[0, N)`` (sequence, numpy array or torch tensor).
-        radius: frames on each side (>= 0).
-
-    Returns:
-        ``[len(indices), 2 * radius + 1, ...]``, same array type (and for torch the same dtype
-        and device) as ``features``; window ``w`` of index ``i`` holds frame
-        ``clamp(i - radius + w, 0, N - 1)``.
-    """
-    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
-        raise InputError(f"radius must be a non-negative integer, got {radius!r}")
-    n = int(features.shape[0]) if getattr(features, "ndim", 0) >= 1 else 0
-    if n == 0:
-        raise InputError("frame_windows needs at least one feature frame")
-
-    if type(features).__module__.startswith("torch"):
-        import torch
-
-        idx = torch.as_tensor(indices, device=features.device)
-        if idx.ndim == 0:
-            idx = idx[None]
-        if idx.ndim != 1 or idx.is_floating_point() or idx.is_complex():
-            raise InputError(f"indices must be 1-D integers, got shape {tuple(idx.shape)}")
-        idx = idx.long()
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-            lo, hi = int(idx.min()), int(idx.max())
-            raise InputError(f"indices must lie in [0, {n}), got {lo}..{hi}")
-        offsets = torch.arange(-radius, radius + 1, device=features.device)
-        return features[(idx[:, None] + offsets[None, :]).clamp_(0, n - 1)]
-
-    features = np.asarray(features)
-    idx = np.atleast_1d(np.asarray(indices))
-    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-        raise InputError(f"indices must be 1-D integers, got shape {idx.shape} dtype {idx.dtype}")
-    idx = idx.astype(np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise InputError(f"indices must lie in [0, {n}), got {idx.min()}..{idx.max()}")
-    offsets = np.arange(-radius, radius + 1)
-    return features[np.clip(idx[:, None] + offsets[None, :], 0, n - 1)]

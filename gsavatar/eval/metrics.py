@@ -24,6 +24,9 @@ import math
 import numpy as np
 import torch
 
+from gsavatar import imaging
+from gsavatar.data.timebase import FPS, SAMPLE_RATE
+
 MOUTH_POINTS = np.arange(48, 68)
 FACE_POINTS = np.arange(68)
 INNER_LIP_PAIRS = ((61, 67), (62, 66), (63, 65))
@@ -33,9 +36,7 @@ EYE_CORNERS = (36, 45)
 # -- images -----------------------------------------------------------------------------------
 def mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     """Mean squared error of ``[H, W, C]`` images (over pixels where ``mask [H, W, 1]`` > 0)."""
-    from gsavatar.train.losses import mse as _mse
-
-    return float(_mse(a.detach().float(), b.detach().float(), mask))
+    return float(imaging.mse(a.detach().float(), b.detach().float(), mask))
 
 
 def psnr_from_mse(values) -> float | None:
@@ -48,9 +49,7 @@ def psnr_from_mse(values) -> float | None:
 
 def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     """Mean SSIM of ``[H, W, C]`` images in [0, 1] (inside ``mask`` if given)."""
-    from gsavatar.train.losses import masked_mean, ssim_map
-
-    return float(masked_mean(ssim_map(a.detach().float(), b.detach().float()), mask))
+    return float(imaging.masked_mean(imaging.ssim_map(a.detach().float(), b.detach().float()), mask))
 
 
 # -- landmarks --------------------------------------------------------------------------------
@@ -92,7 +91,7 @@ def pearson(a, b) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def speech_energy(samples: np.ndarray, num_frames: int, sample_rate: int = 16000, fps: int = 25,
+def speech_energy(samples: np.ndarray, num_frames: int, sample_rate: int = SAMPLE_RATE, fps: int = FPS,
                   band_hz: tuple[float, float] = (300.0, 3000.0)) -> np.ndarray:
     """``[num_frames]`` log band energy of the audio each frame owns (samples [k T, (k+1) T), T = rate / fps)."""
     hop = sample_rate // fps

@@ -6,6 +6,7 @@ channel-wise by a "region attention" gate computed from the spatial features; a 
 -> offsets of position, rotation (added to the quaternion) and log-scale.
 Mouth: the same with audio only, position offsets only.
 Torso: camera-frame Gaussians; hash features + the head pose -> position offsets.
+Each ``forward`` takes the render layer's ``backend`` (None: the reference), which runs the hash grids.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class AudioConditioner(nn.Module):
 class FaceDeformer(nn.Module):
     """Canonical centres ``[G, 3]`` + audio + blink -> (d_position [G,3] m, d_quat [G,4], d_log_scale [G,3])."""
 
-    def __init__(self, cfg: BranchConfig, feature_dim: int, audio_steps: int, audio_frames: int, audio_dim: int, blink_dim: int, bound: float):
+    def __init__(self, cfg: BranchConfig, feature_dim: int, audio_steps: int, audio_frames: int, audio_dim: int,
+                 blink_dim: int, bound: float):
         super().__init__()
         self.position_scale = cfg.position_scale
         self.spatial = TriPlaneEncoder(cfg.hash, bound)
@@ -99,8 +101,8 @@ class FaceDeformer(nn.Module):
         nn.init.zeros_(self.decoder[-1].weight)  # start from the canonical shape
         nn.init.zeros_(self.decoder[-1].bias)
 
-    def forward(self, xyz: torch.Tensor, audio_windows: torch.Tensor, blink: torch.Tensor):
-        h = self.spatial(xyz)
+    def forward(self, xyz: torch.Tensor, audio_windows: torch.Tensor, blink: torch.Tensor, backend=None):
+        h = self.spatial(xyz, backend)
         a = self.audio(audio_windows)  # [C]
         e = self.blink(blink.reshape(1, 1))  # [1, E]
         a = torch.sigmoid(self.audio_gate(h)) * a[None]
@@ -123,8 +125,8 @@ class MouthDeformer(nn.Module):
         nn.init.zeros_(self.decoder[-1].weight)
         nn.init.zeros_(self.decoder[-1].bias)
 
-    def forward(self, xyz: torch.Tensor, audio_windows: torch.Tensor) -> torch.Tensor:
-        h = self.spatial(xyz)
+    def forward(self, xyz: torch.Tensor, audio_windows: torch.Tensor, backend=None) -> torch.Tensor:
+        h = self.spatial(xyz, backend)
         a = torch.sigmoid(self.audio_gate(h)) * self.audio(audio_windows)[None]
         return self.decoder(torch.cat([h, a], dim=1))
 
@@ -143,6 +145,6 @@ class TorsoDeformer(nn.Module):
         nn.init.zeros_(self.decoder[-1].weight)
         nn.init.zeros_(self.decoder[-1].bias)
 
-    def forward(self, xyz: torch.Tensor, centre: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
-        h = self.spatial(((xyz - centre) / (2 * self.bound) + 0.5).clamp(0, 1))
+    def forward(self, xyz: torch.Tensor, centre: torch.Tensor, pose: torch.Tensor, backend=None) -> torch.Tensor:
+        h = self.spatial(((xyz - centre) / (2 * self.bound) + 0.5).clamp(0, 1), backend)
         return self.decoder(torch.cat([h, pose.reshape(1, -1).expand(len(xyz), -1)], dim=1))

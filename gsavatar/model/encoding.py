@@ -35,43 +35,28 @@ Output
     in float32 (float64 for a float64 table); for ``max_resolution`` well above ``2**16`` float32
     no longer resolves the fractional position finely.
 
-Backends (``HashGrid(..., backend=)``, ``TriPlaneEncoder(..., backend=)``)
-    ``"torch"``: the reference. ``"cuda"``: the CUDA kernel (CUDA tensors). ``"cpp"``: the kernel's
-    host twin, the same math in C++ loops (CPU tensors; for tests and benchmarks). ``"emulated"``: the
-    CUDA kernel itself on CPU tensors through the CPU emulator of the CUDA thread model (tests only,
-    slow; :mod:`gsavatar.kernels`). ``"auto"`` (the
-    default): the CUDA kernel for a float32 table on a CUDA device when it can be built there (a
-    failed build warns once and falls back), else the reference. The kernels run float32 tables
-    only (``x`` is converted to float32, as the reference does for a float32 table), at most
-    ``hashgrid_max_levels`` levels and ``hashgrid_max_features`` features (64 and 8); the first
-    call builds them (:func:`gsavatar.kernels.load`), importing this module builds nothing.
-    Their backward is not differentiable again (no second-order gradients).
+Backends
+    ``forward(x, backend=None)``: the reference code below, or, given a
+    :class:`gsavatar.render.Backend` (which the render layer chooses), its kernels for the inputs
+    they take (float32 tables, at most 64 levels and 8 features; first use builds them). Their
+    backward is not differentiable again (no second-order gradients).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import types
-import warnings
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from gsavatar import kernels
-from gsavatar.config import HashGridConfig, _is_int  # noqa: F401 (HashGridConfig re-exported)
+from gsavatar.config import HashGridConfig, _is_int
 from gsavatar.errors import InputError
 
-__all__ = ["BACKENDS", "HASH_PRIMES", "HashGrid", "HashGridConfig", "TriPlaneEncoder", "dense_index", "hash_index"]
+__all__ = ["HASH_PRIMES", "HashGrid", "HashGridConfig", "TriPlaneEncoder", "dense_index", "hash_index"]
 
 HASH_PRIMES = (1, 2654435761, 805459861)
 """Per-axis multipliers of the spatial hash (Instant-NGP, section 3)."""
-
-BACKENDS = ("auto", "torch", "cpp", "cuda", "emulated")
-"""Implementations :class:`HashGrid` can run on; see the module docstring."""
-
 
 def dense_index(coords: Tensor, resolution: int) -> Tensor:
     """Dense table entry of integer vertex coordinates ``coords`` [..., dim] (each in ``0..resolution``)."""
@@ -91,54 +76,22 @@ def hash_index(coords: Tensor, log2_table_size: int) -> Tensor:
     return index & ((1 << log2_table_size) - 1)
 
 
-class _CompiledHashGrid(torch.autograd.Function):
-    """:class:`HashGrid`'s forward and backward by our kernels: ``x`` [P, dim] and ``table`` float32."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, table: Tensor, ext: types.ModuleType, resolutions: list[int]) -> Tensor:
-        ctx.ext, ctx.resolutions = ext, resolutions
-        ctx.save_for_backward(x, table)
-        return ext.hashgrid_forward(x, table, resolutions)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        x, table = ctx.saved_tensors
-        grad_table, grad_x = ctx.ext.hashgrid_backward(grad_out, x, table, ctx.resolutions, ctx.needs_input_grad[0])
-        return grad_x, grad_table if ctx.needs_input_grad[1] else None, None, None
-
-
-@functools.lru_cache(maxsize=None)
-def _auto_cuda_kernels() -> types.ModuleType | None:
-    """The CUDA kernels for ``backend="auto"``, decided once per process: None where they cannot be built."""
-    if not kernels.available("cuda"):
-        return None
-    try:
-        return kernels.load("cuda")
-    except kernels.KernelBuildError as exc:
-        warnings.warn(f"{exc}; HashGrid falls back to the PyTorch reference", RuntimeWarning, stacklevel=2)
-        return None
-
-
 class HashGrid(nn.Module):
     """A ``dim``-dimensional (2 or 3) multiresolution hash grid over ``[0, 1]**dim``.
 
     ``forward(x)``: ``x`` [..., dim] (clamped to ``[0, 1]``) -> features [..., output_dim] in the
     table's dtype, ``output_dim = num_levels * features_per_level``. See the module docstring for
-    the exact indexing and interpolation rules and for ``backend`` (one of :data:`BACKENDS`).
+    the exact indexing and interpolation rules and for ``backend``.
     """
 
     output_dim: int
 
-    def __init__(self, dim: int, cfg: HashGridConfig, backend: str = "auto"):
+    def __init__(self, dim: int, cfg: HashGridConfig):
         super().__init__()
         if not _is_int(dim) or dim not in (2, 3):
             raise InputError(f"HashGrid dim must be 2 or 3 (got {dim!r})")
-        if backend not in BACKENDS:
-            raise InputError(f"HashGrid backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
         cfg.validate()
         self.dim = dim
-        self.backend = backend
         self.cfg = dataclasses.replace(cfg)
         self.table_size = 1 << cfg.log2_table_size
         self.resolutions = cfg.resolutions()
@@ -162,7 +115,7 @@ class HashGrid(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, levels={self.cfg.num_levels}, features={self.cfg.features_per_level}, "
                 f"table=2^{self.cfg.log2_table_size}, resolutions={self.resolutions[0]}..{self.resolutions[-1]}, "
-                f"dense_levels={self.num_dense}, backend={self.backend}")
+                f"dense_levels={self.num_dense}")
 
     def vertex_index(self, level: int, coords: Tensor) -> Tensor:
         """Entry of level ``level``'s table row used by integer vertex coordinates ``coords`` [..., dim]."""
@@ -225,35 +178,14 @@ class HashGrid(nn.Module):
             raise InputError(f"HashGrid({self.dim}) input must have shape [..., {self.dim}] (got {tuple(x.shape)})")
         return x.reshape(-1, self.dim)
 
-    def _kernels(self, x: Tensor) -> types.ModuleType | None:
-        """The compiled extension that runs this call on ``x`` [P, dim], or None for the reference."""
-        if self.backend == "torch":
-            return None
-        table = self.table
-        if self.backend == "auto":
-            if not (x.is_cuda and table.is_cuda and table.dtype == torch.float32):
-                return None
-            ext = _auto_cuda_kernels()
-            if ext is None or self.cfg.num_levels > ext.hashgrid_max_levels \
-                    or self.cfg.features_per_level > ext.hashgrid_max_features:
-                return None
-            return ext
-        kind = kernels.KIND_OF_BACKEND[self.backend]  # the kernel build (host twins for "cpp")
-        device = kernels.DEVICE_OF_KIND[kind]
-        if x.device.type != device or table.device.type != device:
-            raise InputError(f"HashGrid backend {self.backend!r} needs {device} tensors "
-                             f"(input on {x.device}, table on {table.device})")
-        if table.dtype != torch.float32:
-            raise InputError(f"HashGrid backend {self.backend!r} needs a float32 table (got {table.dtype}); "
-                             f"use backend 'torch'")
-        return kernels.load(kind)
-
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, backend=None) -> Tensor:
+        """Features of ``x``; ``backend`` (a :class:`gsavatar.render.Backend`, None: the reference) may
+        run them on our kernels."""
         x2 = self._check(x)
-        ext = self._kernels(x2)
-        if ext is not None:
-            out = _CompiledHashGrid.apply(x2.to(torch.float32).contiguous(), self.table, ext, self.resolutions)
-            return out.view(*x.shape[:-1], self.output_dim)
+        if backend is not None:
+            out = backend.encode_hash_grid(x2, self.table, self.resolutions)
+            if out is not None:
+                return out.view(*x.shape[:-1], self.output_dim)
         F = self.cfg.features_per_level
         idx, frac = self._cells(x2)                              # [C, L, P], [dim, L, P]
         C, L, P = idx.shape
@@ -280,7 +212,7 @@ class TriPlaneEncoder(nn.Module):
     ``forward(xyz)``: ``xyz`` [..., 3] in world units, clamped to ``[-bound, bound]`` and mapped to
     ``[0, 1]`` by ``(xyz + bound) / (2 * bound)`` -> the three planes' features concatenated in
     that order, [..., output_dim] with ``output_dim = 3 * num_levels * features_per_level``.
-    ``backend`` is the planes' (:class:`HashGrid`).
+    ``forward(xyz, backend)`` passes ``backend`` to the planes (:class:`HashGrid`).
     """
 
     PLANES = ((0, 1), (1, 2), (0, 2))
@@ -288,13 +220,13 @@ class TriPlaneEncoder(nn.Module):
 
     output_dim: int
 
-    def __init__(self, cfg: HashGridConfig, bound: float, backend: str = "auto"):
+    def __init__(self, cfg: HashGridConfig, bound: float):
         super().__init__()
         if not (isinstance(bound, (int, float)) and not isinstance(bound, bool)
                 and math.isfinite(bound) and bound > 0):
             raise InputError(f"TriPlaneEncoder bound must be a finite number > 0 (got {bound!r})")
         self.bound = float(bound)
-        self.planes = nn.ModuleList(HashGrid(2, cfg, backend) for _ in self.PLANES)
+        self.planes = nn.ModuleList(HashGrid(2, cfg) for _ in self.PLANES)
         self.output_dim = sum(p.output_dim for p in self.planes)
 
     def extra_repr(self) -> str:
@@ -307,9 +239,9 @@ class TriPlaneEncoder(nn.Module):
             raise InputError(f"TriPlaneEncoder input must have shape [..., 3] (got {shape})")
         return ((xyz + self.bound) / (2 * self.bound)).clamp(0.0, 1.0)
 
-    def forward(self, xyz: Tensor) -> Tensor:
+    def forward(self, xyz: Tensor, backend=None) -> Tensor:
         u = self.normalize(xyz)
         # Slices, not u[..., [i, j]]: indexing a CUDA tensor with a Python list copies the list to
         # the GPU and waits for it, a host synchronisation per plane every frame.
-        return torch.cat([grid(u[..., slice(i, j + 1, j - i)]) for grid, (i, j) in zip(self.planes, self.PLANES)],
+        return torch.cat([grid(u[..., slice(i, j + 1, j - i)], backend) for grid, (i, j) in zip(self.planes, self.PLANES)],
                          dim=-1)

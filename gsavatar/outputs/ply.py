@@ -44,6 +44,7 @@ import torch
 
 from gsavatar.data.io import atomic_write_bytes
 from gsavatar.errors import InputError
+from gsavatar.model.io import SubjectInfo
 
 BRANCH_IDS = {"face": 0, "mouth": 1, "torso": 2}
 FRAME_NAME = "head"
@@ -218,7 +219,7 @@ def header_info(comments: list[str]) -> dict:
 
 
 # -- the command ------------------------------------------------------------------------------
-def reference_view(subject: dict) -> torch.Tensor:
+def reference_view(subject: SubjectInfo) -> torch.Tensor:
     """The median training pose as a head -> camera view matrix."""
     from gsavatar.drive import DriveConfig, pose_sequence
 
@@ -226,39 +227,39 @@ def reference_view(subject: dict) -> torch.Tensor:
     return viewmats[0]
 
 
-def _own_audio_sequence(subject: dict):
+def _own_audio_sequence(subject: SubjectInfo):
     """The subject's own recording as a DriveSequence (its tracked pose, blink and audio features)."""
     from gsavatar.data.dataset import SubjectDataset
     from gsavatar.drive import DriveSequence
 
-    root = Path(subject.get("subject_dir") or "")
+    root = Path(subject.subject_dir or "")
     hint = "pass --audio SPEECH to drive the avatar with a speech file"
-    if not subject.get("subject_dir") or not root.is_dir():
+    if not subject.subject_dir or not root.is_dir():
         raise InputError(f"--frame without --audio uses the training audio, but the subject dataset {root} is gone; {hint}")
     try:
-        feats = np.asarray(SubjectDataset(root).audio_features(subject["audio_kind"]), np.float32)
+        feats = np.asarray(SubjectDataset(root).audio_features(subject.audio.kind), np.float32)
     except InputError as e:
         raise InputError(f"{e}; {hint}") from None
-    n = min(len(feats), len(subject["viewmats"]))
-    return DriveSequence(torch.from_numpy(feats[:n].copy()), subject["viewmats"][:n].float(), subject["poses"][:n].float(),
-                         subject["blink"][:n].float(), torch.eye(4).repeat(n, 1, 1), subject["K"].float(),
-                         int(subject["render_size"]))
+    n = min(len(feats), len(subject.viewmats))
+    return DriveSequence(torch.from_numpy(feats[:n].copy()), subject.viewmats[:n].float(), subject.poses[:n].float(),
+                         subject.blink[:n].float(), torch.eye(4).repeat(n, 1, 1), subject.K.float(),
+                         subject.render_size)
 
 
 def export_ply(run_dir: str | Path, out_path: str | Path, frame: int | None = None, audio: str | Path | None = None,
                drive=None, max_seconds: float = 600.0) -> dict:
     """Write the avatar of ``run_dir`` (canonical, or deformed for output ``frame``) to ``out_path``."""
     from gsavatar.drive import build_drive, load_speech
+    from gsavatar.model.io import find_avatar_file, load_run
     from gsavatar.outputs.render_video import check_output_path
-    from gsavatar.train.checkpoint import find_avatar_file
-    from gsavatar.train.checkpoint import load_avatar
 
     out_path = check_output_path(out_path, ".ply")
     if audio is not None and frame is None:
         raise InputError("--audio only matters with --frame K (the Gaussians deformed for output frame K)")
     avatar_path = find_avatar_file(run_dir)
     samples = load_speech(audio, max_seconds=max_seconds) if audio is not None else None
-    avatar, cfg, subject = load_avatar(avatar_path)
+    bundle = load_run(avatar_path)
+    avatar, subject = bundle.avatar, bundle.subject
     inputs, what = None, "canonical (undeformed) Gaussians"
     if frame is None:
         reference = reference_view(subject)
@@ -267,14 +268,14 @@ def export_ply(run_dir: str | Path, out_path: str | Path, frame: int | None = No
         seq = build_drive(subject, samples, drive) if samples is not None else _own_audio_sequence(subject)
         if not 0 <= frame < len(seq):
             raise InputError(f"--frame {frame} is out of range: the sequence has frames 0..{len(seq) - 1}")
-        inputs = seq.inputs(frame, cfg.avatar)
+        inputs = seq.inputs(frame, avatar)
         reference = seq.viewmats[frame]
         source = f"speech {Path(audio).name}" if audio is not None else "the training audio"
         what = f"Gaussians deformed for output frame {frame} driven by {source}"
         view_text = f"frame {frame}'s head pose"
     gaussians = avatar_gaussians(avatar, reference, inputs)
     ranges = gaussians["ranges"]
-    K = subject["K"].detach().cpu().float()
+    K = subject.K.detach().cpu().float()
     comments = [
         f"gsavatar export of {avatar_path}: {what}",
         f"gsavatar frame: {FRAME_NAME} (metres; OpenCV axes: x right, y down, z into the head, face towards -z); "
@@ -283,7 +284,7 @@ def export_ply(run_dir: str | Path, out_path: str | Path, frame: int | None = No
         "gsavatar vertex property branch (int): 0 face, 1 mouth, 2 torso",
         f"gsavatar reference viewmat (head -> camera, row-major): {_matrix_text(reference)}",
         f"gsavatar intrinsics K (row-major): {_matrix_text(K)}",
-        f"gsavatar render size: {int(subject['render_size'])}",
+        f"gsavatar render size: {subject.render_size}",
     ]
     write_ply(out_path, gaussians, comments)
     return {"out": str(out_path), "avatar": str(avatar_path), "gaussians": {b: z - a for b, (a, z) in ranges.items()},

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gsavatar.config import check_frame_size
 from gsavatar.drive import FPS, SAMPLE_RATE, DriveConfig, build_drive, load_keyframes, load_speech
 from gsavatar.errors import InputError
+from gsavatar.imaging import to_uint8
 from gsavatar.runtime import resolve_device, restores_torch_threads
-from gsavatar.render import PairBudget
 
 DEFAULT_MAX_SECONDS = 600.0
 BUILTIN_CAMERAS = ("train", "orbit", "zoom")
@@ -66,11 +67,6 @@ def load_background(path: str | Path, size: int) -> torch.Tensor:
     return torch.from_numpy(image.astype(np.float32) / 255.0)
 
 
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """``[H, W, 3]`` float in [0, 1] -> uint8 (rounded)."""
-    return (image.detach().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
-
-
 @restores_torch_threads
 def render_video(run_dir: str | Path, audio_path: str | Path, out_path: str | Path, drive: DriveConfig | None = None,
                  size: int | None = None, frames_dir: str | Path | None = None, background: str | Path | None = None,
@@ -84,10 +80,9 @@ def render_video(run_dir: str | Path, audio_path: str | Path, out_path: str | Pa
     preset's, 1 for the CPU presets: on a busy 2-core machine more threads are many times slower;
     0: torch's default).
     """
-    from tqdm import tqdm
-
+    from gsavatar.model.io import find_avatar_file, load_run
     from gsavatar.outputs.video_writer import write_mp4
-    from gsavatar.train.checkpoint import find_avatar_file, load_avatar
+    from gsavatar.progress import progress as progress_report
 
     t_start = time.perf_counter()
     drive = drive or DriveConfig()
@@ -100,13 +95,12 @@ def render_video(run_dir: str | Path, audio_path: str | Path, out_path: str | Pa
     dev = resolve_device(device)
     avatar_path = find_avatar_file(run_dir)
     samples = load_speech(audio_path, max_seconds=max_seconds)
-    avatar, cfg, subject = load_avatar(avatar_path, dev)
+    bundle = load_run(avatar_path, dev)
+    avatar, cfg, subject = bundle.avatar, bundle.config, bundle.subject
     threads = cfg.cpu_threads if cpu_threads < 0 else cpu_threads
     if dev.type == "cpu" and threads > 0:
         torch.set_num_threads(threads)
-    render_size = int(subject["render_size"]) if size is None else int(size)
-    if render_size < 16 or render_size % 2:
-        raise InputError(f"--size must be an even number of at least 16 pixels (H.264 4:2:0 needs even sizes), got {render_size}")
+    render_size = subject.render_size if size is None else check_frame_size(size)
     plate = None if background is None else load_background(background, render_size).to(dev)
     seq = build_drive(subject, samples, drive, size=render_size)
     num = len(seq)
@@ -116,19 +110,17 @@ def render_video(run_dir: str | Path, audio_path: str | Path, out_path: str | Pa
     t_ready = time.perf_counter()
 
     render_s = 0.0
-    pair_budget = PairBudget()  # our kernels then wait for the GPU only when a frame is read back
 
     def frames():
         nonlocal render_s
         import cv2
 
-        bar = tqdm(total=num, desc="render", unit="frame", disable=not progress, dynamic_ncols=True)
+        bar = progress_report(total=num, desc="render", unit="frame", enabled=progress)
         try:
             for k in range(num):
                 t = time.perf_counter()
                 with torch.no_grad():
-                    inputs = seq.inputs(k, cfg.avatar, background=plate, device=dev)
-                    image = to_uint8(avatar.render_settled(inputs, pair_budget).image)
+                    image = to_uint8(avatar(seq.inputs(k, avatar, background=plate, device=dev)).image)
                 render_s += time.perf_counter() - t
                 if frames_dir is not None:
                     cv2.imwrite(str(frames_dir / f"frame_{k:05d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))

@@ -14,13 +14,15 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from gsavatar.data.timebase import SAMPLE_RATE
+
 
 def write_mp4(
     path: str | Path,
     frames: Iterable[np.ndarray],
     fps: int = 25,
     audio: np.ndarray | None = None,
-    audio_rate: int = 16000,
+    audio_rate: int = SAMPLE_RATE,
     timestamps: Sequence[float] | None = None,
     crf: int = 18,
     codec: str = "libx264",

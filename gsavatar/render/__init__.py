@@ -1,15 +1,20 @@
-"""Differentiable Gaussian rasterization (see :mod:`gsavatar.render.rasterize` for the conventions)."""
+"""Differentiable Gaussian rasterization and the backends behind it (see :mod:`gsavatar.render.rasterize`
+for the conventions and :mod:`gsavatar.render.backends` for what each backend runs)."""
 
 from gsavatar.render._compiled import PairBudget
-from gsavatar.render.rasterize import (
-    Projection,
-    RasterOutput,
+from gsavatar.render.backends import (
+    BACKEND_CHOICES,
+    Backend,
+    Layer,
+    LayerGaussians,
     available_backends,
     check_backend,
-    eval_sh,
-    project_gaussians,
-    rasterize,
-    resolve_backend,
+    get_backend,
+    rasterize_layers,
+    unsettled_pair_budget,
 )
+from gsavatar.render.rasterize import Projection, RasterOutput, eval_sh, project_gaussians, rasterize
 
-__all__ = ["PairBudget", "Projection", "RasterOutput", "available_backends", "check_backend", "eval_sh", "project_gaussians", "rasterize", "resolve_backend"]
+__all__ = ["BACKEND_CHOICES", "Backend", "Layer", "LayerGaussians", "PairBudget", "Projection", "RasterOutput",
+           "available_backends", "check_backend", "eval_sh", "get_backend", "project_gaussians", "rasterize",
+           "rasterize_layers", "unsettled_pair_budget"]

@@ -1,9 +1,9 @@
-"""The compiled rasterizer backends: ``"cuda"`` (our CUDA kernels), ``"cpp"`` (their host twins) and,
-for tests only, ``"emulated"`` (the CUDA kernels on CPU tensors through the CPU emulator of the CUDA
-thread model, :mod:`gsavatar.kernels`; very slow).
+"""Our compiled kernels behind the ``"cuda"`` and ``"cpp"`` backends (:mod:`gsavatar.render.backends`):
+the rasterizer and the hash grid, as autograd functions over the extension built by
+:mod:`gsavatar.kernels` (every function here takes that extension, so any build of the same
+sources runs through the same code).
 
-All run the kernels in ``cuda/`` (built on first use by :mod:`gsavatar.kernels`) through two
-autograd functions that mirror the reference's stages (``_torch_impl``):
+The rasterizer runs through two autograd functions that mirror the reference's stages (``_torch_impl``):
 
 * :class:`_Project` = ``_fully_fused_projection`` + ``_spherical_harmonics`` (one kernel each way),
 * binning = ``_isect_tiles`` + ``_isect_offset_encode`` (no gradient; one host synchronisation for
@@ -27,22 +27,14 @@ Differences from the ``"torch"`` reference, all deliberate:
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from gsavatar import kernels
 from gsavatar.errors import InputError
 
 MIN_TRANSMITTANCE = 1e-4
 """Default early-stop threshold of the compiled backends (3DGS's value)."""
-
-KIND_OF_BACKEND = kernels.KIND_OF_BACKEND
-"""Rasterizer backend name -> kernel build (:func:`gsavatar.kernels.load`)."""
-BACKEND_OF_KIND = {kind: backend for backend, kind in KIND_OF_BACKEND.items()}
-DEVICE_OF_KIND = kernels.DEVICE_OF_KIND
 
 
 class _Project(torch.autograd.Function):
@@ -153,8 +145,7 @@ class PairBudget:
         return max(1024, int(pairs * self.headroom) + 1)
 
 
-def _check(kind: str, tensors: dict[str, Tensor]) -> None:
-    backend, want = BACKEND_OF_KIND[kind], DEVICE_OF_KIND[kind]
+def _check(backend: str, want: str, tensors: dict[str, Tensor]) -> None:
     for name, t in tensors.items():
         if t.dtype != torch.float32:
             raise InputError(f"rasterize: the {backend!r} backend takes float32 only ({name} is {t.dtype}); "
@@ -167,10 +158,10 @@ def _check(kind: str, tensors: dict[str, Tensor]) -> None:
                              f"({name[:-1]} requires grad); use backend='torch' to optimise cameras")
 
 
-def rasterize_batch(kind: str, means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor,
+def rasterize_batch(ext, backend: str, device_type: str, means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor,
                     image_ids: Tensor, viewmats: Tensor, Ks: Tensor, width: int, height: int, *,
                     sh_degree: int | None, near: float = 0.01, far: float = 1e3, eps2d: float = 0.3,
-                    min_transmittance: float = MIN_TRANSMITTANCE, group_sizes: list[int] | None = None,
+                    min_transmittance: float | None = None, group_sizes: list[int] | None = None,
                     pair_budget: PairBudget | None = None) -> tuple[Tensor, ...]:
     """Render ``B = len(viewmats)`` images at once; Gaussian ``i`` is drawn only into image ``image_ids[i]``.
 
@@ -182,9 +173,10 @@ def rasterize_batch(kind: str, means: Tensor, quats: Tensor, scales: Tensor, opa
     tuples with one tensor per group, and ``retain_grad()`` works on each ``means2d`` part.
     With ``pair_budget`` the binning does not synchronise (see :class:`PairBudget`).
     """
-    _check(kind, {"means": means, "quats": quats, "scales": scales, "opacities": opacities, "colors": colors,
+    _check(backend, device_type, {"means": means, "quats": quats, "scales": scales, "opacities": opacities, "colors": colors,
                   "viewmats": viewmats, "Ks": Ks})
-    ext = kernels.load(kind)
+    if min_transmittance is None:
+        min_transmittance = MIN_TRANSMITTANCE
     images = int(viewmats.shape[0])
     ids = image_ids.to(device=means.device, dtype=torch.int32).contiguous()
     viewmats, Ks = viewmats.detach().contiguous(), Ks.detach().contiguous()
@@ -211,23 +203,12 @@ def rasterize_batch(kind: str, means: Tensor, quats: Tensor, scales: Tensor, opa
     return image[..., :3], alpha, image[..., 3:], parts, radii_parts, tuple(r > 0 for r in radii_parts)
 
 
-class Group(NamedTuple):
-    """Gaussians drawn into one image of :func:`rasterize_groups` (SH colours)."""
-
-    means: Tensor  # [G, 3]
-    quats: Tensor  # [G, 4]
-    scales: Tensor  # [G, 3]
-    opacities: Tensor  # [G]
-    sh: Tensor  # [G, K, 3]
-    sh_degree: int
-    viewmat: Tensor  # [4, 4]
-
-
-def rasterize_groups(kind: str, groups: list[Group], K: Tensor, width: int, height: int, *, near: float = 0.01,
-                     far: float = 1e3, eps2d: float = 0.3, min_transmittance: float = MIN_TRANSMITTANCE,
+def rasterize_groups(ext, backend: str, device_type: str, groups: list, K: Tensor, width: int, height: int, *,
+                     near: float = 0.01, far: float = 1e3, eps2d: float = 0.3, min_transmittance: float | None = None,
                      pair_budget: PairBudget | None = None) -> list[tuple[Tensor, ...]]:
     """Each group into its own image, all in one projection, binning and compositing pass.
 
+    ``groups``: :class:`gsavatar.render.backends.LayerGaussians`.
     Returns per group ``(color [H,W,3], alpha [H,W,1], depth [H,W,1], means2d, radii, visible)``.
     Groups with fewer SH coefficients are padded with zeros, which leaves their colours unchanged.
     """
@@ -236,7 +217,7 @@ def rasterize_groups(kind: str, groups: list[Group], K: Tensor, width: int, heig
     sizes = [len(g.means) for g in groups]
     ids = torch.cat([torch.full((n,), k, dtype=torch.int32, device=K.device) for k, n in enumerate(sizes)])
     color, alpha, depth, means2d, radii, visible = rasterize_batch(
-        kind, torch.cat([g.means for g in groups]), torch.cat([g.quats for g in groups]),
+        ext, backend, device_type, torch.cat([g.means for g in groups]), torch.cat([g.quats for g in groups]),
         torch.cat([g.scales for g in groups]), torch.cat([g.opacities for g in groups]), sh, ids,
         torch.stack([g.viewmat for g in groups]), K.expand(len(groups), 3, 3), width, height,
         sh_degree=max(g.sh_degree for g in groups), near=near, far=far, eps2d=eps2d,
@@ -244,19 +225,36 @@ def rasterize_groups(kind: str, groups: list[Group], K: Tensor, width: int, heig
     return [(color[k], alpha[k], depth[k], means2d[k], radii[k], visible[k]) for k in range(len(groups))]
 
 
-def make_backend_run(kind: str):
-    """The ``_BACKENDS`` entry's ``run`` for one build: a single image, the reference's signature."""
+def rasterize_image(ext, backend: str, device_type: str, means, quats, scales, opacities, colors, viewmat, K, width,
+                    height, *, sh_degree, background, near, far, eps2d, min_transmittance: float | None = None):
+    """A single image, with the reference's signature and outputs (the backend's ``rasterize``)."""
+    ids = torch.zeros(len(means), dtype=torch.int32, device=means.device)
+    color, alpha, depth, means2d, radii, visible = rasterize_batch(
+        ext, backend, device_type, means, quats, scales, opacities, colors, ids, viewmat[None], K[None], width,
+        height, sh_degree=sh_degree, near=near, far=far, eps2d=eps2d, min_transmittance=min_transmittance)
+    color, alpha, depth = color[0], alpha[0], depth[0]
+    if background is not None:
+        color = color + (1 - alpha) * background
+    return color, alpha, depth, means2d, radii, visible
 
-    def run(means, quats, scales, opacities, colors, viewmat, K, width, height, *, sh_degree, background, near, far,
-            eps2d, tile_size, min_transmittance: float = MIN_TRANSMITTANCE):
-        del tile_size  # always 16 x 16 here; the image does not depend on it
-        ids = torch.zeros(len(means), dtype=torch.int32, device=means.device)
-        color, alpha, depth, means2d, radii, visible = rasterize_batch(
-            kind, means, quats, scales, opacities, colors, ids, viewmat[None], K[None], width, height,
-            sh_degree=sh_degree, near=near, far=far, eps2d=eps2d, min_transmittance=min_transmittance)
-        color, alpha, depth = color[0], alpha[0], depth[0]
-        if background is not None:
-            color = color + (1 - alpha) * background
-        return color, alpha, depth, means2d, radii, visible
 
-    return run
+class _CompiledHashGrid(torch.autograd.Function):
+    """:class:`gsavatar.model.encoding.HashGrid`'s forward and backward by our kernels (float32)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, table: Tensor, ext, resolutions: list[int]) -> Tensor:
+        ctx.ext, ctx.resolutions = ext, resolutions
+        ctx.save_for_backward(x, table)
+        return ext.hashgrid_forward(x, table, resolutions)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, table = ctx.saved_tensors
+        grad_table, grad_x = ctx.ext.hashgrid_backward(grad_out, x, table, ctx.resolutions, ctx.needs_input_grad[0])
+        return grad_x, grad_table if ctx.needs_input_grad[1] else None, None, None
+
+
+def hash_grid_compiled(x: Tensor, table: Tensor, ext, resolutions: list[int]) -> Tensor:
+    """Features ``[P, L*F]`` of ``x [P, dim]`` from ``table [L, T, F]`` (the reference's contract)."""
+    return _CompiledHashGrid.apply(x.to(torch.float32).contiguous(), table, ext, resolutions)

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from gsavatar.tracking.camera import quat_to_matrix
+
 ALPHA_MIN = 1.0 / 255.0  # contributions with a smaller alpha are skipped
 ALPHA_MAX = 0.99  # alpha is capped here so that transmittance never reaches zero
 # Padding entries in a tile's Gaussian list get this log-opacity: exp() of it is exactly 0.
@@ -102,16 +104,6 @@ def _spherical_harmonics(degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:
 # Projection
 # --------------------------------------------------------------------------------------------
 
-def _quat_to_rotmat(quats: Tensor) -> Tensor:
-    """``[G, 4]`` quaternions ``(w, x, y, z)`` (normalised here) -> ``[G, 3, 3]`` rotations."""
-    q = quats / (quats * quats).sum(-1, keepdim=True).clamp_min(1e-24).sqrt()
-    w, x, y, z = q.unbind(-1)
-    rows = [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]
-    return torch.stack(rows, -1).reshape(-1, 3, 3)
-
-
 @dataclasses.dataclass
 class ProjectedGaussians:
     """What :func:`_fully_fused_projection` returns (all ``[G, ...]``)."""
@@ -154,7 +146,7 @@ def _fully_fused_projection(means: Tensor, quats: Tensor, scales: Tensor, viewma
     jac = torch.stack([fx / z, zero, -fx * xz_c / z, zero, fy / z, -fy * yz_c / z], -1).reshape(-1, 2, 3)
 
     # cov2d = (J W R S)(J W R S)^T: one [G,2,3] factor instead of two 3x3 sandwiches.
-    factor = (jac @ rot_v) @ (_quat_to_rotmat(quats) * scales[:, None, :])
+    factor = (jac @ rot_v) @ (quat_to_matrix(quats) * scales[:, None, :])
     row0, row1 = factor.unbind(1)
     a = (row0 * row0).sum(-1) + eps2d
     b = (row0 * row1).sum(-1)

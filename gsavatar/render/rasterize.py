@@ -10,7 +10,7 @@ Conventions
     (gsplat's convention: the image covers ``[0, W] x [0, H]``). The tracked cameras are fitted to
     MediaPipe landmarks stored as ``x * W`` (this same continuous convention), so the trainer
     passes the tracking's ``K`` unchanged (scaled by ``render_size / size``) and stores the ``K``
-    it trained with in the checkpoint (``subject["K"]``): render with that one.
+    it trained with in the checkpoint (``SubjectInfo.K``): render with that one.
 
     Gaussians: ``means [G, 3]`` in world space; ``quats [G, 4]`` as ``(w, x, y, z)``, normalised
     here; ``scales [G, 3]`` linear (positive) standard deviations along the rotated axes;
@@ -38,30 +38,23 @@ Outputs (:class:`RasterOutput`)
     alpha can reach 1/255); on CPU the torch backend is fastest at ``tile_size=8``.
 
 Backends
-    ``"torch"`` (always available): the pure-PyTorch reference in ``_torch_impl``, on CPU or CUDA,
-    float32 or float64, every input differentiable (``viewmat`` and ``K`` included).
-    ``"cuda"``: our CUDA kernels (``cuda/``, built on first use), float32 CUDA tensors.
-    ``"cpp"``: the same kernels' host twins on CPU tensors (for testing the kernels' arithmetic on
-    machines without a GPU). See ``_compiled`` for how these two differ from the reference.
-    ``"emulated"``: the CUDA kernels themselves on CPU tensors, run by a CPU emulator of the CUDA
-    thread model (tests only, very slow; :mod:`gsavatar.kernels`).
-    ``"gsplat"``: gsplat's CUDA ops (``pip install gsplat==1.5.3 packaging``), float32 CUDA tensors;
-    a cross-check for our kernels. See ``_gsplat`` for how it differs.
-    :func:`available_backends` lists those that can run here.
+    ``backend`` is a name or a :class:`~gsavatar.render.backends.Backend`; see
+    :mod:`gsavatar.render.backends` for what each name runs and how ``"auto"`` chooses.
+    ``"torch"`` (always available) takes every input differentiable (``viewmat`` and ``K``
+    included), float32 or float64; see ``_compiled`` and ``_gsplat`` for how the others differ.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
-import warnings
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from gsavatar.errors import InputError
-from gsavatar.render import _gsplat, _torch_impl
+from gsavatar.render import _torch_impl
+from gsavatar.render.backends import Backend, get_backend
 
 
 class RasterOutput(NamedTuple):
@@ -107,97 +100,14 @@ def project_gaussians(means: Tensor, quats: Tensor, scales: Tensor, viewmat: Ten
     return Projection(p.means2d, p.conics, p.cov2d, p.depths, p.radii, p.visible)
 
 
-# --------------------------------------------------------------------------------------------
-# Backends
-# --------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class _Backend:
-    available: Callable[[], bool]
-    # (means, quats, scales, opacities, colors, viewmat, K, width, height, *, sh_degree, background,
-    #  near, far, eps2d, tile_size) -> (color, alpha, depth, means2d, radii, visible)
-    run: Callable[..., tuple[Tensor, ...]]
-    devices: tuple[str, ...]  # torch device types whose tensors it takes
-    why_unavailable: Callable[[], str | None] = lambda: None  # one line for the error message
-
-
-# The dispatch table. A backend registers here with a cheap availability check and a function with
-# the same signature and semantics as ``_torch_impl.rasterize_torch``, and gets a parity test
-# against "torch". "cuda" is our CUDA kernels and "cpp" their host twins (the same per-element code
-# run as C++ loops on CPU tensors), both from ``cuda/`` through ``_compiled`` (see its docstring for
-# what they do differently: float32, constant camera, early stop at transmittance 1e-4).
-# "gsplat" is gsplat's CUDA ops through an adapter (``_gsplat``), for cross-checking our kernels.
-def _compiled_backend(name: str) -> _Backend:
-    from gsavatar import kernels
-    from gsavatar.render import _compiled
-
-    kind = _compiled.KIND_OF_BACKEND[name]
-    return _Backend(available=lambda: kernels.available(kind), run=_compiled.make_backend_run(kind),
-                    devices=(_compiled.DEVICE_OF_KIND[kind],), why_unavailable=lambda: kernels.missing_requirements(kind))
-
-
-_BACKENDS: dict[str, _Backend] = {
-    "torch": _Backend(available=lambda: True, run=_torch_impl.rasterize_torch, devices=("cpu", "cuda")),
-    "cuda": _compiled_backend("cuda"),
-    "cpp": _compiled_backend("cpp"),
-    "gsplat": _Backend(available=lambda: _gsplat.missing_requirements() is None, run=_gsplat.rasterize_gsplat,
-                       devices=("cuda",), why_unavailable=_gsplat.missing_requirements),
-    "emulated": _compiled_backend("emulated"),  # tests only: the CUDA kernels on the CPU emulator
-}
-
-
-def resolve_backend(name: str, device: torch.device | str) -> str:
-    """``"auto"`` -> ``"cuda"`` for a CUDA device where our kernels build, else ``"torch"``; other names unchanged.
-
-    A failing CUDA build under ``"auto"`` warns (once, with the reason) and falls back to the
-    reference, so rendering never stops for it; name ``"cuda"`` explicitly to make it an error.
-    """
-    if name != "auto":
-        return name
-    if torch.device(device).type == "cuda" and _BACKENDS["cuda"].available():
-        from gsavatar import kernels
-
-        try:
-            kernels.load("cuda")
-            return "cuda"
-        except kernels.KernelBuildError as exc:
-            warnings.warn(f"{exc}; rendering with the PyTorch reference rasterizer instead", stacklevel=2)
-    return "torch"
-
-
-def check_backend(name: str, device: torch.device | str) -> str:
-    """``name`` if it can run on ``device``, else a one-line :class:`InputError` saying why not
-    (unknown name, missing requirement, wrong device type). ``"auto"`` always passes (it falls back
-    to the reference). Cheap: builds nothing, so entry points call it before any long work."""
-    if name == "auto":
-        return name
-    if name not in _BACKENDS:
-        raise InputError(f"unknown rasterizer backend {name!r} (known: auto, {', '.join(_BACKENDS)}; "
-                         f"available here: {', '.join(available_backends())})")
-    backend = _BACKENDS[name]
-    if not backend.available():
-        why = backend.why_unavailable()
-        raise InputError(f"rasterizer backend {name!r} cannot run here{': ' + why if why else ''} "
-                         f"(available here: {', '.join(available_backends())})")
-    device_type = torch.device(device).type
-    if device_type not in backend.devices:
-        raise InputError(f"rasterizer backend {name!r} runs on {' or '.join(backend.devices)} tensors, "
-                         f"not {device_type}")
-    return name
-
-
-def available_backends() -> list[str]:
-    """Names of the backends that can run here (``"torch"`` always)."""
-    return [name for name, backend in _BACKENDS.items() if backend.available()]
-
-
 def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor, viewmat: Tensor,
               K: Tensor, width: int, height: int, *, sh_degree: int | None = None, background: Tensor | None = None,
-              near: float = 0.01, far: float = 1e3, eps2d: float = 0.3, tile_size: int = 16,
-              backend: str = "torch") -> RasterOutput:
+              near: float = 0.01, far: float = 1e3, eps2d: float = 0.3, tile_size: int | None = None,
+              backend: str | Backend = "torch") -> RasterOutput:
     """Render ``G`` Gaussians seen by one pinhole camera into a ``height`` x ``width`` image.
 
-    See the module docstring for conventions (and :func:`resolve_backend` for ``backend="auto"``).
+    See the module docstring for conventions. ``tile_size`` (None: the backend's choice) does not
+    change the image.
     Every floating input may require grad. Raises
     :class:`~gsavatar.errors.InputError` with a one-line message for inputs it cannot use.
     """
@@ -216,19 +126,20 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, c
         _check_tensor("rasterize", "colors", colors, tuple(colors.shape), means)
     if background is not None:
         _check_tensor("rasterize", "background", background, (3,), means)
-    if not (isinstance(tile_size, numbers.Integral) and not isinstance(tile_size, bool) and tile_size > 0):
+    if tile_size is not None and not (isinstance(tile_size, numbers.Integral) and not isinstance(tile_size, bool)
+                                      and tile_size > 0):
         raise InputError(f"rasterize: tile_size must be a positive int (got {tile_size!r})")
     if not 0 < near < far:
         raise InputError(f"rasterize: need 0 < near < far (got near={near!r}, far={far!r})")
     if not eps2d >= 0:
         raise InputError(f"rasterize: eps2d must be >= 0 (got {eps2d!r})")
     try:
-        backend = check_backend(resolve_backend(backend, means.device), means.device)
+        chosen = get_backend(backend, means.device)
     except InputError as exc:
         raise InputError(f"rasterize: {exc}") from None
-    result = _BACKENDS[backend].run(means, quats, scales, opacities, colors, viewmat, K, int(width), int(height),
+    result = chosen.rasterize_image(means, quats, scales, opacities, colors, viewmat, K, int(width), int(height),
                                     sh_degree=sh_degree, background=background, near=float(near), far=float(far),
-                                    eps2d=float(eps2d), tile_size=int(tile_size))
+                                    eps2d=float(eps2d), tile_size=None if tile_size is None else int(tile_size))
     return RasterOutput(*result)
 
 

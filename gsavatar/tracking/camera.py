@@ -68,6 +68,24 @@ def principal_point_in_crop(source_width: int, source_height: int, crop: dict, s
     return float(cx), float(cy)
 
 
+def quat_to_matrix(quats: torch.Tensor) -> torch.Tensor:
+    """``[..., 4]`` quaternions ``(w, x, y, z)`` (normalised here, any dtype) -> ``[..., 3, 3]`` rotations."""
+    q = quats / (quats * quats).sum(-1, keepdim=True).clamp_min(1e-24).sqrt()
+    w, x, y, z = q.unbind(-1)
+    rows = [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]
+    return torch.stack(rows, -1).reshape(q.shape[:-1] + (3, 3))
+
+
+def scale_intrinsics(K: torch.Tensor, factor: float) -> torch.Tensor:
+    """``K [3, 3]`` (float32, CPU) for the same camera with the image resized by ``factor``. In the
+    continuous pixel convention (pixel ``j`` spans ``[j, j + 1]``) fx, fy, cx and cy all scale alike."""
+    K = torch.as_tensor(K).detach().cpu().float().clone()
+    K[:2] *= factor
+    return K
+
+
 def axis_angle_to_matrix(axis_angle: torch.Tensor) -> torch.Tensor:
     """Rodrigues' formula, ``[..., 3] -> [..., 3, 3]``; exact and differentiable at zero angle."""
     theta2 = (axis_angle * axis_angle).sum(-1, keepdim=True)

@@ -7,7 +7,6 @@ head-frame axes at the origin (x red, y green, z blue; 5 cm) and the frame's rep
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,15 +78,14 @@ def draw_frame(image: np.ndarray, result: TrackingResult, index: int, observed: 
 
 def write_overlay(dataset, result: TrackingResult, path: str | Path) -> Path:
     """Encode the overlay of every frame of ``dataset`` (a SubjectDataset) with its audio to ``path``."""
-    from tqdm import tqdm
-
     from gsavatar.outputs.video_writer import write_mp4
+    from gsavatar.progress import progress
 
     edges = mesh_edges(result.model.mean)
     landmarks = dataset.landmarks
 
     def frames():
-        for i in tqdm(range(dataset.num_frames), desc="overlay", unit="frame", leave=False, disable=None, file=sys.stderr):
+        for i in progress(range(dataset.num_frames), desc="overlay", unit="frame", leave=False):
             yield draw_frame(dataset.frame(i), result, i, landmarks[i] if dataset.landmarks_valid[i] else None, edges)
 
     return write_mp4(path, frames(), fps=dataset.fps, audio=dataset.audio)

@@ -72,7 +72,7 @@ def speech_like(model: MorphableModel) -> MorphableModel:
     move lips, jaw and cheeks but leave forehead, nose bridge and eye corners still, as speech
     does (a learned basis can also hold tracking noise on those points)."""
     from gsavatar.data.landmarks import NOSE_BOTTOM
-    from gsavatar.tracking.morphable import RIGHT_IRIS, LEFT_IRIS
+    from gsavatar.tracking.morphable import LEFT_IRIS, RIGHT_IRIS
 
     y = model.mean[:, 1]
     eyes = 0.5 * (y[RIGHT_IRIS] + y[LEFT_IRIS])

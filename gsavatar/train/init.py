@@ -12,14 +12,22 @@ import numpy as np
 import torch
 
 from gsavatar.config import TrainConfig
+from gsavatar.data.frames import SubjectFrames
+from gsavatar.model.audio import AudioSpec
 from gsavatar.model.avatar import Avatar
 from gsavatar.model.gaussians import GaussianSet, nearest_neighbour_scale
-from gsavatar.train.data import TrainingData
 
 MOUTH_COLOUR = (0.35, 0.12, 0.13)  # dark red: what an open mouth mostly shows before training
 
 
-def reference_frame(data: TrainingData) -> int:
+def audio_spec(data: SubjectFrames) -> AudioSpec:
+    """The audio features ``data`` trains on, as the avatar records them."""
+    description = data.dataset.manifest["audio_features"][data.audio_kind].get("description", {})
+    return AudioSpec(kind=data.audio_kind, extractor=description, feature_dim=int(data.audio.shape[-1]),
+                     steps_per_frame=int(data.audio.shape[1]))
+
+
+def reference_frame(data: SubjectFrames) -> int:
     """A valid training frame with the mouth closed and the head near its median pose."""
     idx = data.train_indices[data.valid[data.train_indices].numpy()]
     if len(idx) == 0:
@@ -56,7 +64,7 @@ def _pixels(mask: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tenso
     return torch.stack([xs[pick], ys[pick]], dim=1).float() + jitter
 
 
-def build_avatar(cfg: TrainConfig, data: TrainingData, gen: torch.Generator) -> Avatar:
+def build_avatar(cfg: TrainConfig, data: SubjectFrames, gen: torch.Generator) -> Avatar:
     ref = reference_frame(data)
     frame = data.frame(ref)
     image = frame.image.cpu()
@@ -116,17 +124,5 @@ def build_avatar(cfg: TrainConfig, data: TrainingData, gen: torch.Generator) -> 
     train_poses = data.poses[torch.as_tensor(data.train_indices)]
     pose_mean = train_poses.mean(0).cpu()
     pose_scale = train_poses.std(0).cpu().clamp_min(torch.tensor([0.02, 0.02, 0.02, 0.005, 0.005, 0.005]))
-    return Avatar(a, data.audio.shape[-1], data.audio.shape[1], face, mouth, torso, data.background.cpu(), data.audio_mean.cpu(),
+    return Avatar(a, audio_spec(data), face, mouth, torso, data.background.cpu(), data.audio_mean.cpu(),
                   data.audio_std.cpu(), pose_mean, pose_scale, torso_xyz.mean(0))
-
-
-def avatar_from_state(cfg: TrainConfig, feature_dim: int, steps_per_frame: int, state: dict) -> Avatar:
-    """An avatar shaped like ``state`` (Gaussian counts, plate size), with ``state`` loaded."""
-    a = cfg.avatar
-    sets = {b: GaussianSet.empty(state[f"gaussians.{b}.params.means"].shape[0], getattr(a, b).sh_degree)
-            for b in ("face", "mouth", "torso")}
-    z = {k: torch.zeros_like(state[k]) for k in ("background", "audio_mean", "audio_std", "pose_mean", "pose_scale", "torso_centre")}
-    avatar = Avatar(a, feature_dim, steps_per_frame, sets["face"], sets["mouth"], sets["torso"], z["background"], z["audio_mean"],
-                    z["audio_std"], z["pose_mean"], z["pose_scale"], z["torso_centre"])
-    avatar.load_state_dict(state)
-    return avatar

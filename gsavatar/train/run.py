@@ -16,7 +16,8 @@ def prepare_subject(source: Path, run_dir: Path, render_size: int) -> Path:
     if source.is_dir():
         manifest = read_manifest(source)
         if manifest is None:
-            raise InputError(f"{source} is a directory but not a subject dataset (no manifest.json); give a video or run gsavatar preprocess")
+            raise InputError(f"{source} is a directory but not a subject dataset (no manifest.json); "
+                             f"give a video or run gsavatar preprocess")
         stages = manifest.get("stages", {})
         if not manifest.get("complete") and [s for s, v in stages.items() if not v.get("done")] == ["tracking"]:
             from gsavatar.data.preprocess import track

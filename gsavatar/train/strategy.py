@@ -16,6 +16,7 @@ import torch
 
 from gsavatar.config import DensifyConfig
 from gsavatar.model.gaussians import PARAM_NAMES, GaussianSet
+from gsavatar.tracking.camera import quat_to_matrix
 
 
 def _replace_params(gaussians: GaussianSet, optimizer: torch.optim.Optimizer,
@@ -43,15 +44,6 @@ def append(gaussians: GaussianSet, optimizer: torch.optim.Optimizer, new: dict[s
     """Append Gaussians (``new[name]`` per parameter); their Adam moments start at zero."""
     _replace_params(gaussians, optimizer, lambda n, p: torch.cat([p, new[n]]),
                     lambda k, v: torch.cat([v, v.new_zeros((len(new["means"]),) + v.shape[1:])]))
-
-
-def quat_to_matrix(q: torch.Tensor) -> torch.Tensor:
-    w, x, y, z = torch.nn.functional.normalize(q, dim=-1).unbind(-1)
-    return torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    ], dim=-1).reshape(q.shape[:-1] + (3, 3))
 
 
 @dataclasses.dataclass
@@ -109,7 +101,8 @@ class DensifyStrategy:
                 # Two samples from each split Gaussian, at 1/1.6 of its scale (3DGS).
                 scales = torch.exp(p["log_scales"][split]).repeat(2, 1)
                 rot = quat_to_matrix(p["quats"][split]).repeat(2, 1, 1)
-                noise = torch.randn(scales.shape, generator=generator).to(scales.device) * scales  # CPU generator: same stream on any device
+                # A CPU generator: the same stream on any device.
+                noise = torch.randn(scales.shape, generator=generator).to(scales.device) * scales
                 offset = torch.einsum("nij,nj->ni", rot, noise)
                 new["means"][n_clone:] = new["means"][n_clone:] + offset
                 new["log_scales"][n_clone:] = new["log_scales"][n_clone:] - torch.log(torch.tensor(1.6))
@@ -130,6 +123,6 @@ class DensifyStrategy:
         for group in optimizer.param_groups:  # fresh moments for the reset opacities
             p = group["params"][0]
             if p is gaussians.params["opacity_logits"] and p in optimizer.state:
-                for k, v in optimizer.state[p].items():
+                for v in optimizer.state[p].values():
                     if torch.is_tensor(v) and v.ndim > 0:
                         v.zero_()

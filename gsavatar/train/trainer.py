@@ -25,36 +25,103 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from gsavatar.config import StageConfig, TrainConfig
+from gsavatar.data.frames import SubjectFrame, SubjectFrames
 from gsavatar.data.io import atomic_write_json
 from gsavatar.errors import InputError, StoppedBySignal
-from gsavatar.model.avatar import BRANCHES, LAYERS, Avatar
+from gsavatar.imaging import psnr
+from gsavatar.model.avatar import BRANCHES, LAYERS, Avatar, AvatarRender, FrameInputs
 from gsavatar.model.gaussians import PARAM_NAMES
-from gsavatar.render import check_backend
+from gsavatar.model.io import Checkpoint, Progress, SubjectInfo, avatar_from_state, load_checkpoint, save_checkpoint
+from gsavatar.render import check_backend, get_backend
 from gsavatar.runtime import resolve_device, restores_torch_threads
 from gsavatar.train import losses
-from gsavatar.train.checkpoint import Checkpoint, Progress, load_checkpoint, save_checkpoint
-from gsavatar.train.data import TrainingData
+from gsavatar.train.init import audio_spec, build_avatar
 from gsavatar.train.sampler import FrameSampler
 from gsavatar.train.strategy import DensifyStrategy
 
 log = logging.getLogger("gsavatar.train")
 
 
+@dataclasses.dataclass
+class Step:
+    """What a stage's loss sees of one training step."""
+
+    trainer: "Trainer"
+    stage: StageConfig
+    index: int  # the frame
+    iteration: int  # within the stage
+    static: bool  # deformation off (the face stage's warm-up)
+    inputs: FrameInputs
+    frame: SubjectFrame | None  # None when the stage renders nothing
+    out: AvatarRender | None
+
+    @property
+    def loss_cfg(self):
+        return self.trainer.cfg.loss
+
+    def mouth_weighted(self) -> torch.Tensor:
+        """Per-pixel weights: the mouth region counts more; the ring around the head does not count
+        (in the stages that composite over ``back`` it shows the plate, which is not the truth)."""
+        L, f = self.loss_cfg, self.frame
+        return (1 + (L.mouth_region - 1) * f.mouth_region) * (1 - f.ring)
+
+
+def _motion_loss(s: Step) -> torch.Tensor:
+    return s.loss_cfg.landmark_deformation * s.trainer._landmark_loss(s.index, s.inputs)
+
+
+def _mouth_loss(s: Step) -> torch.Tensor:
+    L, f, m = s.loss_cfg, s.frame, s.out.branches["mouth"]
+    # Only the inside of the mouth (teeth, tongue, cavity): the lips belong to the face.
+    loss = losses.photometric(s.out.image, f.image, L.ssim, f.mouth)
+    # Outside the head only: behind the face, mouth Gaussians are hidden anyway, and
+    # penalising them there would empty the cavity the open mouth must reveal.
+    loss = loss + L.mouth_alpha * (m.alpha * (1 - f.head)).mean()
+    return loss + L.mouth_deformation * (m.offsets ** 2).mean()
+
+
+def _face_loss(s: Step) -> torch.Tensor:
+    L, f, face = s.loss_cfg, s.frame, s.out.branches["face"]
+    loss = losses.photometric(s.out.image, f.image, L.ssim, s.mouth_weighted())
+    loss = loss + L.alpha * ((face.alpha - f.head * (1 - f.mouth)) ** 2).mean()
+    if not s.static:
+        loss = loss + L.deformation * (face.offsets ** 2).mean()
+    # The landmark term needs no rendering, so the face net learns audio -> motion from the
+    # tracking during the static warm-up too.
+    loss = loss + _motion_loss(s)
+    lpips = s.trainer.lpips
+    if lpips is not None and s.iteration > 0.8 * s.stage.iterations:
+        loss = loss + L.lpips * lpips(s.out.image.permute(2, 0, 1)[None], f.image.permute(2, 0, 1)[None]).mean()
+    return loss
+
+
+def _fuse_loss(s: Step) -> torch.Tensor:
+    return losses.photometric(s.out.image, s.frame.image, s.loss_cfg.ssim, s.mouth_weighted())
+
+
+def _torso_loss(s: Step) -> torch.Tensor:
+    L, f, t = s.loss_cfg, s.frame, s.out.branches["torso"]
+    loss = losses.photometric(s.out.image, f.image, L.ssim)
+    return loss + L.torso_alpha * (((t.alpha - f.torso) ** 2) * (1 - f.head)).mean()
+
+
 @dataclasses.dataclass(frozen=True)
 class StageSetup:
-    """What a stage of a given name trains and renders."""
+    """What a stage of a given name trains, renders and minimises."""
 
     trained: tuple[str, ...]  # branches whose Gaussians are optimised
     params: tuple[str, ...]  # which Gaussian parameters of those branches
-    deformers: tuple[str, ...]  # deformation networks optimised
-    layers: tuple[str, ...]  # layers rendered
+    deformers: tuple[str, ...]  # deformation networks optimised (and held still during static_iterations)
+    layers: tuple[str, ...]  # layers rendered (none: the step renders nothing)
     back: str  # "data": the frame with the head replaced by the plate; "render": torso over the plate
     densify: str | None  # branch that densification acts on
+    loss: Callable[[Step], torch.Tensor]  # the step's loss
 
 
 GEOMETRY_AND_COLOUR = PARAM_NAMES
@@ -62,11 +129,11 @@ COLOUR = ("sh0", "shN", "opacity_logits")
 STAGES = {
     # motion: the face net learns audio -> motion from the tracked landmarks alone, nothing rendered
     # (~20 ms a step on a CPU), so the face stage starts from a net that already moves the lips.
-    "motion": StageSetup((), (), ("face",), (), "data", None),
-    "mouth": StageSetup(("mouth",), GEOMETRY_AND_COLOUR, ("mouth",), ("mouth",), "data", "mouth"),
-    "face": StageSetup(("face",), GEOMETRY_AND_COLOUR, ("face",), ("face", "mouth"), "data", "face"),
-    "fuse": StageSetup(("face", "mouth"), COLOUR, (), ("face", "mouth"), "data", None),
-    "torso": StageSetup(("torso",), GEOMETRY_AND_COLOUR, ("torso",), LAYERS, "render", "torso"),
+    "motion": StageSetup((), (), ("face",), (), "data", None, _motion_loss),
+    "mouth": StageSetup(("mouth",), GEOMETRY_AND_COLOUR, ("mouth",), ("mouth",), "data", "mouth", _mouth_loss),
+    "face": StageSetup(("face",), GEOMETRY_AND_COLOUR, ("face",), ("face", "mouth"), "data", "face", _face_loss),
+    "fuse": StageSetup(("face", "mouth"), COLOUR, (), ("face", "mouth"), "data", None, _fuse_loss),
+    "torso": StageSetup(("torso",), GEOMETRY_AND_COLOUR, ("torso",), LAYERS, "render", "torso", _torso_loss),
 }
 
 
@@ -125,7 +192,8 @@ class Trainer:
             torch.set_num_threads(cfg.cpu_threads)
         cfg.validate()
         check_backend(cfg.backend, self.device)
-        self.data = TrainingData(subject_dir, cfg.render_size, cfg.avatar.audio_feature, self.device)
+        self.backend = get_backend(cfg.backend, self.device)
+        self.data = SubjectFrames(subject_dir, cfg.render_size, cfg.avatar.audio_feature, self.device)
         train = self.data.train_indices
         trusted = train[self.data.valid[train].numpy()]  # frames whose landmarks (hence pose) were trusted
         self.sampler = FrameSampler(trusted if len(trusted) else train, self.data.mouth_open, self.data.blink.cpu().numpy())
@@ -138,16 +206,14 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         self.gen = torch.Generator().manual_seed(self.cfg.seed)
         self.rng = np.random.default_rng(self.cfg.seed)
-        self.avatar = _init_avatar(self.cfg, self.data, self.gen).to(self.device)
+        self.avatar = build_avatar(self.cfg, self.data, self.gen).to(self.device)
         self.optimizers = make_optimizers(self.avatar, self.cfg)
         self.strategy_state = {}
         self.progress = Progress()
         self.history: list[dict] = []
 
     def _resume(self, ckpt: Checkpoint):
-        from gsavatar.train.init import avatar_from_state
-
-        self.avatar = avatar_from_state(self.cfg, ckpt.subject["feature_dim"], ckpt.subject["steps_per_frame"], ckpt.model).to(self.device)
+        self.avatar = avatar_from_state(self.cfg, audio_spec(self.data), ckpt.model).to(self.device)
         self.optimizers = make_optimizers(self.avatar, self.cfg)
         for name, state in ckpt.optimizers.items():
             self.optimizers[name].load_state_dict(state)
@@ -159,21 +225,17 @@ class Trainer:
         self.progress = ckpt.progress
         self.history = ckpt.history
 
-    def subject_info(self) -> dict:
+    def subject_info(self) -> SubjectInfo:
         d = self.data
-        kind = d.audio_kind
-        return {
-            "subject_dir": str(self.subject_dir.resolve()), "audio_kind": kind, "feature_dim": int(d.audio.shape[-1]),
-            "steps_per_frame": int(d.audio.shape[1]),
-            "audio_extractor": d.dataset.manifest["audio_features"][kind].get("description", {}),
-            "num_frames": d.num_frames, "render_size": d.size, "K": d.K.cpu(), "viewmats": d.viewmats.cpu(),
-            "poses": d.poses.cpu(), "blink": d.blink.cpu(), "train": [int(d.train_indices[0]), int(d.train_indices[-1]) + 1],
-            "test": [int(d.test_indices[0]), int(d.test_indices[-1]) + 1] if len(d.test_indices) else [0, 0],
-        }
+        return SubjectInfo(
+            subject_dir=str(self.subject_dir.resolve()), audio=audio_spec(d), num_frames=d.num_frames,
+            render_size=d.size, K=d.K.cpu(), viewmats=d.viewmats.cpu(), poses=d.poses.cpu(), blink=d.blink.cpu(),
+            train=(int(d.train_indices[0]), int(d.train_indices[-1]) + 1),
+            test=(int(d.test_indices[0]), int(d.test_indices[-1]) + 1) if len(d.test_indices) else (0, 0))
 
     def checkpoint(self, final: bool = False) -> Checkpoint:
         return Checkpoint(
-            config=dataclasses.asdict(self.cfg), subject=self.subject_info(),
+            config=dataclasses.asdict(self.cfg), subject=self.subject_info().to_dict(),
             model={k: v.detach().cpu() for k, v in self.avatar.state_dict().items()}, progress=self.progress,
             optimizers={} if final else {k: o.state_dict() for k, o in self.optimizers.items()},
             strategy={} if final else {b: {k: v.cpu() for k, v in s.items()} for b, s in self.strategy_state.items()},
@@ -192,7 +254,7 @@ class Trainer:
             ckpt = load_checkpoint(ckpt_path, self.device)
             if ckpt.config != json.loads(config_json):
                 raise InputError(f"{self.run_dir} holds a run with different settings; use another RUN_DIR or --force")
-            now = self.subject_info()
+            now = self.subject_info().to_dict()
             for key in ("subject_dir", "num_frames", "audio_kind", "feature_dim", "render_size"):
                 if ckpt.subject.get(key) != now[key]:
                     raise InputError(f"{self.run_dir} was trained on another subject ({key}: {ckpt.subject.get(key)} "
@@ -254,7 +316,7 @@ class Trainer:
             self.progress.stage_iteration += 1
             self.progress.global_iteration += 1
             if self.progress.stage_iteration % cfg.log_every == 0 or self.progress.stage_iteration == stage.iterations:
-                p = None if image is None else losses.psnr(image, frame.image)
+                p = None if image is None else psnr(image, frame.image)
                 rec = {"stage": stage.name, "iteration": self.progress.stage_iteration, "loss": float(np.mean(running)),
                        "psnr": p, "gaussians": len(self.avatar.gaussians[setup.trained[0]]) if setup.trained else 0,
                        "elapsed_s": time.perf_counter() - start}
@@ -289,63 +351,39 @@ class Trainer:
                               f"to resume", self._stop_requested[0])
 
     def _step(self, stage: StageConfig, setup: StageSetup, index: int, it: int, strategy):
-        cfg, data, avatar = self.cfg, self.data, self.avatar
-        if not setup.layers:  # motion: no image, only the landmark term
-            inputs = data.inputs(index, cfg.avatar.audio_smoothing_frames, cfg.avatar.audio_window_radius)
-            loss = cfg.loss.landmark_deformation * self._landmark_loss(index, inputs)
-            _backward(loss, stage, it, index)
-            return loss.detach(), None, None, None
-        frame = data.frame(index)
-        inputs = data.inputs(index, cfg.avatar.audio_smoothing_frames, cfg.avatar.audio_window_radius,
-                             back=frame.back if setup.back == "data" else None)
-        static = stage.name == "face" and it < stage.static_iterations
-        out = avatar(inputs, layers=setup.layers, deform={"face": not static}, backend=cfg.backend)
-        if strategy is not None:
-            strategy.before_backward(out.branches[setup.densify].means2d)
-        L = cfg.loss
-        # The mouth region counts more; the ring around the head does not count in the stages
-        # that composite over ``back`` (there it shows the plate, which is not the truth).
-        mouth_weight = (1 + (L.mouth_region - 1) * frame.mouth_region) * (1 - frame.ring)
-        if stage.name == "mouth":
-            m = out.branches["mouth"]
-            # Only the inside of the mouth (teeth, tongue, cavity): the lips belong to the face.
-            loss = losses.photometric(out.image, frame.image, L.ssim, frame.mouth)
-            # Outside the head only: behind the face, mouth Gaussians are hidden anyway, and
-            # penalising them there would empty the cavity the open mouth must reveal.
-            loss = loss + L.mouth_alpha * (m.alpha * (1 - frame.head)).mean()
-            loss = loss + L.mouth_deformation * (m.offsets ** 2).mean()
-        elif stage.name == "face":
-            f = out.branches["face"]
-            loss = losses.photometric(out.image, frame.image, L.ssim, mouth_weight)
-            alpha_target = frame.head * (1 - frame.mouth)
-            loss = loss + L.alpha * ((f.alpha - alpha_target) ** 2).mean()
-            if not static:
-                loss = loss + L.deformation * (f.offsets ** 2).mean()
-            # The landmark term needs no rendering, so the face net learns audio -> motion from
-            # the tracking during the static warm-up too.
-            loss = loss + L.landmark_deformation * self._landmark_loss(index, inputs)
-            if self.lpips is not None and it > 0.8 * stage.iterations:
-                loss = loss + L.lpips * self.lpips(out.image.permute(2, 0, 1)[None], frame.image.permute(2, 0, 1)[None]).mean()
-        elif stage.name == "fuse":
-            loss = losses.photometric(out.image, frame.image, L.ssim, mouth_weight)
-        else:  # torso
-            t = out.branches["torso"]
-            loss = losses.photometric(out.image, frame.image, L.ssim)
-            not_head = 1 - frame.head
-            loss = loss + L.torso_alpha * (((t.alpha - frame.torso) ** 2) * not_head).mean()
+        data, avatar = self.data, self.avatar
+        static = it < stage.static_iterations
+        frame = data.frame(index) if setup.layers else None
+        inputs = data.inputs(index, avatar, back=frame.back if frame is not None and setup.back == "data" else None)
+        out = None
+        if setup.layers:
+            out = avatar(inputs, layers=setup.layers, deform={b: not static for b in setup.deformers},
+                         backend=self.backend)
+            if strategy is not None:
+                strategy.before_backward(out.branches[setup.densify].means2d)
+        loss = setup.loss(Step(self, stage, index, it, static, inputs, frame, out))
         _backward(loss, stage, it, index)
-        return loss.detach(), out.image.detach(), frame, out
+        return loss.detach(), None if out is None else out.image.detach(), frame, out
 
     def _landmark_loss(self, index: int, inputs) -> torch.Tensor:
         """Squared error (cm^2) between the face net's offsets at the canonical landmarks and the tracked motion."""
         d = self.data
-        offsets, _, _ = self.avatar.face_offsets(d.model_mean, inputs)
+        offsets, _, _ = self.avatar.face_offsets(d.model_mean, inputs, self.backend)
         pred = offsets * self.avatar.face_deformer.position_scale
         return (((pred - d.landmark_offsets(index)) * 100) ** 2).mean()
 
     # -- the end ----------------------------------------------------------------------------
+    def score(self, indices=None) -> dict:
+        """Test-split PSNR, full frame and inside the face mask, by eval's own scoring (the baselines' too)."""
+        from gsavatar.eval import score_test_split
+
+        idx = summary_frames(self.data.test_indices, self.cfg.eval_frames) if indices is None else np.asarray(indices)
+        with torch.no_grad():
+            r = score_test_split(self.avatar, self.data, idx)
+        return {"test_psnr": r["psnr"], "test_psnr_face": r["psnr_face"], "test_frames": r["frames"]}
+
     def _finish(self, wall_s: float) -> dict:
-        metrics = evaluate(self.avatar, self.data, self.cfg)
+        metrics = self.score()
         summary = {"wall_s": wall_s, "iterations": self.progress.global_iteration,
                    "gaussians": self.avatar.num_gaussians(), "device": str(self.device),
                    "render_size": self.data.size, "audio_feature": self.data.audio_kind, **metrics}
@@ -356,16 +394,12 @@ class Trainer:
         return summary
 
 
-@torch.no_grad()
-def evaluate(avatar: Avatar, data: TrainingData, cfg: TrainConfig, indices=None) -> dict:
-    """Test-split PSNR, full frame and inside the face mask (the same scoring as the baselines)."""
-    from gsavatar.eval.baselines import avatar_predictor, score
-
-    idx = data.test_indices if indices is None else np.asarray(indices)
-    if cfg.eval_frames and indices is None:
-        idx = idx[np.linspace(0, len(idx) - 1, min(cfg.eval_frames, len(idx))).round().astype(int)]
-    r = score(avatar_predictor(avatar, cfg, data), data, idx)
-    return {"test_psnr": r["psnr"], "test_psnr_face": r["psnr_face"], "test_frames": r["frames"]}
+def summary_frames(test_indices, eval_frames: int) -> np.ndarray:
+    """The test frames the end-of-run summary scores: all, or ``eval_frames`` of them evenly spaced."""
+    idx = np.asarray(test_indices)
+    if eval_frames:
+        idx = idx[np.linspace(0, len(idx) - 1, min(eval_frames, len(idx))).round().astype(int)]
+    return idx
 
 
 def _backward(loss: torch.Tensor, stage: StageConfig, it: int, index: int) -> None:
@@ -386,18 +420,12 @@ def _fit_text(rec: dict, final: bool = False) -> str:
     return f"PSNR {rec['psnr']:.2f} dB{' (last sampled frame)' if final else ''}, {rec['gaussians']} Gaussians"
 
 
-def _init_avatar(cfg, data, gen):
-    from gsavatar.train.init import build_avatar
-
-    return build_avatar(cfg, data, gen)
-
-
 def _progress_bar(stage: StageConfig, done: int, show: bool):
     if not show:
         return None
-    from tqdm import tqdm
+    from gsavatar.progress import progress
 
-    return tqdm(total=stage.iterations, initial=done, desc=f"{stage.name:>5}", unit="it", dynamic_ncols=True, leave=True)
+    return progress(total=stage.iterations, initial=done, desc=f"{stage.name:>5}", unit="it", leave=True)
 
 
 def _attach_log_file(path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The browser viewer (``gsavatar view``): viser is imported only by :mod:`gsavatar.viewer.server`.
+"""The browser viewer (``gsavatar view``): viser is imported only by :mod:`gsavatar.viewer.server`
+(its private internals only by :mod:`gsavatar.viewer._viser_compat`).
 
     from gsavatar.viewer import start_viewer
     viewer = start_viewer("runs/talk", audio="speech.wav", port=8080)   # returns at once

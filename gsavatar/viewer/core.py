@@ -20,11 +20,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from gsavatar.drive import (FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, DriveConfig, SpeechFeaturizer, build_drive, frame_count,
-                            load_speech)
+from gsavatar.drive import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, DriveConfig, SpeechFeaturizer, build_drive, frame_count, load_speech
 from gsavatar.errors import InputError
+from gsavatar.imaging import to_uint8
+from gsavatar.model.avatar import LAYERS
+from gsavatar.model.io import SubjectInfo
+from gsavatar.tracking.camera import quat_to_matrix, scale_intrinsics
 
-LAYERS = ("face", "mouth", "torso", "background")
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_UPLOAD_SECONDS = 120.0
 MAX_AUDIO_SECONDS = 300.0  # --audio: the whole track travels to the browser (WAV) on every Play
@@ -108,15 +110,6 @@ class PlayClock:
 
 
 # -- camera mapping ---------------------------------------------------------------------------
-def quat_to_matrix(wxyz) -> np.ndarray:
-    w, x, y, z = (float(v) for v in wxyz)
-    n = math.sqrt(w * w + x * x + y * y + z * z) or 1.0
-    w, x, y, z = w / n, x / n, y / n, z / n
-    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-                     [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-                     [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
-
-
 def camera_from_pose(wxyz, position, snap: float = 1e-6) -> np.ndarray:
     """Our ``camera`` transform (acts on tracked-camera-frame points) from a viser client camera.
 
@@ -126,7 +119,7 @@ def camera_from_pose(wxyz, position, snap: float = 1e-6) -> np.ndarray:
     ``[R^T | -R^T t]``. Within ``snap`` of the identity it is returned as the exact identity, so
     the untouched initial view renders bit-for-bit like ``camera=None``.
     """
-    R = quat_to_matrix(wxyz)
+    R = quat_to_matrix(torch.tensor([float(v) for v in wxyz], dtype=torch.float64)).numpy()
     t = np.asarray(position, np.float64).reshape(3)
     out = np.eye(4)
     out[:3, :3] = R.T
@@ -399,9 +392,9 @@ class UploadGate:
             return len(self._transfers)
 
 
-def default_audio(subject: dict, seconds: float = DEFAULT_SECONDS) -> tuple[np.ndarray, str]:
+def default_audio(subject: SubjectInfo, seconds: float = DEFAULT_SECONDS) -> tuple[np.ndarray, str]:
     """The first ``seconds`` of the subject's own audio if its dataset still exists, else silence."""
-    subject_dir = subject.get("subject_dir")
+    subject_dir = subject.subject_dir
     if subject_dir:
         try:
             from gsavatar.data.dataset import SubjectDataset
@@ -415,7 +408,7 @@ def default_audio(subject: dict, seconds: float = DEFAULT_SECONDS) -> tuple[np.n
         f"{seconds:g} s of silence (the subject dataset {subject_dir} is not available; upload speech or pass --audio)")
 
 
-def make_drive(subject: dict, samples: np.ndarray, size: int, featurizer: SpeechFeaturizer | None = None):
+def make_drive(subject: SubjectInfo, samples: np.ndarray, size: int, featurizer: SpeechFeaturizer | None = None):
     """The viewer's :class:`~gsavatar.drive.DriveSequence` (looped pose, tracked blinks, the
     browser's camera instead of a path); ``featurizer``: the viewer's kept audio extractor."""
     if frame_count(samples) < 1:
@@ -431,11 +424,10 @@ class FrameRenderer:
     at once; ``slots`` bounds how many do (each render thread uses one torch thread).
     """
 
-    def __init__(self, avatar, cfg, subject: dict, device: str | torch.device = "cpu", slots: int = 2):
+    def __init__(self, avatar, cfg, subject: SubjectInfo, device: str | torch.device = "cpu", slots: int = 2):
         self.avatar, self.cfg, self.subject = avatar, cfg, subject
         self.device = torch.device(device)
         self.slots = threading.BoundedSemaphore(max(1, int(slots)))
-        self._local = threading.local()  # per render thread: its PairBudget (frames without a host sync)
         self._bg_cache: dict = {}
         self._bg_lock = threading.Lock()
 
@@ -444,10 +436,8 @@ class FrameRenderer:
         with self._bg_lock:
             bg = self._bg_cache.get(key)
             if bg is None:
-                trained = int(self.subject["render_size"])
                 plate = self.avatar.background.detach()
-                K_plate = self.subject["K"].detach().cpu().float().clone()
-                K_plate[:2] *= plate.shape[0] / trained
+                K_plate = scale_intrinsics(self.subject.K, plate.shape[0] / self.subject.render_size)
                 bg = view_background(plate, K_plate, K_view, width, height).to(self.device)
                 if len(self._bg_cache) > 8:
                     self._bg_cache.clear()
@@ -459,7 +449,7 @@ class FrameRenderer:
         import dataclasses
 
         cam = None if camera is None else torch.as_tensor(np.asarray(camera), dtype=torch.float32)
-        inputs = drive.inputs(int(frame), self.cfg.avatar, camera=cam, device=self.device)
+        inputs = drive.inputs(int(frame), self.avatar, camera=cam, device=self.device)
         K, width, height = view_intrinsics(drive.K, drive.size, fov_y, aspect)
         if width != drive.size or height != drive.size or not torch.equal(K, drive.K.float()):
             inputs = dataclasses.replace(inputs, K=K.to(self.device), width=width, height=height,
@@ -472,21 +462,14 @@ class FrameRenderer:
         """uint8 ``[H, W, 3]``."""
         inputs = self.inputs(drive, frame, camera, fov_y, aspect)
         with self.slots:
-            image = self.avatar.render_settled(inputs, self._pair_budget(), layers=tuple(layers)).image
-        return (image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
-
-    def _pair_budget(self):
-        from gsavatar.render import PairBudget
-
-        if not hasattr(self._local, "budget"):
-            self._local.budget = PairBudget()
-        return self._local.budget
+            image = self.avatar(inputs, layers=tuple(layers)).image
+        return to_uint8(image)
 
     @torch.no_grad()
     def centres(self, drive, frame: int, branches=("face", "mouth")) -> tuple[np.ndarray, np.ndarray]:
         """Deformed Gaussian centres of the head branches in the world (tracked camera) frame,
         ``(points [N, 3] float32, colours [N, 3] uint8)``: face orange, mouth red."""
-        inputs = drive.inputs(int(frame), self.cfg.avatar, device=self.device)
+        inputs = drive.inputs(int(frame), self.avatar, device=self.device)
         palette = {"face": (255, 170, 40), "mouth": (230, 30, 60), "torso": (60, 160, 255)}
         pts, cols = [], []
         with self.slots:

@@ -52,9 +52,23 @@ import torch
 
 from gsavatar.drive import FPS, SAMPLE_RATE, SpeechFeaturizer, head_centre, load_speech
 from gsavatar.errors import InputError, MissingDependencyError
-from gsavatar.viewer.core import (LAYERS, MAX_AUDIO_SECONDS, MAX_UPLOAD_BYTES, MAX_UPLOAD_SECONDS, FrameRenderer, PlayClock,
-                                  UploadGate, audio_html, camera_from_pose, default_audio, initial_camera, make_drive,
-                                  upload_label, validate_upload)
+from gsavatar.viewer import _viser_compat
+from gsavatar.viewer.core import (
+    LAYERS,
+    MAX_AUDIO_SECONDS,
+    MAX_UPLOAD_BYTES,
+    MAX_UPLOAD_SECONDS,
+    FrameRenderer,
+    PlayClock,
+    UploadGate,
+    audio_html,
+    camera_from_pose,
+    default_audio,
+    initial_camera,
+    make_drive,
+    upload_label,
+    validate_upload,
+)
 
 # A tab that closes while its frame is on the way: nothing to tell anyone.
 warnings.filterwarnings("ignore", message=r"Queued a \w+ on a closed connection")
@@ -141,8 +155,9 @@ class Session:
         with gui.add_folder("Speech"):
             self.audio_md = gui.add_markdown(f"Driving audio: {self.audio_label}")
             self.upload = gui.add_upload_button(
-                "Upload speech", mime_type="audio/*,video/*", hint=f"any audio or video file FFmpeg reads, up to {v.options.max_upload_bytes / 2**20:g} MB "
-                                      f"and {v.options.max_upload_seconds:g} s")
+                "Upload speech", mime_type="audio/*,video/*",
+                hint=f"any audio or video file FFmpeg reads, up to {v.options.max_upload_bytes / 2**20:g} MB "
+                     f"and {v.options.max_upload_seconds:g} s")
         with gui.add_folder("View"):
             self.reset_button = gui.add_button("Reset to tracked camera")
 
@@ -354,9 +369,7 @@ def hide_upload_notice(client, transfer_id: str | None) -> None:
     ``"upload-" + transfer id``; removing a name the page does not show does nothing."""
     if transfer_id is None:
         return
-    from viser import _messages
-
-    client._websock_connection.queue_message(_messages.RemoveNotificationMessage(uuid=f"upload-{transfer_id}"))
+    _viser_compat.remove_notification(client, f"upload-{transfer_id}")
 
 
 def install_upload_gate(server, gate: UploadGate, on_refused: Callable[[int, str], None]) -> bool:
@@ -366,11 +379,12 @@ def install_upload_gate(server, gate: UploadGate, on_refused: Callable[[int, str
     complete: ``add_upload_button`` takes no size limit, the browser's ``accept`` filter only
     concerns types, and ``on_upload`` fires once every part has been joined in memory
     (``GuiApi._handle_file_transfer_part`` / ``_finish_file_upload`` in viser/_gui_api.py).
-    What it does offer is its message-handler API: the websocket server hands each incoming
-    message first to the handlers registered on the server itself, then to those registered on
-    the tab's connection (``handle_incoming`` in viser/infra/_infra.py creates the two tasks in
-    that order), and a tab's own GUI (``client.gui``, which holds our upload buttons) listens on
-    the connection. A handler registered on the server therefore sees a transfer's start message
+    What it does offer is its (private) message-handler API: the websocket server hands each
+    incoming message first to the handlers registered on the server itself, then to those
+    registered on the tab's connection, and a tab's own GUI (``client.gui``, which holds our
+    upload buttons) listens on the connection (see
+    :func:`gsavatar.viewer._viser_compat.register_server_handler`). A handler registered on the
+    server therefore sees a transfer's start message
     (``FileTransferStartUpload``: file name, ``size_bytes``, ``part_count``) and each part
     (``FileTransferPart``) before the tab's GUI does, and can make viser ignore them through the
     early returns of viser's own handlers:
@@ -386,14 +400,9 @@ def install_upload_gate(server, gate: UploadGate, on_refused: Callable[[int, str
     Only messages sent to client-scoped upload buttons are gated this way: the server's own GUI
     listens on the server and sees them before this handler.
     """
-    try:
-        from viser import _messages
-
-        start_cls, part_cls, ack_cls = (_messages.FileTransferStartUpload, _messages.FileTransferPart,
-                                        _messages.FileTransferPartAck)
-        register = server._websock_server.register_handler
-    except (ImportError, AttributeError):
+    if _viser_compat.missing_internals():
         return False
+    start_cls, part_cls, _ = _viser_compat.upload_message_classes()
 
     def refused(client_id: int, why: str) -> None:
         try:
@@ -403,10 +412,8 @@ def install_upload_gate(server, gate: UploadGate, on_refused: Callable[[int, str
 
     def acknowledge(client_id: int, source: str, transfer: str, size: int) -> None:
         client = server.get_clients().get(client_id)
-        conn = getattr(client, "_websock_connection", None)
-        if conn is not None:
-            conn.queue_message(ack_cls(source_component_uuid=source, transfer_uuid=transfer,
-                                       transferred_bytes=max(0, size), total_bytes=max(0, size)))
+        if client is not None:
+            _viser_compat.acknowledge_upload(client, source, transfer, size)
 
     def on_start(client_id, message) -> None:
         if message.source_component_uuid is None:
@@ -435,8 +442,8 @@ def install_upload_gate(server, gate: UploadGate, on_refused: Callable[[int, str
         if why is not None:
             refused(client_id, why)
 
-    register(start_cls, on_start)
-    register(part_cls, on_part)
+    _viser_compat.register_server_handler(server, start_cls, on_start)
+    _viser_compat.register_server_handler(server, part_cls, on_part)
     return True
 
 
@@ -453,16 +460,18 @@ class Viewer:
             import viser
         except ImportError:
             raise MissingDependencyError("the viewer needs viser: pip install 'gsavatar[viewer]'") from None
-        from gsavatar.train.checkpoint import find_avatar_file, load_avatar
+        _viser_compat.require_internals()  # a viser without the internals used: one clear line, before any work
+        from gsavatar.model.io import load_run
         from gsavatar.runtime import resolve_device
 
         self.options = options = options or ViewerOptions()
         self.stopped = False
-        path = find_avatar_file(run)
-        self.run_name = path.parent.name if path.name in ("avatar.pt", "checkpoint.pt") else path.name
         self.device = resolve_device(options.device)
-        self.avatar, self.cfg, self.subject = load_avatar(path, self.device)
-        self.size = int(options.size or self.subject["render_size"])
+        bundle = load_run(run, self.device)
+        path = bundle.path
+        self.run_name = path.parent.name if path.name in ("avatar.pt", "checkpoint.pt") else path.name
+        self.avatar, self.cfg, self.subject = bundle.avatar, bundle.config, bundle.subject
+        self.size = int(options.size or self.subject.render_size)
         if audio is not None:
             self.samples = load_speech(audio, max_seconds=MAX_AUDIO_SECONDS)
             self.audio_label = f"{Path(audio).name} ({len(self.samples) / SAMPLE_RATE:.1f} s)"
@@ -470,7 +479,7 @@ class Viewer:
             self.samples, self.audio_label = default_audio(self.subject)
             if not self.samples.any() and options.verbose:
                 print(f"note: driving with {self.audio_label}")
-        self.featurizer = SpeechFeaturizer(self.subject)  # one audio extractor for the start and every upload
+        self.featurizer = SpeechFeaturizer(self.subject.audio)  # one audio extractor for the start and every upload
         self.drive = make_drive(self.subject, self.samples, self.size, self.featurizer)
         self.renderer = FrameRenderer(self.avatar, self.cfg, self.subject, self.device, options.render_slots)
         self.initial = initial_camera(self.drive.K, self.drive.size, head_centre(self.subject))

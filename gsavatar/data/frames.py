@@ -1,5 +1,5 @@
-"""The subject dataset as training tensors: frames at the training resolution, masks, cameras,
-conditioning signals. The one place train/ reads a subject (through SubjectDataset).
+"""The subject dataset as tensors at a working resolution: frames, masks, cameras, conditioning
+signals. How training and scoring read a subject (through SubjectDataset).
 
 Frames are decoded lazily and cached as uint8 at the training resolution (1779 frames at
 256 px: 350 MB; at 512 px: 1.4 GB), never as float.
@@ -14,7 +14,6 @@ import torch
 
 from gsavatar.data.dataset import SubjectDataset
 from gsavatar.errors import InputError
-from gsavatar.model.avatar import FrameInputs, audio_context
 
 AUDIO_PREFERENCE = ("whisper", "hubert", "wav2vec2", "logmel")
 
@@ -32,7 +31,7 @@ def choose_audio_feature(dataset: SubjectDataset, wanted: str) -> str:
 
 
 @dataclasses.dataclass
-class TrainFrame:
+class SubjectFrame:
     """One frame's targets at the training resolution (float in [0, 1], ``[H, W, ...]``)."""
 
     index: int
@@ -47,7 +46,7 @@ class TrainFrame:
     ring: torch.Tensor  # [H, W, 1] the dilation margin around the head, where ``back`` is neither plate nor frame truth
 
 
-class TrainingData:
+class SubjectFrames:
     def __init__(self, subject_dir, render_size: int, audio_feature: str = "auto", device: str | torch.device = "cpu"):
         self.dataset = ds = SubjectDataset(subject_dir)
         self.tracking = ds.tracking
@@ -99,7 +98,7 @@ class TrainingData:
             self._cache[index] = (rgb, labels)
         return self._cache[index]
 
-    def frame(self, index: int) -> TrainFrame:
+    def frame(self, index: int) -> SubjectFrame:
         import cv2
 
         from gsavatar.data.masks import FACE, HEAD, MOUTH, PERSON, TORSO
@@ -117,14 +116,15 @@ class TrainingData:
         def m(x):
             return torch.from_numpy(np.asarray(x, np.float32))[..., None].to(self.device)
 
-        return TrainFrame(index, image.to(self.device), m((labels & HEAD) > 0), m((labels & FACE) > 0), m(mouth), m(mouth_region),
+        return SubjectFrame(index, image.to(self.device), m((labels & HEAD) > 0), m((labels & FACE) > 0), m(mouth), m(mouth_region),
                           m((labels & TORSO) > 0), m((labels & PERSON) > 0), back.to(self.device),
                           m(head_dilated & ((labels & HEAD) == 0)))
 
-    def inputs(self, index: int, neighbours: int, radius: int, back: torch.Tensor | None = None) -> FrameInputs:
-        return FrameInputs(viewmat=self.viewmats[index], K=self.K, width=self.size, height=self.size,
-                           audio=audio_context(self.audio, index, radius, neighbours), blink=self.blink[index],
-                           pose=self.poses[index], back=back)
+    def inputs(self, index: int, avatar, back: torch.Tensor | None = None, audio: torch.Tensor | None = None):
+        """``avatar``'s inputs for frame ``index``: its tracked camera, pose and blink, driven by the
+        subject's own audio features (or ``audio [N, S, D]``)."""
+        return avatar.frame_inputs(self.audio if audio is None else audio, index, viewmat=self.viewmats[index], K=self.K,
+                                   size=self.size, blink=self.blink[index], pose=self.poses[index], back=back)
 
     def landmark_offsets(self, index: int) -> torch.Tensor:
         """Tracked landmark motion of a frame relative to the canonical (mean) shape, ``[V, 3]`` metres."""

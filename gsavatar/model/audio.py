@@ -1,0 +1,36 @@
+"""What the avatar's audio input is, and the one function that cuts it out of a feature array.
+
+Audio features come as ``[N, S, D]``: ``S`` steps of ``D`` channels for each 25 fps frame (see
+:mod:`gsavatar.data.audio_features`). A frame's model input is a window of ``2 r + 1`` frames
+around it for each of ``K`` neighbouring frames (the deformation nets encode each window and blend
+the ``K`` encodings by attention): ``[K, 2 r + 1, S, D]``, edges replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioSpec:
+    """The audio features an avatar was trained on (what any new speech must be turned into)."""
+
+    kind: str
+    """Feature kind (``logmel``, ``whisper``, ...; see :mod:`gsavatar.data.audio_features`)."""
+    extractor: dict[str, Any]
+    """The extractor's description: what defines the features (kind, options, dims), not how to run it."""
+    feature_dim: int
+    """``D``: channels per feature step."""
+    steps_per_frame: int
+    """``S``: feature steps per video frame."""
+
+
+def audio_windows(features: Tensor, centres: Tensor, radius: int) -> Tensor:
+    """``[len(centres), 2 radius + 1, ...]`` windows of ``features [N, ...]`` around each centre frame,
+    frames outside ``[0, N)`` replaced by the nearest edge frame."""
+    offsets = torch.arange(-radius, radius + 1, device=features.device)
+    return features[(centres.to(features.device)[:, None] + offsets[None, :]).clamp(0, features.shape[0] - 1)]
