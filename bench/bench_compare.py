@@ -45,7 +45,7 @@ def revision(tree: Path) -> str:
     try:
         return subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip() + ("+changes" if subprocess.run(
-                                  ["git", "-C", str(tree), "status", "--porcelain"], capture_output=True,
+                                  ["git", "-C", str(tree), "status", "--porcelain", "--", ".", ":!BENCHMARKS.md"], capture_output=True,
                                   text=True).stdout.strip() else "")
     except (subprocess.CalledProcessError, FileNotFoundError):
         return tree.name
