@@ -6,15 +6,18 @@ A subcommand appears here only once it works. User errors are printed as one lin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Literal
 
 import tyro
 
-from gsavatar.config import PreprocessConfig, check_frame_size
-from gsavatar.errors import GsavatarError, InputError
+from gsavatar.config import PreprocessConfig, check_frame_size, check_number
+from gsavatar.errors import GsavatarError, InputError, Terminated
 
 
 @dataclasses.dataclass
@@ -69,8 +72,10 @@ class Track:
         from gsavatar.data.dataset import SubjectDataset
         from gsavatar.data.preprocess import track
 
-        if self.overlay is not None and self.overlay.suffix.lower() != ".mp4":
-            raise InputError(f"--overlay must name an .mp4 file (got {self.overlay})")
+        if self.overlay is not None:
+            from gsavatar.files import check_output_file
+
+            check_output_file(self.overlay, ".mp4")
         if self.focal is not None and not self.focal > 0:
             raise InputError(f"--focal must be a positive number of pixels (got {self.focal})")
         cfg = TrackingConfig(focal_px=self.focal, expression_components=self.expression_components)
@@ -138,8 +143,7 @@ class Train:
         cfg = dataclasses.replace(cfg, seed=cfg.seed if self.seed is None else self.seed,
                                   device=self.device or cfg.device, render_size=self.render_size or cfg.render_size,
                                   backend=self.backend or cfg.backend)
-        if not self.iterations_scale > 0:
-            raise InputError(f"--iterations-scale must be positive (got {self.iterations_scale})")
+        check_number("--iterations-scale", self.iterations_scale, 0.0, 100.0, low_open=True)
         if self.iterations_scale != 1.0:
             k = self.iterations_scale
             cfg.stages = [dataclasses.replace(s, iterations=max(1, round(s.iterations * k)),
@@ -382,14 +386,37 @@ def main(argv: list[str] | None = None) -> int:
         description="gsavatar: audio-driven 3D Gaussian-splatting talking-head avatars.",
     )
     try:
-        command()
+        with _sigterm_as_interrupt():
+            command()
     except GsavatarError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print("error: terminated (SIGTERM)", file=sys.stderr)
+        return Terminated.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) in the main thread, so every command
+    cleans up on it as on Ctrl-C (temporary outputs removed, finished work kept). Commands with
+    handlers of their own (training checkpoints the current iteration first) install them inside."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(_signum, _frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,53 @@ BACKEND_NAMES = ("auto", "torch", "cpp", "cuda", "gsplat")
 
 MIN_FRAME_SIZE = 16
 """Smallest frame side rendered or written (pixels)."""
+MAX_FRAME_SIZE = 2048
+"""Largest frame side rendered or written (pixels). Memory grows with the pixels times the
+Gaussians each tile holds: at 4096 px the reference rasterizer needs tens of GB and minutes a frame."""
 
 
 def check_frame_size(size, minimum: int = MIN_FRAME_SIZE, what: str = "--size") -> int:
-    """``size`` as an int if it is an even number of at least ``minimum`` pixels (H.264's 4:2:0
-    chroma needs even sides), else a one-line :class:`InputError`."""
+    """``size`` as an int if it is an even number of pixels in [``minimum``, :data:`MAX_FRAME_SIZE`]
+    (H.264's 4:2:0 chroma needs even sides), else a one-line :class:`InputError`."""
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < minimum or size % 2:
         raise InputError(f"{what} must be an even number of at least {minimum} pixels (H.264 4:2:0 needs even "
                          f"sizes), got {size}")
+    if size > MAX_FRAME_SIZE:
+        raise InputError(f"{what} {size} is over the limit of {MAX_FRAME_SIZE} pixels (memory grows with the "
+                         f"pixels: at 4096 px a frame needs tens of GB and minutes)")
     return int(size)
+
+
+def check_number(what: str, value, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False) -> float:
+    """``value`` as a float if it is a finite number in [``low``, ``high``] (``(low, high]`` with
+    ``low_open``), else a one-line :class:`InputError` naming ``what``."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"<= {high:g}"
+        rule = " and ".join(r for r in (lo, hi) if r)
+        raise InputError(f"{what} must be a finite number{' ' + rule if rule else ''} (got {value!r})")
+    return float(value)
+
+
+def check_finite_fields(obj, prefix: str = "") -> None:
+    """Every float in a (nested) config dataclass is finite, else a one-line :class:`InputError`
+    naming the field (TOML and JSON both accept ``nan`` and ``inf``)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        name = f"{prefix}{f.name}"
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for k, item in enumerate(items):
+            label = name if len(items) == 1 and not isinstance(value, (list, tuple)) else f"{name}[{k}]"
+            if dataclasses.is_dataclass(item):
+                check_finite_fields(item, label + ".")
+            elif isinstance(item, float) and not math.isfinite(item):
+                raise InputError(f"{label} must be a finite number (got {item!r})")
 
 
 @dataclasses.dataclass
@@ -333,9 +371,11 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise a one-line InputError for settings that would only fail deep inside training."""
+        check_finite_fields(self)
         known_stages, known_curricula = ("motion", "mouth", "face", "fuse", "torso"), (None, "mouth_open")
         checks = [
-            (self.render_size >= 16, f"render_size must be at least 16 (got {self.render_size})"),
+            (MIN_FRAME_SIZE <= self.render_size <= MAX_FRAME_SIZE,
+             f"render_size must be between {MIN_FRAME_SIZE} and {MAX_FRAME_SIZE} (got {self.render_size})"),
             (self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be at least 1"),
             (self.densify.every >= 1, f"densify.every must be at least 1 (got {self.densify.every})"),
             (0 < self.optim.final_lr_fraction <= 1, "optim.final_lr_fraction must be in (0, 1]"),

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gsavatar.config import DriveConfig, check_frame_size
+from gsavatar.config import DriveConfig, check_frame_size, check_number
 from gsavatar.data.timebase import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from gsavatar.errors import InputError
 from gsavatar.model.audio import AudioSpec
@@ -85,6 +85,21 @@ def load_speech(path: str | Path, max_seconds: float | None = None, min_seconds:
     if not np.isfinite(samples).all():
         raise InputError(f"{path.name} decodes to NaN or infinite samples")
     return np.clip(samples, -1.0, 1.0)
+
+
+SILENCE_PEAK_DBFS = -60.0
+"""Audio whose loudest sample stays below this (dB of full scale) counts as silence."""
+
+
+def silence_note(samples: np.ndarray, name: str) -> str | None:
+    """One line telling the user that ``samples`` (from the file ``name``) are silent and the avatar
+    will idle (mouth closed; blinks and head motion go on), or None when there is sound. Silence is
+    not an error: a pause or an idle clip is a legitimate drive, but a wrong track usually is not."""
+    peak = float(np.max(np.abs(samples))) if len(samples) else 0.0
+    if peak >= 10 ** (SILENCE_PEAK_DBFS / 20):
+        return None
+    level = "digital silence" if peak == 0 else f"peak {20 * math.log10(peak):.0f} dBFS"
+    return f"{name} is silent ({level}): the avatar idles (mouth closed)"
 
 
 def frame_count(samples: np.ndarray) -> int:
@@ -221,6 +236,12 @@ def orbit_transform(centre: np.ndarray, yaw_deg: float, pitch_deg: float, roll_d
     return e
 
 
+MAX_KEYFRAME_SECONDS = 24 * 3600.0
+"""Keyframe times beyond a day are taken for a mistake."""
+MIN_ZOOM, MAX_ZOOM = 0.05, 20.0
+"""Zoom factors a camera path may use: beyond them the head is a speck or the camera sits inside it."""
+
+
 def load_keyframes(path: str | Path) -> list[dict]:
     """Read a camera-path JSON: ``{"keyframes": [{"t": seconds, "yaw": deg, "pitch": deg, "roll": deg,
     "zoom": factor}, ...]}`` (missing angles are 0, zoom 1; at least one keyframe, times increasing)."""
@@ -230,8 +251,15 @@ def load_keyframes(path: str | Path) -> list[dict]:
         keys = data["keyframes"] if isinstance(data, dict) else data
         out = [{"t": float(k["t"]), "yaw": float(k.get("yaw", 0)), "pitch": float(k.get("pitch", 0)),
                 "roll": float(k.get("roll", 0)), "zoom": float(k.get("zoom", 1))} for k in keys]
+        for i, k in enumerate(out):
+            check_number(f"{path.name}: keyframe {i} t (seconds)", k["t"], 0.0, MAX_KEYFRAME_SECONDS)
+            for angle in ("yaw", "pitch", "roll"):
+                check_number(f"{path.name}: keyframe {i} {angle} (degrees)", k[angle], -360.0, 360.0)
+            check_number(f"{path.name}: keyframe {i} zoom", k["zoom"], MIN_ZOOM, MAX_ZOOM)
     except FileNotFoundError:
         raise InputError(f"no such camera path file: {path}") from None
+    except InputError:
+        raise
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise InputError(f"{path.name} is not a camera path ({type(e).__name__}: {e}); "
                          'expected {"keyframes": [{"t": 0, "yaw": 0, "pitch": 0, "zoom": 1}, ...]}') from None
@@ -240,8 +268,6 @@ def load_keyframes(path: str | Path) -> list[dict]:
     times = [k["t"] for k in out]
     if any(b <= a for a, b in zip(times, times[1:])):
         raise InputError(f"{path.name}: keyframe times must increase")
-    if any(k["zoom"] <= 0 for k in out):
-        raise InputError(f"{path.name}: zoom must be positive")
     return out
 
 

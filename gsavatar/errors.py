@@ -32,3 +32,10 @@ class StoppedBySignal(GsavatarError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + int(signum)  # the shell's convention for "ended by signal N"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, a job scheduler, ``kill``) turned into an exception by the command line,
+    so a long command unwinds exactly as on Ctrl-C: temporary files removed, finished work kept."""
+
+    exit_code = 143  # 128 + SIGTERM

@@ -98,7 +98,7 @@ def test_keyframe_file_interpolates(tmp_path):
     ('{"frames": []}', "is not a camera path"),
     ('{"keyframes": []}', "has no keyframes"),
     ('{"keyframes": [{"t": 1}, {"t": 1}]}', "times must increase"),
-    ('{"keyframes": [{"t": 0, "zoom": 0}]}', "zoom must be positive"),
+    ('{"keyframes": [{"t": 0, "zoom": 0}]}', "zoom must be a finite number >= 0.05"),
     ('{"keyframes": [{"t": "soon"}]}', "is not a camera path"),
 ])
 def test_bad_keyframe_files_are_one_line_input_errors(text, message, tmp_path):

@@ -14,6 +14,7 @@ from gsavatar.config import PreprocessConfig  # noqa: E402
 from gsavatar.data import masks as M  # noqa: E402
 from gsavatar.data.dataset import SubjectDataset  # noqa: E402
 from gsavatar.data.preprocess import STAGES, preprocess  # noqa: E402
+from gsavatar.errors import Terminated  # noqa: E402
 
 
 def test_dataset_layout_and_manifest(demo_video, demo_subject):
@@ -113,7 +114,7 @@ def test_rerun_skips_and_size_change_reruns(demo_video, subject_copy):
 
 
 def test_interrupted_run_is_not_trusted_and_resumes(demo_video, subject_copy, monkeypatch):
-    from gsavatar.errors import IncompleteDatasetError
+    from gsavatar.errors import IncompleteDatasetError, StoppedBySignal
 
     out = subject_copy
     cfg = demo_config()
@@ -126,7 +127,7 @@ def test_interrupted_run_is_not_trusted_and_resumes(demo_video, subject_copy, mo
         raise KeyboardInterrupt
 
     monkeypatch.setattr(M, "label_map", boom)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(StoppedBySignal, match="during the masks stage"):
         preprocess(demo_video.video_path, out, cfg)
     with pytest.raises(IncompleteDatasetError, match="masks"):
         SubjectDataset(out)
@@ -135,3 +136,68 @@ def test_interrupted_run_is_not_trusted_and_resumes(demo_video, subject_copy, mo
     report = preprocess(demo_video.video_path, out, cfg)
     assert report["stages"]["landmarks"]["skipped"] and not report["stages"]["masks"]["skipped"]
     assert SubjectDataset(out).manifest["complete"]
+
+
+def test_interrupt_in_a_new_folder_keeps_finished_stages_and_resumes(demo_video, tmp_path, monkeypatch):
+    """Ctrl-C in the last stage of a run into a new folder keeps the finished stages and the manifest
+    recording them (only the unfinished stage's temporaries go), and the same call resumes."""
+    import gsavatar.tracking.tracker as tracker
+    from gsavatar.errors import IncompleteDatasetError, StoppedBySignal
+
+    out, cfg = tmp_path / "subject", demo_config()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracker, "track_landmarks", interrupted)
+    with pytest.raises(StoppedBySignal) as stopped:
+        preprocess(demo_video.video_path, out, cfg)
+    assert stopped.value.exit_code == 130 and isinstance(stopped.value.__cause__, KeyboardInterrupt)
+    message = str(stopped.value)
+    assert "SIGINT" in message and "tracking" in message and "audio_features" in message and "same command" in message
+    manifest = json.loads((out / "manifest.json").read_text())
+    earlier = [s.name for s in STAGES if s.name != "tracking"]
+    assert not manifest["complete"] and not manifest["stages"]["tracking"]["done"]
+    assert all(manifest["stages"][name]["done"] for name in earlier)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporaries left
+    with pytest.raises(IncompleteDatasetError):
+        SubjectDataset(out)
+    kept = [out / "scan.json", out / "frames" / "000000.jpg", out / "landmarks.npz", out / "features" / "logmel.npy"]
+    mtimes = [p.stat().st_mtime_ns for p in kept]
+    monkeypatch.undo()
+    report = preprocess(demo_video.video_path, out, cfg)
+    assert [name for name, s in report["stages"].items() if not s["skipped"]] == ["tracking"]
+    assert [p.stat().st_mtime_ns for p in kept] == mtimes
+    assert SubjectDataset(out).manifest["complete"]
+
+
+@pytest.mark.parametrize("interrupt, code, name", [(KeyboardInterrupt, 130, "SIGINT"), (Terminated, 143, "SIGTERM")])
+def test_interrupted_command_says_what_it_kept(demo_video, subject_copy, monkeypatch, capsys, interrupt, code, name):
+    """`gsavatar preprocess` stopped by Ctrl-C / SIGTERM exits 128 + the signal's number with one line
+    naming the kept stages and the way to resume; a killed run's leftover temporaries of the stage
+    that runs again are removed, the finished stages' files are not touched."""
+    import gsavatar.tracking.tracker as tracker
+    from gsavatar.cli import main
+
+    out = subject_copy
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["stages"]["tracking"]["key"] = "stale"  # tracking runs again
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / ".tracking.npz.k1ll3d.tmp.npz").write_bytes(b"left by a SIGKILL")
+
+    def interrupted(*args, **kwargs):
+        raise interrupt()
+
+    monkeypatch.setattr(tracker, "track_landmarks", interrupted)
+    before = (out / "landmarks.npz").stat().st_mtime_ns
+    assert main(["preprocess", str(demo_video.video_path), "-o", str(out), "--size", "256", "--audio-features", "logmel"]) == code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert name in lines[0] and "tracking stage" in lines[0] and "audio_features" in lines[0], lines[0]
+    assert "run the same command to resume" in lines[0] and str(out) in lines[0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["complete"] and not manifest["stages"]["tracking"]["done"]
+    assert all(r["done"] for s, r in manifest["stages"].items() if s != "tracking")
+    assert (out / "landmarks.npz").stat().st_mtime_ns == before and (out / "tracking.npz").is_file()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]

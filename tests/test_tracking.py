@@ -244,7 +244,7 @@ def test_interrupted_tracking_is_not_trusted(subject_copy, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["track", "{tmp}/nothing"], "not a subject dataset"),
-    (["track", "{subject}", "--overlay", "{tmp}/x.avi"], "must name an .mp4"),
+    (["track", "{subject}", "--overlay", "{tmp}/x.avi"], "must be a .mp4 file"),
     (["track", "{subject}", "--focal", "-5"], "positive"),
 ])
 def test_track_bad_input_is_one_line(args, message, subject_copy, tmp_path, capfd):

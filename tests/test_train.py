@@ -221,7 +221,7 @@ def test_sigterm_checkpoints_the_current_iteration_and_exits_in_one_line(micro_r
     (["train", "/nonexistent/video.mp4", "-o", "{tmp}/run"], "does not exist"),
     (["train", "{tmp}", "-o", "{tmp}/run"], "not a subject dataset"),
     (["train", "{tmp}", "-o", "{tmp}/run", "--preset", "nope"], "unknown preset 'nope'"),
-    (["train", "{tmp}", "-o", "{tmp}/run", "--iterations-scale", "0"], "iterations-scale must be positive"),
+    (["train", "{tmp}", "-o", "{tmp}/run", "--iterations-scale", "0"], "iterations-scale must be a finite number > 0"),
     (["train", "{tmp}", "-o", "{tmp}/run", "--device", "tpu"], "unknown device"),
     (["train", "/nonexistent/video.mp4", "-o", "{tmp}/run", "--backend", "vulkan"],
      "backend must be one of auto, torch, cpp, cuda, gsplat"),

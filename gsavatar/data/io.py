@@ -18,6 +18,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from gsavatar.files import remove_quietly
+
 
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
@@ -35,7 +37,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
         raise
 
 
@@ -51,7 +53,7 @@ def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
         raise
 
 
@@ -59,24 +61,27 @@ def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``path`` when the block exits without error.
 
-    On an exception the temporary directory is removed and ``path`` is left as it was.
+    On an exception (an interrupt during the swap included) the temporary directory is removed
+    and ``path`` is left as it was.
     """
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = path.with_name(f".{path.name}.old")
     try:
         yield tmp
+        if path.exists():
+            # Rename the old one aside first so the swap itself is two renames, never a copy.
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
     except BaseException:
+        if old.exists() and not path.exists():  # stopped between the two renames: put the old one back
+            with contextlib.suppress(OSError):
+                os.replace(old, path)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        # Rename the old one aside first so the swap itself is two renames, never a copy.
-        old = path.with_name(f".{path.name}.old")
+    finally:
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

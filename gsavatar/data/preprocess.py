@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import resource
 import shutil
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,9 +26,17 @@ import numpy as np
 from gsavatar import __version__
 from gsavatar.config import PreprocessConfig, TrackingConfig, check_frame_size
 from gsavatar.data.dataset import MANIFEST_VERSION, frame_name, read_manifest
-from gsavatar.data.io import atomic_directory, atomic_save_npz, atomic_write_bytes, atomic_write_json, file_sha256, stable_hash
+from gsavatar.data.io import (
+    atomic_directory,
+    atomic_save_npz,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_sha256,
+    stable_hash,
+)
 from gsavatar.data.video import FPS, SAMPLE_RATE, DecodeStats, decode_audio, iter_frames, probe_video, write_wav
-from gsavatar.errors import IncompleteDatasetError, InputError, MissingDependencyError
+from gsavatar.errors import IncompleteDatasetError, InputError, MissingDependencyError, StoppedBySignal, Terminated
+from gsavatar.files import check_creatable_dir, remove_quietly
 
 
 def _log(message: str) -> None:
@@ -220,9 +229,13 @@ def _stage_frames(ctx: Context) -> dict:
         if stats.output_frames != n:
             raise InputError(f"{ctx.video.name}: second decoding pass gave {stats.output_frames} frames, first gave {n}")
     audio, real_seconds = decode_audio(ctx.video, scan["t0"], n)
-    tmp_wav = ctx.out / ".audio.tmp.wav"
-    write_wav(tmp_wav, audio)
-    tmp_wav.replace(ctx.out / "audio.wav")
+    tmp_wav = ctx.out / ".audio.wav.tmp"
+    try:
+        write_wav(tmp_wav, audio)
+        tmp_wav.replace(ctx.out / "audio.wav")
+    except BaseException:
+        remove_quietly(tmp_wav)
+        raise
     if real_seconds < n / FPS - 0.5:
         _log(f"warning: the audio track is {real_seconds:.1f} s, the video {n / FPS:.1f} s; the rest is silence")
     return {"audio_seconds": real_seconds, "audio_samples": int(audio.size)}
@@ -401,7 +414,9 @@ STAGES: tuple[Stage, ...] = (
 
 # ----------------------------------------------------------------------------- driver
 def _check_output_dir(out: Path) -> bool:
-    """Refuse to write into a non-empty folder that is not a subject dataset. Returns created."""
+    """Refuse to write into a non-empty folder that is not a subject dataset, or one this user cannot
+    write (or create). Returns created."""
+    check_creatable_dir(out)
     if out.exists():
         if not out.is_dir():
             raise InputError(f"{out} exists and is not a directory")
@@ -424,6 +439,17 @@ def _stage_key(stage: Stage, ctx: Context, keys: dict[str, str]) -> str:
     })
 
 
+def _remove_leftovers(out: Path, outputs: tuple[str, ...]) -> None:
+    """Remove the temporaries of ``outputs`` that a killed run (SIGKILL, power loss) could not: an
+    interrupted run removes its own, but a killed one leaves them (a stage's frames can be gigabytes)."""
+    for name in outputs:
+        for stale in [*out.glob(f".{name}.*tmp*"), out / f".{name}.old"]:
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                remove_quietly(stale)
+
+
 def _run_stage(stage: Stage, ctx: Context, key: str, force: bool = False) -> dict:
     """Run ``stage`` unless its manifest record has this key and its outputs exist; keeps the
     manifest current (record marked not-done before, done with its result after). Returns the
@@ -437,6 +463,7 @@ def _run_stage(stage: Stage, ctx: Context, key: str, force: bool = False) -> dic
         return {"wall_s": 0.0, "skipped": True}
     manifest["stages"][stage.name] = {"done": False, "key": key}
     atomic_write_json(out / "manifest.json", manifest)
+    _remove_leftovers(out, stage.outputs)
     t = time.perf_counter()
     load_before = ctx.model_load_s
     result = stage.run(ctx)
@@ -480,7 +507,12 @@ def track(subject_dir: str | Path, cfg: TrackingConfig | None = None, force: boo
 
 
 def preprocess(video: str | Path, out: str | Path, cfg: PreprocessConfig | None = None) -> dict:
-    """Run (or resume) every stage for ``video`` into ``out``; returns the report dict."""
+    """Run (or resume) every stage for ``video`` into ``out``; returns the report dict.
+
+    Interrupted (Ctrl-C, or SIGTERM as the command line raises it) or failed, it keeps the stages
+    that finished, so the same call resumes; an interrupt is reported as
+    :class:`~gsavatar.errors.StoppedBySignal` saying what was kept.
+    """
     cfg = cfg or PreprocessConfig()
     video, out = Path(video), Path(out)
     if not video.is_file():
@@ -498,6 +530,8 @@ def preprocess(video: str | Path, out: str | Path, cfg: PreprocessConfig | None 
             raise MissingDependencyError(f"{e} (or leave '{kind}' out of --audio-features)") from None
     created = _check_output_dir(out)
     t_start = time.perf_counter()
+    report_stages: dict = {}  # stages finished (run or up to date) in this run, in order
+    running = None
     try:
         manifest = read_manifest(out) or {}
         ctx = Context(video, out, cfg, file_sha256(video), manifest)
@@ -506,18 +540,38 @@ def preprocess(video: str | Path, out: str | Path, cfg: PreprocessConfig | None 
         manifest.setdefault("stages", {})
         atomic_write_json(out / "manifest.json", manifest)
         keys: dict[str, str] = {}
-        report_stages = {}
         for stage in STAGES:
+            running = stage.name
             keys[stage.name] = _stage_key(stage, ctx, keys)
             report_stages[stage.name] = _run_stage(stage, ctx, keys[stage.name])
+        running = None
         # Drop records of stages that no longer exist, then publish the dataset as complete.
         manifest["stages"] = {s.name: manifest["stages"][s.name] for s in STAGES}
         report = _finish(ctx, report_stages, time.perf_counter() - t_start)
         return report
-    except BaseException:
-        if created:  # nothing trustworthy was made: leave no folder behind
+    except BaseException as e:
+        # The unfinished stage's temporaries are already gone (the atomic writers remove their own);
+        # finished stages and the manifest recording them stay, so the same call resumes. Only a
+        # folder this run created and finished nothing in is removed.
+        removed = created and not report_stages
+        if removed:
             shutil.rmtree(out, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C, or SIGTERM as the command line raises it
+            raise _stopped(e, out, running, list(report_stages), removed) from e
         raise
+
+
+def _stopped(e: KeyboardInterrupt, out: Path, running: str | None, finished: list[str], removed: bool) -> StoppedBySignal:
+    """The one-line report of an interrupted run: what was kept, and that the same command resumes."""
+    signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+    where = f"during the {running} stage" if running else "while writing the report"
+    if removed:
+        kept = f"nothing had finished, {out} removed: run the same command to start again"
+    elif finished:
+        kept = f"kept the finished stages ({', '.join(finished)}) in {out}: run the same command to resume"
+    else:
+        kept = f"no stage had finished yet in {out}: run the same command to resume"
+    return StoppedBySignal(f"preprocessing stopped by {signum.name} {where}; {kept}", signum)
 
 
 def _finish(ctx: Context, report_stages: dict, total_s: float) -> dict:

@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -216,10 +217,11 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, subject_dir
     """Run the whole protocol; write and return RUN_DIR/eval.json's content."""
     from gsavatar.data.frames import SubjectFrames
     from gsavatar.data.io import atomic_write_bytes
-    from gsavatar.drive import SpeechFeaturizer, load_speech
+    from gsavatar.drive import SpeechFeaturizer, load_speech, silence_note
     from gsavatar.eval import landmarks68
     from gsavatar.eval.baselines import avatar_predictor, mean_frame, nearest_audio_frame
     from gsavatar.eval.lpips import lpips_function
+    from gsavatar.files import check_writable_dir
     from gsavatar.model.io import load_run
 
     cfg = cfg or EvalConfig()
@@ -228,6 +230,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, subject_dir
         raise InputError("--max-frames and the lag / timing settings cannot be negative (repeats and frames at least 1)")
     if not run_dir.is_dir():
         raise InputError(f"{run_dir} is not a run directory")
+    check_writable_dir(run_dir, "the run directory (eval.json goes there)")
     speech = {str(p): load_speech(p) for p in cfg.audio}  # bad files fail before any long work
     landmarks68.predictor_path()  # fail early and clearly without dlib's model
     device = resolve_device(cfg.device)
@@ -282,6 +285,11 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, subject_dir
         features = featurizer(samples)  # once per file: the avatar and the baseline share them
         energy_d = M.speech_energy(samples, len(features))
         entry = {"seconds": len(samples) / SAMPLE_RATE}
+        note = silence_note(samples, Path(path).name)
+        if note:  # no speech, so no lip-sync to measure; the idle avatar is still scored
+            entry["note"] = note
+            if progress:
+                print(f"warning: {note}; its AV offset means nothing", file=sys.stderr)
         mouth = drive_signals(avatar, subject, samples, features, cfg.drive_pose, progress, Path(path).name)
         entry["avatar"] = _av(mouth, energy_d, cfg.max_lag)
         if cfg.baselines:

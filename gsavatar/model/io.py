@@ -18,6 +18,7 @@ import torch
 
 from gsavatar.config import TrainConfig, config_from_dict
 from gsavatar.errors import InputError
+from gsavatar.files import remove_quietly
 from gsavatar.model.audio import AudioSpec
 
 CHECKPOINT_FORMAT = "gsavatar-checkpoint"
@@ -54,12 +55,25 @@ class Checkpoint:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Checkpoint":
+        """The typed checkpoint; a one-line :class:`InputError` saying what does not match."""
         d = dict(d)
         if d.pop("format", None) != CHECKPOINT_FORMAT:
             raise InputError("not a gsavatar checkpoint")
         if d.get("version") != CHECKPOINT_VERSION:
             raise InputError(f"checkpoint version {d.get('version')} is not supported (this gsavatar reads {CHECKPOINT_VERSION})")
-        d["progress"] = Progress(**d["progress"])
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        required = {n for n, f in fields.items()
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        problems = _key_problems(set(fields), required, set(d), "field")
+        if problems:
+            raise InputError(f"not a checkpoint of this gsavatar: {problems}")
+        for name in ("config", "subject", "model", "optimizers", "strategy", "rng"):
+            if name in d and not isinstance(d[name], dict):
+                raise InputError(f"the checkpoint's {name!r} is a {type(d[name]).__name__}, not a dict")
+        try:
+            d["progress"] = Progress(**d["progress"])
+        except TypeError as e:
+            raise InputError(f"the checkpoint's training progress does not match this gsavatar ({e})") from None
         return cls(**d)
 
 
@@ -74,8 +88,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        remove_quietly(tmp)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -88,7 +101,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise InputError(f"{path} is not a readable gsavatar checkpoint ({type(e).__name__})") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path} is not a gsavatar checkpoint")
-    return Checkpoint.from_dict(raw)
+    try:
+        return Checkpoint.from_dict(raw)
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
 
 
 AVATAR_FILES = ("avatar.pt", "checkpoint.pt")  # the final avatar first; a training checkpoint if the run is unfinished
@@ -141,6 +157,16 @@ class SubjectInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SubjectInfo":
+        """From the checkpoint's plain form; a one-line :class:`InputError` for a missing or bad field."""
+        try:
+            return cls._from_dict(d)
+        except KeyError as e:
+            raise InputError(f"the checkpoint's subject lacks {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise InputError(f"the checkpoint's subject is malformed ({e})") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict[str, Any]) -> "SubjectInfo":
         audio = AudioSpec(kind=str(d["audio_kind"]), extractor=dict(d.get("audio_extractor") or {}),
                           feature_dim=int(d["feature_dim"]), steps_per_frame=int(d["steps_per_frame"]))
         return cls(subject_dir=str(d["subject_dir"]), audio=audio, num_frames=int(d["num_frames"]),
@@ -168,13 +194,46 @@ def avatar_from_state(cfg: TrainConfig, audio: AudioSpec, state: dict):
     from gsavatar.model.gaussians import GaussianSet
 
     a = cfg.avatar
+    sized = [f"gaussians.{b}.params.means" for b in BRANCHES]
+    buffers = ("background", "audio_mean", "audio_std", "pose_mean", "pose_scale", "torso_centre")
+    needed = set(sized) | set(buffers)  # what sizes the avatar; the rest is checked once it is built
+    problems = _key_problems(set(state) | needed, needed, set(state), "key")
+    if problems or not all(torch.is_tensor(state[k]) for k in (*sized, *buffers)):
+        raise InputError(f"the avatar's state does not match this gsavatar: {problems or 'a sizing entry is not a tensor'}")
     sets = {b: GaussianSet.empty(state[f"gaussians.{b}.params.means"].shape[0], getattr(a, b).sh_degree)
             for b in BRANCHES}
-    z = {k: torch.zeros_like(state[k]) for k in ("background", "audio_mean", "audio_std", "pose_mean", "pose_scale", "torso_centre")}
-    avatar = Avatar(a, audio, sets["face"], sets["mouth"], sets["torso"], z["background"], z["audio_mean"],
-                    z["audio_std"], z["pose_mean"], z["pose_scale"], z["torso_centre"])
+    z = {k: torch.zeros_like(state[k]) for k in buffers}
+    try:
+        avatar = Avatar(a, audio, sets["face"], sets["mouth"], sets["torso"], z["background"], z["audio_mean"],
+                        z["audio_std"], z["pose_mean"], z["pose_scale"], z["torso_centre"])
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise InputError(f"the avatar's state does not fit its own configuration ({str(e).splitlines()[0][:160]})") from None
+    expected = avatar.state_dict()
+    problems = _key_problems(set(expected), set(expected), set(state), "key")
+    wrong = [f"{k} {list(state[k].shape) if torch.is_tensor(state[k]) else type(state[k]).__name__} "
+             f"(expected {list(v.shape)})" for k, v in expected.items()
+             if k in state and not (torch.is_tensor(state[k]) and state[k].shape == v.shape)]
+    if wrong:
+        problems = "; ".join(filter(None, [problems, "wrong shapes: " + _first(wrong)]))
+    if problems:
+        raise InputError(f"the avatar's state does not match its configuration: {problems}")
     avatar.load_state_dict(state)
     return avatar
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _key_problems(known: set[str], required: set[str], present: set[str], what: str) -> str:
+    """'' when ``present`` holds every required name and nothing unknown, else what is wrong (one line)."""
+    missing, unexpected = sorted(required - present), sorted(present - known)
+    parts = []
+    if missing:
+        parts.append(f"missing {what}s {_first(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {what}s {_first(unexpected)}")
+    return "; ".join(parts)
 
 
 def load_run(run: str | Path, device: str | torch.device = "cpu") -> AvatarBundle:
@@ -182,7 +241,12 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> AvatarBundl
     a run still training; or an avatar file), as an :class:`AvatarBundle`."""
     path = find_avatar_file(run)
     ckpt = load_checkpoint(path)
-    cfg = config_from_dict(TrainConfig, ckpt.config)
-    subject = SubjectInfo.from_dict(ckpt.subject)
-    avatar = avatar_from_state(cfg, subject.audio, ckpt.model)
+    try:
+        cfg = config_from_dict(TrainConfig, ckpt.config).validate()
+        subject = SubjectInfo.from_dict(ckpt.subject)
+        avatar = avatar_from_state(cfg, subject.audio, ckpt.model)
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:  # a config entry of the wrong kind
+        raise InputError(f"{path}: the checkpoint's configuration does not match this gsavatar ({e})") from None
     return AvatarBundle(avatar.to(device).eval(), cfg, subject, path)

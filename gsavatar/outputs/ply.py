@@ -250,10 +250,10 @@ def export_ply(run_dir: str | Path, out_path: str | Path, frame: int | None = No
                drive=None, max_seconds: float = 600.0) -> dict:
     """Write the avatar of ``run_dir`` (canonical, or deformed for output ``frame``) to ``out_path``."""
     from gsavatar.drive import build_drive, load_speech
+    from gsavatar.files import check_output_file
     from gsavatar.model.io import find_avatar_file, load_run
-    from gsavatar.outputs.render_video import check_output_path
 
-    out_path = check_output_path(out_path, ".ply")
+    out_path = check_output_file(out_path, ".ply")
     if audio is not None and frame is None:
         raise InputError("--audio only matters with --frame K (the Gaussians deformed for output frame K)")
     avatar_path = find_avatar_file(run_dir)

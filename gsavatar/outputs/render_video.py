@@ -12,32 +12,22 @@ output directory that does not exist) is an :class:`InputError` raised before an
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gsavatar.config import check_frame_size
-from gsavatar.drive import FPS, SAMPLE_RATE, DriveConfig, build_drive, load_keyframes, load_speech
+from gsavatar.config import check_frame_size, check_number
+from gsavatar.drive import FPS, SAMPLE_RATE, DriveConfig, build_drive, load_keyframes, load_speech, silence_note
 from gsavatar.errors import InputError
+from gsavatar.files import check_creatable_dir, check_output_file
 from gsavatar.imaging import to_uint8
 from gsavatar.runtime import resolve_device, restores_torch_threads
 
 DEFAULT_MAX_SECONDS = 600.0
 BUILTIN_CAMERAS = ("train", "orbit", "zoom")
-
-
-def check_output_path(path: str | Path, suffix: str) -> Path:
-    """The output file's directory must exist and the name must end in ``suffix``."""
-    path = Path(path)
-    if path.suffix.lower() != suffix:
-        raise InputError(f"the output must be a {suffix} file (got {path})")
-    if path.is_dir():
-        raise InputError(f"the output {path} is a directory")
-    if not path.parent.is_dir():
-        raise InputError(f"the output directory {path.parent} does not exist")
-    return path
 
 
 def check_camera(camera: str) -> None:
@@ -86,15 +76,21 @@ def render_video(run_dir: str | Path, audio_path: str | Path, out_path: str | Pa
 
     t_start = time.perf_counter()
     drive = drive or DriveConfig()
-    out_path = check_output_path(out_path, ".mp4")
+    out_path = check_output_file(out_path, ".mp4")
     if frames_dir is not None and Path(frames_dir).exists() and not Path(frames_dir).is_dir():
         raise InputError(f"--frames-dir {frames_dir} exists and is not a directory")
-    if not max_seconds > 0:
-        raise InputError(f"the duration limit must be positive (got {max_seconds})")
+    if frames_dir is not None:
+        check_creatable_dir(frames_dir, "--frames-dir")
+    check_number("the duration limit (--max-seconds)", max_seconds, 0.0, low_open=True)
+    if size is not None:
+        check_frame_size(size)
     check_camera(drive.camera)
     dev = resolve_device(device)
     avatar_path = find_avatar_file(run_dir)
     samples = load_speech(audio_path, max_seconds=max_seconds)
+    note = silence_note(samples, Path(audio_path).name)
+    if note and progress:
+        print(f"warning: {note}", file=sys.stderr)
     bundle = load_run(avatar_path, dev)
     avatar, cfg, subject = bundle.avatar, bundle.config, bundle.subject
     threads = cfg.cpu_threads if cpu_threads < 0 else cpu_threads

@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from gsavatar.data.timebase import SAMPLE_RATE
+from gsavatar.files import remove_quietly
 
 
 def write_mp4(
@@ -90,6 +91,6 @@ def write_mp4(
                 out.mux(ast.encode(None))
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
         raise
     return path

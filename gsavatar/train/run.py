@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gsavatar.config import PreprocessConfig, TrainConfig
 from gsavatar.errors import InputError
+from gsavatar.files import check_creatable_dir
 
 
 def prepare_subject(source: Path, run_dir: Path, render_size: int) -> Path:
@@ -63,6 +64,7 @@ def train_command(source: Path, run_dir: Path, cfg: TrainConfig, force: bool = F
 
     check_backend(cfg.backend, resolve_device(cfg.device))  # a bad --device or --backend fails before any preprocessing
     source, run_dir = Path(source), Path(run_dir)
+    check_creatable_dir(run_dir, "RUN_DIR")
     with run_dir_lock(run_dir):
         if force:
             for name in ("checkpoint.pt", "avatar.pt", "summary.json", "config.json", "train.log"):

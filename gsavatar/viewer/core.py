@@ -10,6 +10,7 @@ import base64
 import io
 import math
 import os
+import re
 import tempfile
 import threading
 import time
@@ -235,9 +236,33 @@ def audio_html(samples: np.ndarray | None, start_frame: int = 0, playing: bool =
 
 
 def upload_label(name: str | None, limit: int = 80) -> str:
-    """The file name a browser sent, fit for a one-line message: base name, no control characters, short."""
-    label = "".join(c if c.isprintable() else "?" for c in Path(str(name or "")).name) or "upload"
+    """The file name a browser sent, fit for a one-line message: base name (after the last ``/`` or
+    ``\\``), no control characters, short."""
+    base = re.split(r"[\\/]", str(name or ""))[-1]
+    label = "".join(c if c.isprintable() else "?" for c in base).strip() or "upload"
     return label if len(label) <= limit else label[: limit - 3] + "..."
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~])(?:~|[A-Za-z]:)?[\\/][^\s'\"`<>|(),;:\[\]]*")
+"""An absolute path in a message (POSIX, home-relative or Windows): a separator not preceded by a name."""
+
+
+def public_text(text: str, replacements: dict[str, str] | None = None, limit: int = 300) -> str:
+    """``text`` fit to show a browser: one line, at most ``limit`` characters, nothing of the server's
+    file system. ``replacements`` maps a server-side file (its path or name, e.g. an upload's
+    temporary copy) to what the user knows it as (the upload's name): an absolute path to that
+    file, whatever folder it is reached through, and its bare name become the user's name; any
+    other absolute path becomes ``<server path>``."""
+    names = {re.split(r"[\\/]", k.rstrip("\\/"))[-1]: v for k, v in (replacements or {}).items() if k.rstrip("\\/")}
+
+    def hide(match: re.Match) -> str:
+        return names.get(re.split(r"[\\/]", match.group(0).rstrip("\\/"))[-1], "<server path>")
+
+    out = _ABSOLUTE_PATH.sub(hide, str(text))
+    for name in sorted(names, key=len, reverse=True):
+        out = out.replace(name, names[name])
+    out = " ".join("".join(c if c.isprintable() else " " for c in out).split())
+    return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
 def too_big(label: str, size: int, max_bytes: int) -> str:
@@ -265,8 +290,8 @@ def validate_upload(name: str, content: bytes, max_bytes: int = MAX_UPLOAD_BYTES
             f.write(content)
         try:
             return load_speech(tmp, max_seconds=max_seconds)
-        except InputError as e:
-            raise InputError(str(e).replace(Path(tmp).name, label)) from None
+        except InputError as e:  # its messages name the temporary copy (or quote FFmpeg, which names its path)
+            raise InputError(public_text(str(e), {tmp: label, Path(tmp).name: label})) from None
         except Exception as e:  # anything else the decoder throws at odd bytes: still one line
             raise InputError(f"{label} is not a readable audio file ({type(e).__name__})") from None
     finally:
@@ -393,7 +418,8 @@ class UploadGate:
 
 
 def default_audio(subject: SubjectInfo, seconds: float = DEFAULT_SECONDS) -> tuple[np.ndarray, str]:
-    """The first ``seconds`` of the subject's own audio if its dataset still exists, else silence."""
+    """The first ``seconds`` of the subject's own audio if its dataset still exists, else silence;
+    with the label the page shows (which names no folder of the server)."""
     subject_dir = subject.subject_dir
     if subject_dir:
         try:
@@ -405,7 +431,7 @@ def default_audio(subject: SubjectInfo, seconds: float = DEFAULT_SECONDS) -> tup
         except Exception:  # dataset moved or incomplete: fall through to silence
             pass
     return np.zeros(int(seconds * SAMPLE_RATE), np.float32), (
-        f"{seconds:g} s of silence (the subject dataset {subject_dir} is not available; upload speech or pass --audio)")
+        f"{seconds:g} s of silence (the subject's dataset is not available: upload speech or pass --audio)")
 
 
 def make_drive(subject: SubjectInfo, samples: np.ndarray, size: int, featurizer: SpeechFeaturizer | None = None):

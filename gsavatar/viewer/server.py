@@ -40,6 +40,7 @@ anything could look at it.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 import time
 import warnings
@@ -50,7 +51,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from gsavatar.drive import FPS, SAMPLE_RATE, SpeechFeaturizer, head_centre, load_speech
+from gsavatar.drive import FPS, SAMPLE_RATE, SpeechFeaturizer, head_centre, load_speech, silence_note
 from gsavatar.errors import InputError, MissingDependencyError
 from gsavatar.viewer import _viser_compat
 from gsavatar.viewer.core import (
@@ -66,6 +67,7 @@ from gsavatar.viewer.core import (
     default_audio,
     initial_camera,
     make_drive,
+    public_text,
     upload_label,
     validate_upload,
 )
@@ -113,6 +115,7 @@ class Session:
         self.drive_version = 0  # bumped by each upload (part of the "already on screen?" key)
         self.samples = viewer.samples
         self.audio_label = viewer.audio_label
+        self.audio_note = viewer.audio_note  # a notice about the track (it is silent), or None
         self.clock = PlayClock(len(self.drive))
         self.frame = 0  # shown while paused
         self.camera: np.ndarray | None = None  # world -> browser camera, None until the first update
@@ -123,7 +126,8 @@ class Session:
         self.last_image: np.ndarray | None = None
         self.last_frame = -1
         self.last_camera: np.ndarray | None = None
-        self.upload_messages: list[str] = []
+        self.upload_messages: list[str] = []  # each upload's verdict: "ok: ..." or the refusal shown
+        self.upload_notes: list[str] = []  # notices about accepted uploads (a silent file)
         self._last_key = None
         self._render_s = 0.0  # running mean of render + encode + send
         self._fps_times: list[float] = []
@@ -153,7 +157,7 @@ class Session:
             self.layer_boxes = {name: gui.add_checkbox(name.capitalize(), initial_value=True) for name in LAYERS}
             self.centres_box = gui.add_checkbox("Gaussian centres", initial_value=False)
         with gui.add_folder("Speech"):
-            self.audio_md = gui.add_markdown(f"Driving audio: {self.audio_label}")
+            self.audio_md = gui.add_markdown(self._audio_text())
             self.upload = gui.add_upload_button(
                 "Upload speech", mime_type="audio/*,video/*",
                 hint=f"any audio or video file FFmpeg reads, up to {v.options.max_upload_bytes / 2**20:g} MB "
@@ -168,6 +172,16 @@ class Session:
             box.on_update(lambda event: self.wake.set())
         self.upload.on_upload(self._on_upload)
         self.reset_button.on_click(lambda event: self.reset_camera())
+
+    def _audio_text(self, refused: str | None = None) -> str:
+        """The Speech folder's text: the track driving the tab, with the notice about it (it is silent)
+        and, first, an upload just refused."""
+        text = f"Driving audio: {_md(self.audio_label)}"
+        if self.audio_note:
+            text = f"**Note:** {_md(self.audio_note)}\n\n{text}"
+        if refused:
+            text = f"**Upload refused:** {_md(refused)}\n\n{text}"
+        return text
 
     def _time_text(self, frame: int) -> str:
         return f"{frame / FPS:6.2f} s / {len(self.drive) / FPS:.2f} s (frame {frame} of {len(self.drive)})"
@@ -213,8 +227,9 @@ class Session:
         and take down viser's own notice for that transfer, which says the file "uploaded
         successfully" (the bytes did arrive, or a refused transfer was acknowledged to release the
         button) or would spin for ever (a transfer whose parts are being dropped)."""
+        msg = public_text(msg)  # built from the user's file name already; never a path of this machine
         self.upload_messages.append(msg)
-        self.audio_md.content = f"**Upload refused:** {_md(msg)}\n\nDriving audio: {self.audio_label}"
+        self.audio_md.content = self._audio_text(refused=msg)
         for tell in (lambda: hide_upload_notice(self.client, self.viewer.upload_gate.latest_transfer(self.client.client_id)),
                      lambda: self.client.add_notification("Upload refused", msg, color="red", auto_close_seconds=10.0)):
             try:  # each on its own: a tab that has just closed, or a viser without the private hook
@@ -231,10 +246,14 @@ class Session:
                                       self.viewer.options.max_upload_seconds)
             self.audio_md.content = f"Decoding features of **{_md(upload_label(file.name))}** ..."
             drive = make_drive(self.viewer.subject, samples, self.viewer.size, self.viewer.featurizer)
-        except Exception as e:  # bad file or a failure in feature extraction: tell the page, keep serving
-            msg = str(e) if isinstance(e, InputError) else f"{upload_label(file.name)} could not be used ({type(e).__name__}: {e})"
-            self.refuse_upload(msg)
+        except InputError as e:  # a bad file: one line naming it as the user did
+            self.refuse_upload(str(e))
             return
+        except Exception as e:  # a failure in feature extraction: the details (paths, perhaps) stay in the server's log
+            self.viewer.log(f"tab {self.client.client_id}: upload {upload_label(file.name)} failed: {type(e).__name__}: {e}")
+            self.refuse_upload(f"{upload_label(file.name)} could not be used ({type(e).__name__})")
+            return
+        note = silence_note(samples, upload_label(file.name))  # silence is a legitimate drive: accepted, said once
         with self.lock:
             self._pause_locked()
             self.drive, self.samples = drive, samples
@@ -245,8 +264,16 @@ class Session:
             self.frame_slider.max = max(1, len(drive) - 1)
             self.frame_slider.value = 0
             self.time_md.content = self._time_text(0)
+            self.audio_note = note
             self.upload_messages.append(f"ok: {self.audio_label}")
-        self.audio_md.content = f"Driving audio: {self.audio_label}"
+            if note:
+                self.upload_notes.append(note)
+        self.audio_md.content = self._audio_text()
+        if note:
+            try:
+                self.client.add_notification("Silent upload", note, color="yellow", auto_close_seconds=10.0)
+            except Exception:  # a tab that has just closed
+                pass
         self.wake.set()
 
     # -- actions ----------------------------------------------------------------------------
@@ -472,13 +499,18 @@ class Viewer:
         self.run_name = path.parent.name if path.name in ("avatar.pt", "checkpoint.pt") else path.name
         self.avatar, self.cfg, self.subject = bundle.avatar, bundle.config, bundle.subject
         self.size = int(options.size or self.subject.render_size)
+        self.audio_note: str | None = None  # told the page with the track: a silent --audio file
         if audio is not None:
             self.samples = load_speech(audio, max_seconds=MAX_AUDIO_SECONDS)
-            self.audio_label = f"{Path(audio).name} ({len(self.samples) / SAMPLE_RATE:.1f} s)"
+            self.audio_label = f"{upload_label(Path(audio).name)} ({len(self.samples) / SAMPLE_RATE:.1f} s)"
+            self.audio_note = silence_note(self.samples, upload_label(Path(audio).name))
+            if self.audio_note and options.verbose:
+                print(f"note: {self.audio_note}")
         else:
             self.samples, self.audio_label = default_audio(self.subject)
-            if not self.samples.any() and options.verbose:
-                print(f"note: driving with {self.audio_label}")
+            if not self.samples.any() and options.verbose:  # the folder is named here, on the server only
+                print(f"note: driving with {self.audio_label.split(' (')[0]}: the subject dataset "
+                      f"{self.subject.subject_dir} is not available (upload speech or pass --audio)")
         self.featurizer = SpeechFeaturizer(self.subject.audio)  # one audio extractor for the start and every upload
         self.drive = make_drive(self.subject, self.samples, self.size, self.featurizer)
         self.renderer = FrameRenderer(self.avatar, self.cfg, self.subject, self.device, options.render_slots)
@@ -494,6 +526,9 @@ class Viewer:
         self.upload_gate_installed = install_upload_gate(self.server, self.upload_gate, self._upload_refused)
         if not self.upload_gate_installed:
             self.log("note: this viser version gives no early look at uploads; their size is checked once received")
+        # What a client sends that viser cannot take is refused in one line each, never a traceback.
+        _viser_compat.guard_incoming(self.server, lambda host, why: self.refused("message", host, why))
+        self._handshakes = _viser_compat.HandshakeFailures(self.port, lambda host, why: self.refused("connection", host, why))
         self.server.scene.set_up_direction("-y")
         cam = self.server.initial_camera
         cam.up = self.initial["up"]
@@ -519,6 +554,12 @@ class Viewer:
     def log(self, text: str) -> None:
         if self.options.verbose:
             print(text, flush=True)
+
+    def refused(self, what: str, host: str, why: str) -> None:
+        """One line on stderr for a connection or message refused from ``host`` (whatever ``verbose``
+        says: a client sent something no viser page sends). Called on viser's event loop."""
+        print(f"viewer: refused a {what} from {_viser_compat.one_line(host, 64)}: {_viser_compat.one_line(why)}",
+              file=sys.stderr, flush=True)
 
     def _connect(self, client) -> None:
         session = Session(self, client)
@@ -557,6 +598,7 @@ class Viewer:
             s.stop()
         self._upload_notices.shutdown(wait=False, cancel_futures=True)
         self.server.stop()
+        self._handshakes.remove()
         for t in threads:  # a render thread still inside torch at interpreter exit aborts the process
             t.join(timeout=10.0)
         self._stop_event.set()
