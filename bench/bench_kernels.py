@@ -6,9 +6,10 @@
 
 raster: one random scene (gsavatar.render.synthetic.random_scene) per Gaussian count at SIZE x SIZE,
     forward and forward+backward milliseconds (median of --repeats after --warmup) for every
-    backend that runs on the device: "torch" (the reference), "cpp" (host twins, CPU), "cuda" (ours)
-    and gsplat (GPU, when installed). The ratio column is ours / gsplat on a GPU, ours / torch on
-    the CPU (lower is better).
+    backend that runs on the device: "torch" (the reference), "cpp" (our CPU rasterizer), "cuda"
+    (ours) and gsplat (GPU, when installed). The ratio column is ours / gsplat on a GPU, ours /
+    torch on the CPU (lower is better). Also the (16 x 16 tile, Gaussian) pairs the frame bins and
+    our forward time per pair.
 frame: the whole avatar frame of a trained run (audio window -> deformation nets -> rasterize all
     branches -> composite) in frames per second at SIZE (default: the trained size), per backend,
     under torch.no_grad(), driven as `gsavatar render` drives it (pose loop, blinks) from the
@@ -18,8 +19,9 @@ frame: the whole avatar frame of a trained run (audio window -> deformation nets
     gsavatar.render.unsettled_pair_budget: a PairBudget sizes the pair buffers and is settled once
     per batch, so no frame waits for the GPU) and "cuda graph" (that frame captured once as a CUDA
     graph and replayed).
-train: training iterations per second of the `default` preset's loop (cpu-tiny's on CPU) on
-    SUBJECT for --iterations, per backend.
+train: training iterations per second of the `default` preset's loop (cpu-tiny's on CPU, or
+    --preset) on SUBJECT for --iterations, per backend; with --stage NAME that stage alone, timed
+    as the difference between runs of 2N and N iterations (set-up and evaluation cancel out).
 
 The hash-grid encoder has its own script (bench/bench_hashgrid.py). Timings synchronise the GPU
 around each measured call. --write appends rows to BENCHMARKS.md.
@@ -100,6 +102,19 @@ def _raster_call(backend: str, scene, size: int, grad: bool):
     return run
 
 
+def _pairs(scene, size: int, backend: str) -> int:
+    """The (16 x 16 tile, Gaussian) pairs our binning makes for ``scene``."""
+    from gsavatar.render import get_backend
+
+    ext = get_backend(backend, scene.means.device).extension()
+    ids = torch.zeros(len(scene.means), dtype=torch.int32, device=scene.means.device)
+    means2d, _conics, cov2d, depths, radii, _ = ext.project_forward(
+        scene.means, scene.quats, scene.scales, None, 0, ids, scene.viewmat[None].contiguous(),
+        scene.K[None].contiguous(), size, size, 0.3, 0.01, 1e3)
+    return int(ext.isect_tiles(means2d, cov2d, scene.opacities.contiguous(), depths, radii, ids, 1, size, size,
+                               -1)[2].item())
+
+
 def bench_raster(args) -> None:
     from gsavatar.render.synthetic import random_scene
 
@@ -119,6 +134,9 @@ def bench_raster(args) -> None:
             print(f"{count:>10} {backend:>8} {fwd:>11.2f} {both:>11.2f}")
         ours = "cuda" if args.device == "cuda" else "cpp"
         base = "gsplat" if args.device == "cuda" else "torch"
+        pairs = _pairs(scene, args.size, ours) if ours in results else None
+        if pairs:
+            print(f"{'':>10} {pairs} (tile, Gaussian) pairs; {ours} forward {results[ours][0] * 1e6 / pairs:.0f} ns a pair")
         if ours in results and base in results:
             ratio = (results[ours][0] / results[base][0], results[ours][1] / results[base][1])
             print(f"{'':>10} {ours}/{base}: forward {ratio[0]:.2f}x, fwd+bwd {ratio[1]:.2f}x")
@@ -127,7 +145,8 @@ def bench_raster(args) -> None:
         cells = " | ".join(f"{results[b][0]:.1f} / {results[b][1]:.1f}" if b in results else "n/a"
                            for b in ("torch", "cpp", "cuda", "gsplat"))
         ratio_cell = f"{ratio[0]:.2f} / {ratio[1]:.2f} ({ours}/{base})" if ratio else "n/a"
-        rows.append(f"| {args.date} | {args.size}x{args.size}, {count} Gaussians | {cells} | {ratio_cell} | "
+        pair_cell = f"{pairs}, {results[ours][0] * 1e6 / pairs:.0f} ns" if pairs else "n/a"
+        rows.append(f"| {args.date} | {args.size}x{args.size}, {count} Gaussians | {cells} | {ratio_cell} | {pair_cell} | "
                     f"{args.device}: {args.machine} | `{args.command}` |")
     if args.write:
         for row in rows:
@@ -256,22 +275,38 @@ def bench_train(args) -> None:
     from gsavatar.config import load_preset
     from gsavatar.train.trainer import train
 
-    preset = "default" if args.device == "cuda" else "cpu-tiny"
+    preset = args.preset or ("default" if args.device == "cuda" else "cpu-tiny")
     results = {}
     for backend in [b for b in _backends(args.device) if b != "gsplat"]:
-        cfg = load_preset(preset)
-        cfg = dataclasses.replace(cfg, backend=backend, device=args.device)
-        cfg = _limit_iterations(cfg, args.iterations)
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            train(args.subject, Path(tmp) / "run", cfg, show_progress=False)
-            seconds = time.perf_counter() - start
+        cfg = dataclasses.replace(load_preset(preset), backend=backend, device=args.device)
+
+        def run(iterations: int, cfg=cfg) -> float:
+            if args.stage:
+                stage = next(s for s in cfg.stages if s.name == args.stage)
+                stages = [dataclasses.replace(stage, iterations=iterations,
+                                              static_iterations=min(iterations, stage.static_iterations))]
+                limited = dataclasses.replace(cfg, stages=stages)
+            else:
+                limited = _limit_iterations(cfg, iterations)
+            with tempfile.TemporaryDirectory() as tmp:
+                start = time.perf_counter()
+                train(args.subject, Path(tmp) / "run", limited, show_progress=False)
+                return time.perf_counter() - start
+
+        if args.stage:  # the stage's own rate: two lengths, set-up and evaluation cancel out
+            seconds = run(2 * args.iterations) - run(args.iterations)
+            note = f"{args.iterations} more iterations of the {args.stage} stage took {seconds:.1f} s"
+        else:
+            seconds = run(args.iterations)
+            note = f"{seconds:.1f} s for {args.iterations}, set-up and evaluation included"
         results[backend] = args.iterations / seconds
-        print(f"  {backend:>6}: {results[backend]:.2f} iterations/s ({seconds:.1f} s for {args.iterations}, "
-              f"set-up and evaluation included)")
+        print(f"  {backend:>6}: {results[backend]:.2f} iterations/s ({note})")
+    if "cpp" in results and "torch" in results:
+        print(f"  cpp / torch: {results['cpp'] / results['torch']:.2f}x")
     if args.write:
         cells = " | ".join(f"{results[b]:.2f}" if b in results else "n/a" for b in ("torch", "cpp", "cuda"))
-        append_row(TRAIN_TABLE, f"| {args.date} | {args.subject}, {preset} loop, {args.iterations} iterations | "
+        loop = f"{preset} {args.stage} stage" if args.stage else f"{preset} loop"
+        append_row(TRAIN_TABLE, f"| {args.date} | {args.subject}, {loop}, {args.iterations} iterations | "
                                 f"{cells} | {args.device}: {args.machine} | `{args.command}` |")
 
 
@@ -301,19 +336,32 @@ def main() -> None:
     train_p = sub.add_parser("train")
     train_p.add_argument("subject", type=Path)
     train_p.add_argument("--iterations", type=int, default=200)
+    train_p.add_argument("--preset", default=None, help="default on a GPU, cpu-tiny on the CPU")
+    train_p.add_argument("--stage", default=None,
+                         help="time this stage alone: the difference of a run of 2N and one of N iterations")
     for p in (raster, frame, train_p):
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--size", type=int, default=512 if p is not frame else None)
         p.add_argument("--warmup", type=int, default=3)
         p.add_argument("--repeats", type=int, default=10)
-        p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+        p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the reference, the networks)")
+        p.add_argument("--raster-threads", type=int, default=0,
+                       help="threads of our CPU rasterizer (0: every core, its default)")
         p.add_argument("--write", action="store_true", help="append rows to BENCHMARKS.md")
         p.add_argument("--note", default="", help="added to the machine column")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from gsavatar.render import available_backends, set_cpu_raster_threads
+
+    if "cpp" in available_backends():
+        set_cpu_raster_threads(args.raster_threads)
+    import os
+
+    raster_threads = args.raster_threads or len(os.sched_getaffinity(0))
     args.command = "python bench/bench_kernels.py " + " ".join(sys.argv[1:]).replace(" --write", "")
     args.machine = machine() + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else "") + \
-        (f", {args.note}" if args.note else "") + f", {args.threads} torch thread(s)"
+        (f", {args.note}" if args.note else "") + f", {args.threads} torch thread(s)" + \
+        (f", {raster_threads} cpp raster thread(s)" if args.device == "cpu" else "")
     args.date = datetime.date.today().isoformat()
     {"raster": bench_raster, "frame": bench_frame, "train": bench_train}[args.what](args)
 

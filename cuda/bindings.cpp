@@ -8,6 +8,7 @@
 
 #include "hashgrid.h"
 #include "raster.h"
+#include "raster_host.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") =
@@ -29,6 +30,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isect_tiles", &gsa::isect_tiles, "tile binning: per-tile depth-sorted Gaussian lists");
   m.def("rasterize_forward", &gsa::rasterize_forward, "front-to-back alpha compositing per tile");
   m.def("rasterize_backward", &gsa::rasterize_backward, "gradients of rasterize_forward");
+  // ---- the CPU rasterizer's parts worth testing on their own (raster_host.h) ----
+  m.def("fast_exp", &gsa::fast_exp, "the CPU rasterizer's exp, elementwise (float32 CPU tensor)");
+  m.attr("fast_exp_max_rel_error") = gsa::kFastExpMaxRelError;
+  m.attr("fast_exp_min") = gsa::kFastExpMin;
+  m.attr("simd_lanes") = gsa::host_simd_lanes();
+  m.def("over", &gsa::over, "color + (1 - alpha) * under, one pass (float32 CPU images of any strides)");
+  m.def("cpu_threads", &gsa::host_threads, "threads of the CPU ops (projection, binning, rasterization)");
+  m.def("set_cpu_threads", &gsa::set_host_threads, "set them (0: every processor this process may use)",
+        py::arg("threads"));
 
   // ---- hash grid (hashgrid.h) ----
   m.def("hashgrid_forward", &gsa::hashgrid_forward, "multiresolution hash-grid encoding: x [P,dim] -> [P,L*F]",

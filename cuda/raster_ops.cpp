@@ -1,9 +1,7 @@
 // Tensor-level rasterizer ops: checks, allocation, and dispatch (kernel_dispatch.h) to the kernels'
-// launchers (raster_kernels.cu) or to the host twins below, which run the same per-element
-// functions of raster_math.h in plain loops.
+// launchers (raster_kernels.cu) or, for CPU tensors, to the CPU rasterizer (raster_host.cpp);
+// projection runs raster_math.h's per-Gaussian functions on either.
 #include "raster.h"
-
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -12,6 +10,7 @@
 #include <utility>
 
 #include "kernel_dispatch.h"
+#include "raster_host.h"
 #include "raster_math.h"
 
 #ifdef GSA_HAS_KERNELS
@@ -38,10 +37,10 @@ void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, c
 const float* f32(const at::Tensor& t) { return t.data_ptr<float>(); }
 float* f32m(at::Tensor& t) { return t.data_ptr<float>(); }
 
-// Run fn(i) for i in [0, n) on the host, spread over torch's intra-op threads.
+// Run fn(i) for i in [0, n) on the host, spread over the CPU ops' threads (raster_host.h).
 template <typename Fn>
 void host_for(int64_t n, Fn fn) {
-  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+  host_parallel_for(n, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) fn(i);
   });
 }
@@ -224,14 +223,14 @@ std::vector<at::Tensor> isect_tiles(const at::Tensor& means2d, const at::Tensor&
   a.tiles_y = static_cast<int>((height + kTile - 1) / kTile);
   // Tile ids sit in the keys' high 32 bits, below the padding key's.
   TORCH_CHECK(images * a.tiles_x * a.tiles_y < std::numeric_limits<int32_t>::max(), "too many tiles to bin");
+  if (!runs_kernels(means2d)) {
+    a.capacity = capacity;
+    return host_isect_tiles(a, images, means2d.options());
+  }
   const auto int_opts = means2d.options().dtype(at::kInt);
   at::Tensor counts = at::empty({n}, int_opts);
   a.counts = counts.data_ptr<int32_t>();
-  if (runs_kernels(means2d)) {
-    GSA_LAUNCH_ON(means2d, launch_isect_count);
-  } else {
-    host_for(n, [&](int64_t i) { isect_count_one(a, i); });
-  }
+  GSA_LAUNCH_ON(means2d, launch_isect_count);
   at::Tensor ends = at::cumsum(counts, 0, at::kLong);
   at::Tensor starts = ends - counts;
   at::Tensor pairs = n > 0 ? ends.slice(0, n - 1) : at::zeros({1}, ends.options());
@@ -243,20 +242,10 @@ std::vector<at::Tensor> isect_tiles(const at::Tensor& means2d, const at::Tensor&
   a.starts = starts.data_ptr<int64_t>();
   a.keys = keys.data_ptr<int64_t>();
   a.ids = ids.data_ptr<int32_t>();
-  if (runs_kernels(means2d)) {
-    GSA_LAUNCH_ON(means2d, launch_isect_write);
-  } else {
-    host_for(n, [&](int64_t i) { isect_write_one(a, i); });
-  }
+  GSA_LAUNCH_ON(means2d, launch_isect_write);
   // Pairs are written in Gaussian order, so a stable sort keeps depth ties in input order.
   at::Tensor sorted_keys, gauss_ids;
-  if (runs_kernels(means2d)) {
-    std::tie(sorted_keys, gauss_ids) = sort_pairs_on_device(keys, ids, images * a.tiles_x * a.tiles_y);
-  } else {
-    auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-    sorted_keys = std::get<0>(sorted);
-    gauss_ids = ids.index_select(0, std::get<1>(sorted));
-  }
+  std::tie(sorted_keys, gauss_ids) = sort_pairs_on_device(keys, ids, images * a.tiles_x * a.tiles_y);
   at::Tensor tiles_of_pairs = at::bitwise_right_shift(sorted_keys, 32);
   at::Tensor boundaries = at::arange(images * a.tiles_x * a.tiles_y + 1, keys.options());
   at::Tensor tile_offsets = at::searchsorted(tiles_of_pairs, boundaries);
@@ -295,148 +284,6 @@ RasterArgs raster_args(const at::Tensor& means2d, const at::Tensor& conics, cons
   return a;
 }
 
-// The host twins walk each tile's list Gaussian by Gaussian (in list order), visiting only the
-// tile's pixels inside the Gaussian's 1/255 box: every pixel still takes the same steps in the same
-// order as in the kernel's pixel-by-pixel walk, since a pixel outside the box has alpha <= 1/255
-// there (a skipped step), but the pairs that cannot count are never evaluated (most of a 16 x 16
-// tile's pairs). Per-tile pixel state lives in small arrays.
-
-// Half-widths (x, y) of the box around each Gaussian's mean holding every pixel centre where
-// o exp(-d^T conic d / 2) > 1/255, plus a pixel of margin for rounding (tile_range's box, from the
-// conic instead of cov2d); infinite for a degenerate conic (then the whole tile is walked).
-std::vector<float> pixel_box_half_widths(const RasterArgs& a, int64_t n) {
-  std::vector<float> half(2 * n);
-  host_for(n, [&](int64_t g) {
-    const float A = a.conics[3 * g], B = a.conics[3 * g + 1], C = a.conics[3 * g + 2], o = a.opacities[g];
-    const float det = A * C - B * B;
-    float hx = std::numeric_limits<float>::infinity(), hy = hx;
-    if (o > kAlphaMin && det > 0.0f && A > 0.0f && C > 0.0f) {
-      const float k2 = 2.0f * logf(o / kAlphaMin);
-      hx = sqrtf(k2 * C / det) + 1.0f;
-      hy = sqrtf(k2 * A / det) + 1.0f;
-    }
-    half[2 * g] = hx;
-    half[2 * g + 1] = hy;
-  });
-  return half;
-}
-
-// The local pixel range [lo, hi] (inclusive, within [0, size)) of a tile whose first pixel is
-// `first` and whose pixel k has its centre at first + k + 0.5, within `half` of `centre`. An
-// infinite half-width or a NaN gives the whole range (the comparisons below are false for NaN).
-inline void pixel_range(float centre, float half, int first, int size, int& lo, int& hi) {
-  const float l = ceilf(centre - half - 0.5f - static_cast<float>(first));
-  const float h = floorf(centre + half - 0.5f - static_cast<float>(first));
-  lo = l > 0.0f ? (l < static_cast<float>(size) ? static_cast<int>(l) : size) : 0;
-  hi = h < static_cast<float>(size - 1) ? (h > -1.0f ? static_cast<int>(h) : -1) : size - 1;
-}
-
-// One tile of one image: its pixel block and its list [start, stop) in gauss_ids.
-struct TileWork {
-  int64_t image, start, stop;
-  int col0, row0, cols, rows;  // cols x rows pixels inside the image
-};
-
-// Calls fn(tile) for every (image, tile) list, spread over torch's threads.
-template <typename Fn>
-void for_each_tile(const RasterArgs& a, int64_t images, Fn fn) {
-  const int64_t tiles = static_cast<int64_t>(a.tiles_x) * a.tiles_y;
-  at::parallel_for(0, images * tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t list = begin; list < end; ++list) {
-      TileWork t;
-      t.image = list / tiles;
-      const int64_t tile = list % tiles;
-      t.start = a.tile_offsets[list];
-      t.stop = a.tile_offsets[list + 1];
-      t.col0 = static_cast<int>(tile % a.tiles_x) * kTile;
-      t.row0 = static_cast<int>(tile / a.tiles_x) * kTile;
-      t.cols = imin(kTile, a.width - t.col0);
-      t.rows = imin(kTile, a.height - t.row0);
-      fn(t);
-    }
-  });
-}
-
-// Host twin of raster_forward_kernel.
-void raster_forward_host(const RasterArgs& a, int64_t images, const std::vector<float>& half) {
-  for_each_tile(a, images, [&](const TileWork& t) {
-    PixelForward st[kTile * kTile];
-    for (int p = 0; p < kTile * kTile; ++p) forward_begin(st[p], true);
-    int running = t.cols * t.rows;  // pixels not yet done
-    for (int64_t k = t.start; k < t.stop && running > 0; ++k) {
-      const int64_t g = a.gauss_ids[k];
-      const float* mean = a.means2d + 2 * g;
-      int c0, c1, r0, r1;
-      pixel_range(mean[0], half[2 * g], t.col0, t.cols, c0, c1);
-      pixel_range(mean[1], half[2 * g + 1], t.row0, t.rows, r0, r1);
-      for (int r = r0; r <= r1; ++r)
-        for (int c = c0; c <= c1; ++c) {
-          PixelForward& px = st[r * kTile + c];
-          if (px.done) continue;
-          forward_step(px, t.col0 + c + 0.5f, t.row0 + r + 0.5f, mean, a.conics + 3 * g, a.opacities[g],
-                       a.features + g * a.channels, a.channels, a.min_T, static_cast<int>(k - t.start));
-          running -= px.done;
-        }
-    }
-    for (int r = 0; r < t.rows; ++r)
-      for (int c = 0; c < t.cols; ++c) {
-        const PixelForward& px = st[r * kTile + c];
-        const int64_t pixel = (t.image * a.height + t.row0 + r) * a.width + t.col0 + c;
-        for (int ch = 0; ch < a.channels; ++ch) a.image[pixel * a.channels + ch] = px.acc[ch];
-        a.T_final[pixel] = px.T;
-        a.last[pixel] = px.last;
-      }
-  });
-}
-
-// Host twin of raster_backward_kernel. Each worker thread sums into its own gradient buffer
-// (rows of 6 + C: u, v, A, B, C, o, features); the buffers are added up at the end. A Gaussian's
-// terms arrive in the same order as in a pixel-by-pixel walk (row-major within its tile).
-at::Tensor raster_backward_host(const RasterArgs& a, int64_t images, int64_t n, const std::vector<float>& half) {
-  const int64_t row_size = 6 + a.channels;
-  at::Tensor buffers = at::zeros({at::get_num_threads(), n, row_size}, at::TensorOptions().dtype(at::kFloat));
-  float* base = buffers.data_ptr<float>();
-  for_each_tile(a, images, [&](const TileWork& t) {
-    float* grads = base + static_cast<int64_t>(at::get_thread_num()) * n * row_size;
-    PixelBackward st[kTile * kTile];
-    int max_last = 0;
-    for (int r = 0; r < t.rows; ++r)
-      for (int c = 0; c < t.cols; ++c) {
-        const int64_t pixel = (t.image * a.height + t.row0 + r) * a.width + t.col0 + c;
-        PixelBackward& px = st[r * kTile + c];
-        backward_begin(px, true, a.image + pixel * a.channels, a.v_image + pixel * a.channels, a.T_final[pixel],
-                       a.v_alpha[pixel], a.last[pixel], a.channels);
-        max_last = imax(max_last, px.last);
-      }
-    const int64_t stop = std::min(t.stop, t.start + max_last);
-    for (int64_t k = t.start; k < stop; ++k) {
-      const int64_t g = a.gauss_ids[k];
-      const float* mean = a.means2d + 2 * g;
-      int c0, c1, r0, r1;
-      pixel_range(mean[0], half[2 * g], t.col0, t.cols, c0, c1);
-      pixel_range(mean[1], half[2 * g + 1], t.row0, t.rows, r0, r1);
-      float* out = grads + g * row_size;
-      for (int r = r0; r <= r1; ++r)
-        for (int c = c0; c <= c1; ++c) {
-          PairGrad pg;
-          float v_feature[kMaxChannels];
-          if (!backward_step(st[r * kTile + c], t.col0 + c + 0.5f, t.row0 + r + 0.5f, mean, a.conics + 3 * g,
-                             a.opacities[g], a.features + g * a.channels, a.channels, static_cast<int>(k - t.start), pg,
-                             v_feature))
-            continue;
-          out[0] += pg.u;
-          out[1] += pg.v;
-          out[2] += pg.A;
-          out[3] += pg.B;
-          out[4] += pg.C;
-          out[5] += pg.o;
-          for (int ch = 0; ch < a.channels; ++ch) out[6 + ch] += v_feature[ch];
-        }
-    }
-  });
-  return buffers.sum(0);
-}
-
 }  // namespace
 
 std::vector<at::Tensor> rasterize_forward(const at::Tensor& means2d, const at::Tensor& conics,
@@ -456,7 +303,7 @@ std::vector<at::Tensor> rasterize_forward(const at::Tensor& means2d, const at::T
   if (runs_kernels(means2d)) {
     GSA_LAUNCH_IMAGES_ON(means2d, launch_raster_forward, images);
   } else {
-    raster_forward_host(a, images, pixel_box_half_widths(a, means2d.size(0)));
+    host_raster_forward(a, images, means2d.size(0));
   }
   return {image, T_final, last};
 }
@@ -493,7 +340,7 @@ std::vector<at::Tensor> rasterize_backward(const at::Tensor& means2d, const at::
     GSA_LAUNCH_IMAGES_ON(means2d, launch_raster_backward, images);
     return {v_means2d, v_conics, v_opacities, v_features};
   }
-  at::Tensor grads = raster_backward_host(a, images, n, pixel_box_half_widths(a, n));
+  at::Tensor grads = host_raster_backward(a, images, n);
   return {grads.slice(1, 0, 2).contiguous(), grads.slice(1, 2, 5).contiguous(), grads.select(1, 5).contiguous(),
           grads.slice(1, 6, 6 + a.channels).contiguous()};
 }

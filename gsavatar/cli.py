@@ -120,8 +120,8 @@ class Train:
     device: str | None = None
     """auto | cpu | cuda (default: the preset's, auto)."""
     backend: str | None = None
-    """Rendering backend: auto (our CUDA kernels on a GPU once they pass a self-check, else the PyTorch
-    reference) | torch | cuda | cpp | gsplat (gsplat's CUDA rasterizer, to cross-check ours; pip install
+    """Rendering backend: auto (our compiled rasterizer for the device, CPU or GPU, once it passes a
+    self-check, else the PyTorch reference) | torch | cuda | cpp | gsplat (gsplat's CUDA rasterizer, to cross-check ours; pip install
     gsplat==1.5.3 packaging) (default: the preset's, auto)."""
     force: bool = False
     """Discard an existing run in RUN_DIR and start again."""

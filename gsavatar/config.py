@@ -359,8 +359,8 @@ class TrainConfig:
     cpu_threads: int = 0
     """Torch CPU threads (0: torch's default). The small ops of CPU training often run faster on 1 thread."""
     backend: str = "auto"
-    """Rendering backend (rasterizer and hash grid): auto (our CUDA kernels on a CUDA device once they
-    pass a self-check, else the PyTorch reference) | torch | cuda | cpp | gsplat (gsplat's CUDA
+    """Rendering backend (rasterizer and hash grid): auto (our compiled backend for the device, CPU or
+    CUDA, once it passes a self-check, else the PyTorch reference) | torch | cuda | cpp | gsplat (gsplat's CUDA
     rasterizer, a cross-check); see ``gsavatar.render.backends``. Rendering, eval and the viewer use auto."""
     checkpoint_every: int = 500
     """Write the resumable checkpoint every this many iterations (and at every stage end)."""

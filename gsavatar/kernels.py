@@ -7,11 +7,10 @@ One set of sources, two builds of the same extension, named like the backends th
     The CUDA kernels (``cuda/*.cu``) with the binding file, for CUDA tensors. Built the first time
     a CUDA tensor needs them (about 1-2 minutes with ``nvcc``; a message says so), then cached.
 ``"cpp"``
-    The *host twins* of the same kernels: every kernel's per-element math lives in ``__host__
-    __device__`` functions in ``cuda/*_math.h``, and ``cuda/*_ops.cpp`` runs it in plain C++ loops
-    over CPU tensors. This build needs only a C++ compiler and ninja (about a minute with gcc). It
-    lets the CPU machines test the kernels' arithmetic against the PyTorch reference; the CUDA
-    build differs from it only in how work is spread over threads.
+    The CPU path, for CPU tensors: our CPU rasterizer (``cuda/raster_host.cpp``: tiles over all
+    cores with OpenMP, pixels in SIMD lanes, built for the CPU it runs on) around the kernels'
+    own projection code (``cuda/raster_math.h``), and the hash-grid kernels' per-element math in
+    C++ loops. This build needs only a C++ compiler and ninja (about a minute with gcc).
 
 :func:`build` makes any other :class:`Build` of these sources (the test suite adds one that runs
 the CUDA kernels on a CPU emulator of the CUDA thread model). None is needed to import gsavatar or
@@ -53,8 +52,8 @@ SOURCE_DIR = _source_dir()
 """Where the kernel sources live: the repository's ``cuda/`` folder, installed as the package
 ``gsavatar.kernel_sources`` (a real folder: the compiler reads it); ``$GSAVATAR_KERNEL_SOURCES`` overrides it."""
 
-HOST_SOURCES = ("bindings.cpp", "raster_ops.cpp", "hashgrid_ops.cpp")
-"""Compiled into every build: the one binding file and the tensor-level ops with their host twins."""
+HOST_SOURCES = ("bindings.cpp", "raster_ops.cpp", "raster_host.cpp", "hashgrid_ops.cpp")
+"""Compiled into every build: the one binding file, the tensor-level ops and the CPU path."""
 CUDA_SOURCES = ("raster_kernels.cu", "hashgrid_kernels.cu")
 """Compiled into the ``"cuda"`` build only."""
 
@@ -81,7 +80,7 @@ class Build:
 
 BUILDS = {
     "cpp": Build("cpp", tuple(SOURCE_DIR / n for n in HOST_SOURCES), (SOURCE_DIR,), (), False, "cpu",
-                 "CPU twins of the kernels (about a minute"),
+                 "CPU rasterizer and kernels (about a minute"),
     "cuda": Build("cuda", tuple(SOURCE_DIR / n for n in HOST_SOURCES + CUDA_SOURCES), (SOURCE_DIR,),
                   ("-DGSA_WITH_CUDA",), True, "cuda", "CUDA kernels with nvcc (about 1-2 minutes"),
 }
@@ -89,8 +88,14 @@ BUILDS = {
 KINDS = tuple(BUILDS)
 
 # (torch's builder adds -std=c++20 itself.) No --use_fast_math: the parity tests hold the kernels to
-# float32 tolerances of the PyTorch reference.
-_CXX_FLAGS = ["-O3"]
+# float32 tolerances of the PyTorch reference. The host code is built for the CPU it runs on (the
+# CPU rasterizer's SIMD width follows: AVX-512, AVX2 or SSE), so the cache key includes that CPU's
+# instruction sets; -ffp-contract=off keeps a*b+c two roundings as in the reference (fused
+# multiply-adds would move, for example, a radius across an integer). -fopenmp: at::parallel_for
+# spreads work over torch's threads only in code compiled with OpenMP (else it runs in one thread);
+# the extension then shares the OpenMP runtime torch has loaded (the same libgomp.so.1).
+_CXX_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+_LD_FLAGS = ["-fopenmp"]
 _NVCC_FLAGS = ["-O3", "-lineinfo"]
 
 _lock = threading.Lock()
@@ -134,13 +139,29 @@ def _build_key(b: Build) -> str:
     for path in compiled_files(b):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
-    digest.update(f"{torch.__version__}|{sys.version_info[:3]}|{_CXX_FLAGS}|{_NVCC_FLAGS}|{b.defines}".encode())
+    digest.update(f"{torch.__version__}|{sys.version_info[:3]}|{_CXX_FLAGS}|{_LD_FLAGS}|{_NVCC_FLAGS}|{b.defines}".encode())
+    digest.update(cpu_instruction_sets().encode())  # -march=native: a build for one CPU may not run on another
     if b.with_cuda:
         # torch compiles for the visible GPUs' architectures (or TORCH_CUDA_ARCH_LIST): a cache
         # built on another GPU generation would fail at launch with "no kernel image".
         capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
         digest.update(f"{os.environ.get('TORCH_CUDA_ARCH_LIST')}|{capabilities}".encode())
     return f"gsavatar_kernels_{b.name}_{digest.hexdigest()[:12]}"
+
+
+def cpu_instruction_sets() -> str:
+    """The instruction-set flags of this machine's CPU (Linux ``/proc/cpuinfo``), sorted; else the
+    platform's processor name."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return " ".join(sorted(set(line.split(":", 1)[1].split())))
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}"
 
 
 def missing_requirements(kind: str | Build) -> str | None:
@@ -255,7 +276,7 @@ def _load_locked(b: Build, name: str, cpp_extension) -> types.ModuleType:
     try:
         module = cpp_extension.load(
             name=name, sources=[str(p) for p in b.sources], build_directory=str(build_dir),
-            extra_cflags=_CXX_FLAGS + defines, extra_cuda_cflags=_NVCC_FLAGS + defines,
+            extra_cflags=_CXX_FLAGS + defines, extra_cuda_cflags=_NVCC_FLAGS + defines, extra_ldflags=_LD_FLAGS,
             extra_include_paths=[str(p) for p in b.include_dirs], with_cuda=b.with_cuda, verbose=False)
     except Exception as exc:  # compiler errors arrive as RuntimeError / CalledProcessError
         last = [line for line in str(exc).strip().splitlines() if line.strip()]

@@ -22,7 +22,7 @@ BUILD = kernels.Build(
     "emulated", tuple(kernels.SOURCE_DIR / n for n in kernels.HOST_SOURCES) + (EMULATOR_DIR / "emulated_kernels.cpp",),
     (kernels.SOURCE_DIR, EMULATOR_DIR), ("-DGSA_EMULATE_CUDA",), False, "cpu",
     "CUDA kernels for the CPU emulator, for tests (about a minute")
-BACKEND = Backend("emulated", "compiled", ("cpu",), BUILD)
+BACKEND = Backend("emulated", "compiled", ("cpu",), BUILD, budgeted=True)  # binning as on a GPU
 
 
 def missing_requirements() -> str | None:

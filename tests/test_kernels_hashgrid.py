@@ -229,11 +229,9 @@ def test_backend_choice_and_refusals(monkeypatch):
     enc, recorder = TriPlaneEncoder(cfg, 1.0), _Recorder()
     assert enc(torch.rand(5, 3), recorder).shape == (5, 6)
     assert len(recorder.tables) == 3 and all(t is p.table for t, p in zip(recorder.tables, enc.planes))
-    # "auto" on CPU tensors is the reference: nothing is built.
-    monkeypatch.setattr(kernels, "load", lambda kind: pytest.fail("auto must not build kernels for CPU tensors"))
-    monkeypatch.setattr(kernels, "build", lambda b: pytest.fail("auto must not build kernels for CPU tensors"))
+    # "auto" on CPU tensors with the reference as the fallback (no compiler): the grid's own code.
+    monkeypatch.setattr(backends, "_auto_choice", {"cpu": backends.TORCH})
     auto = get_backend("auto", "cpu")
-    assert auto is backends.TORCH
     grid, x = HashGrid(3, cfg), torch.rand(4, 3)
     assert grid(x, auto).shape == (4, 2)
     assert torch.equal(grid(x, auto), grid(x))
@@ -264,14 +262,16 @@ def test_a_backend_chosen_by_auto_leaves_what_its_kernels_cannot_take_to_the_ref
             assert torch.equal(out, grid(x)), name  # the reference's own code
 
 
-def test_auto_warns_once_when_the_cuda_build_fails(monkeypatch):
-    """How "auto" decides on a GPU (``backends._choose_for_gpu``, run here on CPU tensors): our
-    kernels failing to build give one warning and the fallback, whose hash grid is the reference's;
-    the choice is made once per device (``get_backend("auto", "cuda:0")``, here with the GPU missing)."""
+@pytest.mark.parametrize("device, ours", [("cpu", "CPU rasterizer"), ("cuda", "CUDA kernels")])
+def test_auto_warns_once_when_our_build_fails(monkeypatch, device, ours):
+    """How "auto" decides (``backends._choose``, run here on CPU tensors for either device type): our
+    kernels failing to build give one warning and the fallback (gsplat on a GPU where it is
+    installed, else the reference), whose hash grid is the reference's; the choice is made once per
+    device (``get_backend("auto", ...)``, here with the build impossible)."""
     def fail(build):
-        raise kernels.KernelBuildError("building the cuda kernels failed (test)")
+        raise kernels.KernelBuildError("building the kernels failed (test)")
 
-    gsplat_runs = backends._NAMED["gsplat"].missing_requirements() is None
+    gsplat_runs = device == "cuda" and backends._NAMED["gsplat"].missing_requirements() is None
     fallback = dataclasses.replace(backends._NAMED["gsplat"] if gsplat_runs else backends.TORCH, strict=False)
     instead = f"rendering with {'gsplat' if gsplat_runs else 'the PyTorch reference'} instead"
     with monkeypatch.context() as m:
@@ -279,23 +279,23 @@ def test_auto_warns_once_when_the_cuda_build_fails(monkeypatch):
         m.setattr(kernels, "build", fail)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            chosen = backends._choose_for_gpu(dataclasses.replace(backends._NAMED["cpp"], strict=False),
-                                              torch.device("cpu"))
+            chosen = backends._choose(dataclasses.replace(backends._NAMED["cpp"], strict=False), torch.device(device))
         assert [(w.category, str(w.message)) for w in caught] == [
-            (RuntimeWarning, f"gsavatar: not using our CUDA kernels (building the cuda kernels failed (test)); {instead}")]
+            (RuntimeWarning, f"gsavatar: not using our {ours} (building the kernels failed (test)); {instead}")]
         assert chosen == fallback
         grid, x = HashGrid(2, HashGridConfig(num_levels=2)), torch.rand(7, 2)
         assert chosen.encode_hash_grid(x, grid.table, grid.resolutions) is None
         assert torch.equal(grid(x, chosen), grid(x))
 
     monkeypatch.setattr(backends, "_auto_choice", {})
-    monkeypatch.setattr(kernels, "missing_requirements", lambda build: "no CUDA device is available (test)")
+    monkeypatch.setattr(kernels, "missing_requirements", lambda build: "no compiler (test)")
+    name = "cuda:0" if device == "cuda" else "cpu"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        first = get_backend("auto", "cuda:0")
-        again = get_backend("auto", torch.device("cuda", 0))
+        first = get_backend("auto", name)
+        again = get_backend("auto", torch.device(name))
     assert [(w.category, str(w.message)) for w in caught] == [
-        (RuntimeWarning, f"gsavatar: not using our CUDA kernels (no CUDA device is available (test)); {instead}")]
+        (RuntimeWarning, f"gsavatar: not using our {ours} (no compiler (test)); {instead}")]
     assert first is again and first == fallback
 
 

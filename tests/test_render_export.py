@@ -349,7 +349,7 @@ def test_ply_round_trip_renders_every_branch_as_the_avatar(exported, trained):
                          blink=torch.zeros(()), pose=torch.zeros(6))
     for branch in ("face", "mouth", "torso"):
         with torch.no_grad():
-            want = avatar(inputs, layers=(branch,), deform=False).branches[branch]
+            want = avatar(inputs, layers=(branch,), deform=False, backend="torch").branches[branch]
             got = _rebuild_and_render(ply, info["ranges"], branch, info["viewmat"], info["K"], size)
         assert want.alpha.max() > 0.5, branch
         torch.testing.assert_close(got.color, want.color, atol=1e-5, rtol=0, msg=branch)
@@ -375,7 +375,7 @@ def test_frame_export_is_the_deformed_avatar(exported, trained, speech, tmp_path
     inputs = _own_audio_sequence(subject).inputs(k, avatar)
     for branch in ("face", "mouth", "torso"):
         with torch.no_grad():
-            want = avatar(inputs, layers=(branch,), deform=True).branches[branch]
+            want = avatar(inputs, layers=(branch,), deform=True, backend="torch").branches[branch]
             got = _rebuild_and_render(framed, info["ranges"], branch, info["viewmat"], info["K"], info["size"])
         torch.testing.assert_close(got.color, want.color, atol=1e-5, rtol=0, msg=branch)
 
@@ -404,3 +404,34 @@ def test_frame_export_without_audio_needs_the_subject(tmp_path):
     with pytest.raises(InputError, match="pass --audio SPEECH") as e:
         _own_audio_sequence(gone)
     assert "\n" not in str(e.value)
+
+
+def test_rendered_ahead_keeps_order_hands_back_failures_and_stops_with_its_consumer():
+    """Frames are rendered in a thread of their own, a bounded number ahead of the encoder."""
+    import time
+
+    from gsavatar.outputs.render_video import rendered_ahead
+
+    with rendered_ahead(iter(range(7)), depth=2) as frames:
+        assert list(frames) == list(range(7))
+
+    def failing():
+        yield 0
+        raise ValueError("frame 1 failed")
+
+    with pytest.raises(ValueError, match="frame 1 failed"):
+        with rendered_ahead(failing()) as frames:
+            list(frames)
+
+    made = []
+
+    def endless():
+        while True:
+            made.append(len(made))
+            yield made[-1]
+
+    with rendered_ahead(endless(), depth=2) as frames:
+        assert next(frames) == 0
+    stopped_at = len(made)
+    time.sleep(0.3)
+    assert len(made) == stopped_at <= 1 + 2 + 1  # the one consumed, the buffer, the one in hand

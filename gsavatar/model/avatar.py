@@ -22,7 +22,7 @@ from torch import nn
 
 from gsavatar.config import AvatarConfig
 from gsavatar.model.audio import AudioSpec, audio_windows
-from gsavatar.model.deformation import FaceDeformer, MouthDeformer, TorsoDeformer
+from gsavatar.model.deformation import CanonicalFeatures, FaceDeformer, MouthDeformer, TorsoDeformer
 from gsavatar.model.gaussians import GaussianSet
 from gsavatar.render import LayerGaussians, get_backend, rasterize_layers
 
@@ -60,8 +60,33 @@ class AvatarRender(NamedTuple):
     branches: dict  # name -> BranchRender for the branches rendered
 
 
+def _resized(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``image [H, W, 3]`` resized bilinearly to ``height`` x ``width``."""
+    return nn.functional.interpolate(image.permute(2, 0, 1)[None], size=(height, width), mode="bilinear",
+                                     align_corners=False)[0].permute(1, 2, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CanonicalBranch:
+    """What a branch's frame costs without the frame: its net's :class:`CanonicalFeatures` and the
+    activations of its canonical Gaussians (scales where no net changes them)."""
+
+    features: CanonicalFeatures
+    scales: torch.Tensor  # exp(log_scales)
+    opacities: torch.Tensor
+    sh: torch.Tensor
+
+
 class Avatar(nn.Module):
-    """The avatar; ``audio_spec`` says which audio features drive it (:meth:`audio_input` cuts them)."""
+    """The avatar; ``audio_spec`` says which audio features drive it (:meth:`audio_input` cuts them).
+
+    Rendering without gradients (``torch.no_grad()``: render, eval, the viewer) computes what does
+    not depend on the frame once (:class:`CanonicalBranch`) and keeps it while no parameter or
+    buffer changes: the key is each tensor's storage, shape and version counter, which every
+    in-place update (an optimizer step, ``copy_``, ``load_state_dict``) and every replacement
+    (densification) changes. Only writes through ``.data`` escape it (gsavatar makes none). With
+    gradients recorded (training) nothing is cached.
+    """
 
     def __init__(self, cfg: AvatarConfig, audio_spec: AudioSpec, face: GaussianSet, mouth: GaussianSet,
                  torso: GaussianSet, background: torch.Tensor, audio_mean: torch.Tensor, audio_std: torch.Tensor,
@@ -82,6 +107,8 @@ class Avatar(nn.Module):
         self.register_buffer("pose_mean", pose_mean)  # [6]
         self.register_buffer("pose_scale", pose_scale)  # [6]
         self.register_buffer("torso_centre", torso_centre)  # [3] camera frame
+        self._canonical_cache: dict[tuple, CanonicalBranch | torch.Tensor] = {}
+        self._canonical_key: tuple | None = None
 
     def deformers(self) -> dict[str, nn.Module]:
         return {"face": self.face_deformer, "mouth": self.mouth_deformer, "torso": self.torso_deformer}
@@ -111,24 +138,59 @@ class Avatar(nn.Module):
         backend = get_backend(backend, xyz.device)
         return self.face_deformer(xyz, self.normalise_audio(inputs.audio), inputs.blink, backend)
 
+    def canonical(self, branch: str, backend) -> CanonicalBranch | None:
+        """The branch's frame-independent part for ``backend`` (computed once while nothing changes,
+        see the class docstring), or None while gradients are recorded."""
+        if torch.is_grad_enabled():
+            return None
+        self._refresh_cache()
+        key = (branch, backend.name)
+        if key not in self._canonical_cache:
+            g: GaussianSet = self.gaussians[branch]
+            xyz = g.means
+            if branch == "torso":
+                features = self.torso_deformer.canonical(xyz, self.torso_centre, backend)
+            else:
+                features = self.deformers()[branch].canonical(xyz, backend)
+            self._canonical_cache[key] = CanonicalBranch(features, torch.exp(g.log_scales), g.opacities, g.sh)
+        return self._canonical_cache[key]
+
+    def _refresh_cache(self) -> None:
+        """Empty the cache when anything it depends on has changed: every parameter's and buffer's
+        storage, version counter, shape and dtype."""
+        key = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in (*self.parameters(), *self.buffers()))
+        if key != self._canonical_key:
+            self._canonical_cache, self._canonical_key = {}, key
+
     def deformed(self, branch: str, inputs: FrameInputs, deform: bool = True, backend="torch"):
         """``(means, quats, scales, opacities, sh, offsets)`` of a branch for one frame."""
         backend = get_backend(backend, self.background.device)
         g: GaussianSet = self.gaussians[branch]
         means, quats, log_scales, offsets = g.means, g.quats, g.log_scales, None
+        cached = self.canonical(branch, backend)
+        scales = cached.scales if cached is not None else None
         if deform and branch == "face":
-            offsets, d_quat, d_scale = self.face_offsets(means.detach(), inputs, backend)
+            if cached is None:
+                offsets, d_quat, d_scale = self.face_offsets(means.detach(), inputs, backend)
+            else:
+                offsets, d_quat, d_scale = self.face_deformer.from_canonical(
+                    cached.features, self.normalise_audio(inputs.audio), inputs.blink)
             means = means + offsets * self.face_deformer.position_scale
             quats = quats + d_quat
-            log_scales = log_scales + d_scale
+            scales = torch.exp(log_scales + d_scale)
         elif deform and branch == "mouth":
-            offsets = self.mouth_deformer(means.detach(), self.normalise_audio(inputs.audio), backend)
+            audio = self.normalise_audio(inputs.audio)
+            offsets = (self.mouth_deformer(means.detach(), audio, backend) if cached is None
+                       else self.mouth_deformer.from_canonical(cached.features, audio))
             means = means + offsets * self.mouth_deformer.position_scale
         elif deform and branch == "torso":
             pose = (inputs.pose - self.pose_mean) / self.pose_scale
-            offsets = self.torso_deformer(means.detach(), self.torso_centre, pose, backend)
+            offsets = (self.torso_deformer(means.detach(), self.torso_centre, pose, backend) if cached is None
+                       else self.torso_deformer.from_canonical(cached.features, pose))
             means = means + offsets * self.torso_deformer.position_scale
-        return means, quats, torch.exp(log_scales), g.opacities, g.sh, offsets
+        if cached is None:
+            return means, quats, torch.exp(log_scales) if scales is None else scales, g.opacities, g.sh, offsets
+        return means, quats, scales, cached.opacities, cached.sh, offsets
 
     @staticmethod
     def branch_viewmat(branch: str, inputs: FrameInputs) -> torch.Tensor:
@@ -140,10 +202,15 @@ class Avatar(nn.Module):
 
     def background_image(self, inputs: FrameInputs) -> torch.Tensor:
         bg = inputs.background if inputs.background is not None else self.background
-        if bg.shape[0] != inputs.height or bg.shape[1] != inputs.width:
-            bg = nn.functional.interpolate(bg.permute(2, 0, 1)[None], size=(inputs.height, inputs.width),
-                                           mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
-        return bg
+        if bg.shape[0] == inputs.height and bg.shape[1] == inputs.width:
+            return bg
+        if inputs.background is not None or torch.is_grad_enabled():
+            return _resized(bg, inputs.height, inputs.width)
+        self._refresh_cache()  # the plate at this size, resized once
+        key = ("background", inputs.height, inputs.width)
+        if key not in self._canonical_cache:
+            self._canonical_cache[key] = _resized(bg, inputs.height, inputs.width)
+        return self._canonical_cache[key]
 
     def forward(self, inputs: FrameInputs, layers=LAYERS, deform: bool | dict = True, backend="auto") -> AvatarRender:
         """Render one frame. ``layers`` picks what is drawn; ``deform`` may be a per-branch dict;
@@ -154,7 +221,6 @@ class Avatar(nn.Module):
             raise ValueError(f"unknown layers {sorted(unknown)}; choose from {LAYERS}")
         backend = get_backend(backend, self.background.device)
         h, w = inputs.height, inputs.width
-        zeros = inputs.viewmat.new_zeros(h, w, 3)
         wanted = [b for b in BRANCHES if b in layers and not (b == "torso" and inputs.back is not None)]
         gaussians, offsets = [], []
         for b in wanted:
@@ -169,13 +235,13 @@ class Avatar(nn.Module):
         if inputs.back is not None:
             back = inputs.back
         else:
-            back = self.background_image(inputs) if "background" in layers else zeros
+            back = self.background_image(inputs) if "background" in layers else inputs.viewmat.new_zeros(h, w, 3)
             if "torso" in renders:
-                back = renders["torso"].color + (1 - renders["torso"].alpha) * back
+                back = backend.over(renders["torso"].color, renders["torso"].alpha, back)
         image = back
         for b in ("mouth", "face"):
             if b in renders:
-                image = renders[b].color + (1 - renders[b].alpha) * image
+                image = backend.over(renders[b].color, renders[b].alpha, image)
         return AvatarRender(image, back, renders)
 
     def num_gaussians(self) -> dict[str, int]:

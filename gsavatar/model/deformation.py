@@ -7,9 +7,18 @@ channel-wise by a "region attention" gate computed from the spatial features; a 
 Mouth: the same with audio only, position offsets only.
 Torso: camera-frame Gaussians; hash features + the head pose -> position offsets.
 Each ``forward`` takes the render layer's ``backend`` (None: the reference), which runs the hash grids.
+
+For rendering, each net splits into what does not depend on the frame (:meth:`canonical`: the
+spatial features of the canonical centres, the region-attention gates, the decoder's first layer
+on the spatial features) and what does (:meth:`from_canonical`: the audio conditioner, the
+rest of the decoder); ``from_canonical(canonical(xyz), ...)`` equals ``forward(xyz, ...)`` up
+to float rounding (the first layer's sum is split in parts). The avatar keeps the canonical part
+while its parameters do not change (see :class:`gsavatar.model.avatar.Avatar`).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -26,6 +35,25 @@ def mlp(inp: int, hidden: int, out: int, layers: int) -> nn.Sequential:
         width = hidden
     mods.append(nn.Linear(width, out))
     return nn.Sequential(*mods)
+
+
+def _first_layer_part(layer: nn.Linear, x: torch.Tensor, start: int) -> torch.Tensor:
+    """``x @ W[:, start:start + x.shape[1]]^T``: the part of ``layer`` that reads inputs ``start...``."""
+    return x @ layer.weight[:, start:start + x.shape[1]].t()
+
+
+def _rest_of_decoder(decoder: nn.Sequential, first: torch.Tensor) -> torch.Tensor:
+    """The decoder after its first linear layer, from that layer's output."""
+    return decoder[1:](first)
+
+
+@dataclasses.dataclass(frozen=True)
+class CanonicalFeatures:
+    """What a deformation net computes from the canonical centres alone (the same every frame)."""
+
+    first: torch.Tensor  # [G, hidden] the decoder's first layer on the spatial features, with its bias
+    audio_gate: torch.Tensor | None = None  # [G, C] region attention of the audio feature
+    blink_gate: torch.Tensor | None = None  # [G, E] region attention of the blink feature
 
 
 class AudioEncoder(nn.Module):
@@ -110,6 +138,21 @@ class FaceDeformer(nn.Module):
         out = self.decoder(torch.cat([h, a, e], dim=1))
         return out[:, :3], out[:, 3:7], out[:, 7:10]
 
+    def canonical(self, xyz: torch.Tensor, backend=None) -> CanonicalFeatures:
+        h = self.spatial(xyz, backend)
+        first = torch.addmm(self.decoder[0].bias, h, self.decoder[0].weight[:, :h.shape[1]].t())
+        return CanonicalFeatures(first, torch.sigmoid(self.audio_gate(h)), torch.sigmoid(self.blink_gate(h)))
+
+    def from_canonical(self, c: CanonicalFeatures, audio_windows: torch.Tensor, blink: torch.Tensor):
+        """:meth:`forward` from :meth:`canonical`'s features."""
+        f = self.decoder[0].in_features - c.audio_gate.shape[1] - c.blink_gate.shape[1]
+        a = self.audio(audio_windows)
+        e = self.blink(blink.reshape(1, 1))[0]
+        first = (c.first + _first_layer_part(self.decoder[0], c.audio_gate * a, f)
+                 + _first_layer_part(self.decoder[0], c.blink_gate * e, f + a.shape[0]))
+        out = _rest_of_decoder(self.decoder, first)
+        return out[:, :3], out[:, 3:7], out[:, 7:10]
+
 
 class MouthDeformer(nn.Module):
     """Canonical centres + audio -> position offsets (network units; times ``position_scale`` = metres)."""
@@ -130,6 +173,17 @@ class MouthDeformer(nn.Module):
         a = torch.sigmoid(self.audio_gate(h)) * self.audio(audio_windows)[None]
         return self.decoder(torch.cat([h, a], dim=1))
 
+    def canonical(self, xyz: torch.Tensor, backend=None) -> CanonicalFeatures:
+        h = self.spatial(xyz, backend)
+        first = torch.addmm(self.decoder[0].bias, h, self.decoder[0].weight[:, :h.shape[1]].t())
+        return CanonicalFeatures(first, torch.sigmoid(self.audio_gate(h)))
+
+    def from_canonical(self, c: CanonicalFeatures, audio_windows: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` from :meth:`canonical`'s features."""
+        f = self.decoder[0].in_features - c.audio_gate.shape[1]
+        first = c.first + _first_layer_part(self.decoder[0], c.audio_gate * self.audio(audio_windows), f)
+        return _rest_of_decoder(self.decoder, first)
+
 
 class TorsoDeformer(nn.Module):
     """Camera-frame centres + head pose (axis-angle, translation relative to the mean pose) -> position offsets."""
@@ -146,5 +200,17 @@ class TorsoDeformer(nn.Module):
         nn.init.zeros_(self.decoder[-1].bias)
 
     def forward(self, xyz: torch.Tensor, centre: torch.Tensor, pose: torch.Tensor, backend=None) -> torch.Tensor:
-        h = self.spatial(((xyz - centre) / (2 * self.bound) + 0.5).clamp(0, 1), backend)
+        h = self.spatial(self._unit(xyz, centre), backend)
         return self.decoder(torch.cat([h, pose.reshape(1, -1).expand(len(xyz), -1)], dim=1))
+
+    def _unit(self, xyz: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+        return ((xyz - centre) / (2 * self.bound) + 0.5).clamp(0, 1)
+
+    def canonical(self, xyz: torch.Tensor, centre: torch.Tensor, backend=None) -> CanonicalFeatures:
+        h = self.spatial(self._unit(xyz, centre), backend)
+        return CanonicalFeatures(torch.addmm(self.decoder[0].bias, h, self.decoder[0].weight[:, :h.shape[1]].t()))
+
+    def from_canonical(self, c: CanonicalFeatures, pose: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` from :meth:`canonical`'s features (the pose adds one vector to the first layer)."""
+        f = self.decoder[0].in_features - self.POSE_DIM
+        return _rest_of_decoder(self.decoder, c.first + _first_layer_part(self.decoder[0], pose.reshape(1, -1), f))

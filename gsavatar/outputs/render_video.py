@@ -12,9 +12,13 @@ output directory that does not exist) is an :class:`InputError` raised before an
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -57,6 +61,55 @@ def load_background(path: str | Path, size: int) -> torch.Tensor:
     return torch.from_numpy(image.astype(np.float32) / 255.0)
 
 
+@contextlib.contextmanager
+def rendered_ahead(items: Iterator, depth: int = 2):
+    """Iterate ``items`` in a thread of its own, up to ``depth`` ahead of the consumer, so that
+    producing (rendering) and consuming (encoding) overlap. Yields the iterator the consumer reads;
+    an exception in the producer is raised there, and leaving the block (done, failed or
+    interrupted) stops the producer after the item it is on."""
+    done = object()
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def put(item) -> bool:
+        """Hand ``item`` over unless the consumer has left; whether it was handed over."""
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put(item):
+                    return
+        except BaseException as exc:  # handed to the consumer
+            failure.append(exc)
+        finally:
+            put(done)
+
+    def consume():
+        while True:
+            item = buffer.get()
+            if item is done:
+                if failure:
+                    raise failure[0]
+                return
+            yield item
+
+    producer = threading.Thread(target=produce, name="gsavatar-render", daemon=True)
+    producer.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        producer.join()
+
+
 @restores_torch_threads
 def render_video(run_dir: str | Path, audio_path: str | Path, out_path: str | Path, drive: DriveConfig | None = None,
                  size: int | None = None, frames_dir: str | Path | None = None, background: str | Path | None = None,
@@ -67,8 +120,10 @@ def render_video(run_dir: str | Path, audio_path: str | Path, out_path: str | Pa
     ``frames_dir`` also receives every frame as ``frame_00000.png`` ...; ``background`` replaces
     the background plate with an image. Nothing is written before the inputs are checked, and
     the mp4 appears only once complete. ``cpu_threads``: torch threads on CPU (-1: the trained
-    preset's, 1 for the CPU presets: on a busy 2-core machine more threads are many times slower;
-    0: torch's default).
+    preset's, 1 for the CPU presets: on a busy 2-core machine more threads are many times slower
+    for the networks' small ops; 0: torch's default); the CPU rasterizer uses every core whatever
+    this says (:func:`gsavatar.render.set_cpu_raster_threads`). Frames are
+    rendered one ahead of the encoder, in a thread of their own, so encoding overlaps rendering.
     """
     from gsavatar.model.io import find_avatar_file, load_run
     from gsavatar.outputs.video_writer import write_mp4
@@ -107,25 +162,33 @@ def render_video(run_dir: str | Path, audio_path: str | Path, out_path: str | Pa
 
     render_s = 0.0
 
-    def frames():
+    threads = torch.get_num_threads()
+
+    def frames():  # runs in the rendering thread (rendered_ahead)
         nonlocal render_s
         import cv2
 
+        torch.set_num_threads(threads)  # a new thread starts from torch's default: use the caller's
+        for k in range(num):
+            t = time.perf_counter()
+            with torch.no_grad():
+                image = to_uint8(avatar(seq.inputs(k, avatar, background=plate, device=dev)).image)
+            render_s += time.perf_counter() - t
+            if frames_dir is not None:
+                cv2.imwrite(str(frames_dir / f"frame_{k:05d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            yield image
+
+    def counted(images):
         bar = progress_report(total=num, desc="render", unit="frame", enabled=progress)
         try:
-            for k in range(num):
-                t = time.perf_counter()
-                with torch.no_grad():
-                    image = to_uint8(avatar(seq.inputs(k, avatar, background=plate, device=dev)).image)
-                render_s += time.perf_counter() - t
-                if frames_dir is not None:
-                    cv2.imwrite(str(frames_dir / f"frame_{k:05d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            for image in images:
                 bar.update(1)
                 yield image
         finally:
             bar.close()
 
-    write_mp4(out_path, frames(), fps=FPS, audio=seq.samples, audio_rate=SAMPLE_RATE, aac_rate=48000)
+    with rendered_ahead(frames(), depth=2) as images:
+        write_mp4(out_path, counted(images), fps=FPS, audio=seq.samples, audio_rate=SAMPLE_RATE, aac_rate=48000)
     total = time.perf_counter() - t_start
     return {
         "out": str(out_path), "avatar": str(avatar_path), "frames": num, "seconds": num / FPS, "size": render_size,

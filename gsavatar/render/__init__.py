@@ -11,10 +11,11 @@ from gsavatar.render.backends import (
     check_backend,
     get_backend,
     rasterize_layers,
+    set_cpu_raster_threads,
     unsettled_pair_budget,
 )
 from gsavatar.render.rasterize import Projection, RasterOutput, eval_sh, project_gaussians, rasterize
 
 __all__ = ["BACKEND_CHOICES", "Backend", "Layer", "LayerGaussians", "PairBudget", "Projection", "RasterOutput",
            "available_backends", "check_backend", "eval_sh", "get_backend", "project_gaussians", "rasterize",
-           "rasterize_layers", "unsettled_pair_budget"]
+           "rasterize_layers", "set_cpu_raster_threads", "unsettled_pair_budget"]

@@ -7,18 +7,19 @@ everywhere (training, rendering, eval, the viewer, the hash grid and the rasteri
     The PyTorch reference (``_torch_impl`` and :class:`gsavatar.model.encoding.HashGrid`'s own
     code), on any device and dtype.
 ``"cpp"``
-    Our kernels' host twins (the ``cpp`` build of :mod:`gsavatar.kernels`): the kernels'
-    per-element math in C++ loops, float32 CPU tensors.
+    Our CPU rasterizer (the ``cpp`` build of :mod:`gsavatar.kernels`: tiles over all of torch's
+    threads, pixels in SIMD lanes) and the hash-grid kernels' host loops; float32 CPU tensors.
 ``"cuda"``
     Our CUDA kernels (the ``cuda`` build), float32 CUDA tensors.
 ``"gsplat"``
     gsplat's CUDA rasterizer (a cross-check of ours); its hash grid is the reference (gsplat has none).
 ``"auto"``
-    Resolved per device by :func:`get_backend`: the reference on CPU; on a CUDA device our kernels,
-    but only after a one-time self-check at first use (a small scene and a small hash grid against
-    the reference, forward and gradients). Our kernels are young: if they fail to build or the
-    self-check fails, one warning, then gsplat where it is installed, else the reference: never
-    silently wrong pixels.
+    Resolved per device by :func:`get_backend`: our compiled backend for the device (``"cpp"`` on a
+    CPU, ``"cuda"`` on a GPU), but only after a one-time self-check at first use (a small scene and
+    a small hash grid against the reference, forward and gradients). If it cannot be built (no
+    compiler) or the self-check fails: one warning, then gsplat on a GPU where it is installed,
+    else the reference: never silently wrong pixels. Chosen by ``"auto"``, a compiled backend
+    hands inputs it does not take (float64, a camera that needs gradients) to the reference.
 
 Pair budgets (how the compiled backends size their (tile, Gaussian) buffers without waiting for
 the GPU) are made here too: :func:`rasterize_layers` renders a frame for reading back with this
@@ -56,6 +57,9 @@ class Backend:
     strict: bool = True
     """Named explicitly: inputs it cannot take are errors. False when ``"auto"`` chose it: the hash
     grid then falls back to the reference for inputs the kernels do not take (float64, too many levels)."""
+    budgeted: bool = False
+    """Frames read back at once bin with a :class:`PairBudget` (sized from earlier frames) instead of
+    the exact count: where reading the count would make the host wait for the device (CUDA)."""
 
     @property
     def compiled(self) -> bool:
@@ -96,6 +100,16 @@ class Backend:
 
         return hash_grid_compiled(x, table, ext, resolutions)
 
+    # -- compositing --------------------------------------------------------------------------
+    def over(self, color: Tensor, alpha: Tensor, under: Tensor) -> Tensor:
+        """A premultiplied layer over an image: ``color + (1 - alpha) * under`` (``[H, W, 3]``,
+        ``alpha [H, W, 1]``). On our CPU build without gradients, one pass over every core (the
+        layers are strided views of the batch: elementwise torch ops on them take several passes)."""
+        if (self.build is not None and self.build.device_type == "cpu" and not torch.is_grad_enabled()
+                and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (color, alpha, under))):
+            return self.extension().over(color, alpha, under)
+        return torch.addcmul(color, 1 - alpha, under)
+
     # -- the rasterizer -----------------------------------------------------------------------
     def rasterize_image(self, means, quats, scales, opacities, colors, viewmat, K, width, height, *, sh_degree,
                         background, near, far, eps2d, tile_size):
@@ -116,6 +130,11 @@ class Backend:
                                             eps2d=eps2d, tile_size=tile_size or 16)
         from gsavatar.render import _compiled
 
+        if not self.strict and not _compiled_takes([LayerGaussians(means, quats, scales, opacities, colors, 0, viewmat)],
+                                                   K):
+            return TORCH.rasterize_image(means, quats, scales, opacities, colors, viewmat, K, width, height,
+                                         sh_degree=sh_degree, background=background, near=near, far=far, eps2d=eps2d,
+                                         tile_size=tile_size)
         return _compiled.rasterize_image(self.extension(), self.name, self.build.device_type, means, quats, scales,
                                          opacities, colors, viewmat, K, width, height, sh_degree=sh_degree,
                                          background=background, near=near, far=far, eps2d=eps2d)
@@ -125,9 +144,19 @@ TORCH = Backend("torch", "torch", ("cpu", "cuda"))
 _NAMED = {
     "torch": TORCH,
     "cpp": Backend("cpp", "compiled", ("cpu",), kernels.BUILDS["cpp"]),
-    "cuda": Backend("cuda", "compiled", ("cuda",), kernels.BUILDS["cuda"]),
+    "cuda": Backend("cuda", "compiled", ("cuda",), kernels.BUILDS["cuda"], budgeted=True),
     "gsplat": Backend("gsplat", "gsplat", ("cuda",)),
 }
+
+
+def set_cpu_raster_threads(count: int) -> None:
+    """Threads of the CPU rasterizer (``"cpp"``: projection, binning, compositing); 0, the default,
+    uses every processor this process may run on. Separate from torch's thread count, which the
+    CPU presets keep at 1 (the networks' small ops are slower on more threads of a busy machine;
+    a frame's rasterization is not). Results are deterministic for a given count."""
+    if not (isinstance(count, int) and 0 <= count <= 4096):
+        raise InputError(f"the CPU rasterizer's threads must be an int in [0, 4096] (got {count!r})")
+    _NAMED["cpp"].extension().set_cpu_threads(count)
 
 
 def available_backends() -> list[str]:
@@ -165,35 +194,40 @@ def get_backend(name: str | Backend, device: torch.device | str) -> Backend:
         check_backend(name, device)
         return _NAMED[name]
     device = torch.device(device)
-    if device.type != "cuda":
-        return TORCH
-    return _auto_cuda(device)
+    if device.type == "cuda":
+        key = str(device if device.index is not None else torch.device("cuda", torch.cuda.current_device()))
+        return _auto(key, _NAMED["cuda"], device)
+    if device.type == "cpu":
+        return _auto("cpu", _NAMED["cpp"], device)
+    return TORCH
 
 
-# -- auto on a GPU: our kernels after a self-check ---------------------------------------------
+# -- auto: our compiled backend for the device, after a self-check ---------------------------------
 _auto_lock = threading.Lock()
 _auto_choice: dict[str, Backend] = {}
 
 
-def _auto_cuda(device: torch.device) -> Backend:
-    key = str(device if device.index is not None else torch.device("cuda", torch.cuda.current_device()))
+def _auto(key: str, ours: Backend, device: torch.device) -> Backend:
     with _auto_lock:
         if key not in _auto_choice:
-            _auto_choice[key] = _choose_for_gpu(dataclasses.replace(_NAMED["cuda"], strict=False), device)
+            _auto_choice[key] = _choose(dataclasses.replace(ours, strict=False), device)
         return _auto_choice[key]
 
 
-def _choose_for_gpu(ours: Backend, device: torch.device) -> Backend:
+def _choose(ours: Backend, device: torch.device) -> Backend:
     problem = ours.missing_requirements()
     if problem is None:
         try:
+            ours.extension()  # built (or loaded) first: a build that fails is the reason given
             problem = self_check(ours, device)
         except kernels.KernelBuildError as exc:
             problem = str(exc)
     if problem is None:
         return ours
-    fallback = _NAMED["gsplat"] if _NAMED["gsplat"].missing_requirements() is None else TORCH
-    warnings.warn(f"gsavatar: not using our CUDA kernels ({problem}); rendering with "
+    gsplat = _NAMED["gsplat"]
+    fallback = gsplat if device.type in gsplat.device_types and gsplat.missing_requirements() is None else TORCH
+    what = "CUDA kernels" if device.type == "cuda" else "CPU rasterizer"
+    warnings.warn(f"gsavatar: not using our {what} ({problem}); rendering with "
                   f"{'gsplat' if fallback is not TORCH else 'the PyTorch reference'} instead", RuntimeWarning,
                   stacklevel=3)
     return dataclasses.replace(fallback, strict=False)
@@ -201,7 +235,13 @@ def _choose_for_gpu(ours: Backend, device: torch.device) -> Backend:
 
 def self_check(backend: Backend, device: torch.device | str) -> str | None:
     """None if ``backend`` agrees with the reference on a small scene and a small hash grid (forward
-    and gradients, float32 tolerances) on ``device``; else one line saying what differs."""
+    and gradients, float32 tolerances) on ``device``; else one line saying what differs. Records
+    gradients whatever the caller's mode (``auto`` is often first resolved under ``no_grad``)."""
+    with torch.enable_grad():
+        return _self_check(backend, device)
+
+
+def _self_check(backend: Backend, device: torch.device | str) -> str | None:
     from gsavatar.config import HashGridConfig
     from gsavatar.render.synthetic import random_scene
 
@@ -262,6 +302,13 @@ class Layer(NamedTuple):
     radii: Tensor  # [G] long
 
 
+def _compiled_takes(layers: list[LayerGaussians], K: Tensor) -> bool:
+    """Whether the compiled backends take these layers (float32, cameras without gradients)."""
+    tensors = [K, *(t for g in layers for t in (*g[:5], g.viewmat))]
+    return all(t.dtype == torch.float32 for t in tensors) and not (K.requires_grad or any(
+        g.viewmat.requires_grad for g in layers))
+
+
 _budgets = threading.local()  # per thread: {backend name: PairBudget} for frames read back at once
 
 
@@ -300,6 +347,8 @@ def rasterize_layers(layers: list[LayerGaussians], K: Tensor, width: int, height
     backend = get_backend(backend, K.device)
     if not layers:
         return []
+    if backend.compiled and not backend.strict and not _compiled_takes(layers, K):
+        backend = TORCH
     if not backend.compiled:
         out = []
         for g in layers:
@@ -317,8 +366,10 @@ def rasterize_layers(layers: list[LayerGaussians], K: Tensor, width: int, height
     override = getattr(_budgets, "override", None)
     if override is not None:
         result = run(override)
-    elif torch.is_grad_enabled() and any(t.requires_grad for g in layers for t in g[:5]):
-        result = run(None)  # training: bin exactly (one synchronisation, as every tile rasterizer)
+    elif not backend.budgeted or (torch.is_grad_enabled() and any(t.requires_grad for g in layers for t in g[:5])):
+        # The count is at hand (nothing to wait for), or a training frame: binned exactly (one
+        # synchronisation, as every tile rasterizer).
+        result = run(None)
     else:
         budget = _frame_budget(backend)
         result = run(budget)

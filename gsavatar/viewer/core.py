@@ -447,7 +447,7 @@ class FrameRenderer:
     """Renders frames of a drive for any browser camera; shared by all clients.
 
     The avatar is only read (inference under ``torch.no_grad``), so several threads may render
-    at once; ``slots`` bounds how many do (each render thread uses one torch thread).
+    at once; ``slots`` bounds how many do.
     """
 
     def __init__(self, avatar, cfg, subject: SubjectInfo, device: str | torch.device = "cpu", slots: int = 2):

@@ -93,8 +93,9 @@ class ViewerOptions:
     max_upload_seconds: float = MAX_UPLOAD_SECONDS
     """Longest uploaded speech accepted (checked by decoding it)."""
     jpeg_quality: int = 90
-    render_slots: int = 2
-    """How many frames may render at once (all tabs together)."""
+    render_slots: int = 1
+    """How many frames may render at once (all tabs together); the CPU rasterizer spreads each
+    frame's tiles over every core, so one at a time keeps the cores busy."""
     audio_latency_s: float = 0.1
     """The clock holds the start frame this long after Play while the browser starts the sound."""
     audio_follows_clock: bool = True
@@ -334,7 +335,7 @@ class Session:
             return key, self.drive, self.frame, camera, self.fov, self.aspect, layers, bool(self.centres_box.value), wait
 
     def _loop(self) -> None:
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # the networks' small ops; the CPU rasterizer uses every core
         while not self.stopped and not self.viewer.stopped:
             try:
                 key, drive, frame, camera, fov, aspect, layers, centres, wait = self._state()
