@@ -280,14 +280,26 @@ void forward_tile(const RasterArgs& a, const TileWork& t, const float* half, For
       if (!any(any_live)) break;
     }
   }
-  for (int r = 0; r < t.rows; ++r)
-    for (int col = 0; col < t.cols; ++col) {
-      const int j = col / kLanes, l = col % kLanes;
-      const int64_t pixel = (t.image * a.height + t.row0 + r) * a.width + t.col0 + col;
-      for (int c = 0; c < kC; ++c) a.image[pixel * kC + c] = st.acc[c][r][j][l];
-      a.T_final[pixel] = st.T[r][j][l];
-      a.last[pixel] = st.last[r][j][l];
+  for (int r = 0; r < t.rows; ++r) {  // a tile row's vectors are its pixels in order
+    const int64_t first = (t.image * a.height + t.row0 + r) * a.width + t.col0;
+    std::memcpy(a.T_final + first, &st.T[r][0], sizeof(float) * t.cols);
+    std::memcpy(a.last + first, &st.last[r][0], sizeof(int32_t) * t.cols);
+    float* out = a.image + first * kC;
+    for (int c = 0; c < kC; ++c) {
+      const float* acc = reinterpret_cast<const float*>(&st.acc[c][r][0]);
+      for (int col = 0; col < t.cols; ++col) out[col * kC + c] = acc[col];
     }
+  }
+}
+
+// A tile no Gaussian reaches: nothing composited (colour 0, transmittance 1).
+void empty_tile(const RasterArgs& a, const TileWork& t) {
+  for (int r = 0; r < t.rows; ++r) {
+    const int64_t first = (t.image * a.height + t.row0 + r) * a.width + t.col0;
+    std::fill(a.T_final + first, a.T_final + first + t.cols, 1.0f);
+    std::fill(a.last + first, a.last + first + t.cols, 0);
+    std::fill(a.image + first * a.channels, a.image + (first + t.cols) * a.channels, 0.0f);
+  }
 }
 
 template <int kC>
@@ -301,7 +313,13 @@ void forward_all(const RasterArgs& a, int64_t images, int64_t n) {
 #pragma omp parallel num_threads(workers)
   {
     ForwardTile<kC> st;
-    for (int64_t list = next++; list < n_lists; list = next++) forward_tile<kC>(a, tile_work(a, list), half.data(), st);
+    for (int64_t list = next++; list < n_lists; list = next++) {
+      const TileWork t = tile_work(a, list);
+      if (t.start == t.stop)
+        empty_tile(a, t);
+      else
+        forward_tile<kC>(a, t, half.data(), st);
+    }
   }
 }
 

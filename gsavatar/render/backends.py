@@ -376,4 +376,4 @@ def rasterize_layers(layers: list[LayerGaussians], K: Tensor, width: int, height
         if not budget.settle():
             result = run(budget)  # grown past this frame's need, so it fits now
             budget.settle()
-    return [Layer(c, a, m, r) for c, a, _d, m, r, _v in result]
+    return [Layer(c, a, m, r) for c, a, m, r, _v in result]
