@@ -1,9 +1,8 @@
 // Shared by every kernel source: the host/device qualifier and the launch helpers.
 //
 // The per-element math of each kernel is written once, as GSA_HD inline functions in the
-// *_math.h headers. The CUDA kernels (*.cu) and their host twins (*_ops.cpp, plain C++ loops)
-// both call those functions, so a CPU machine can test the kernels' arithmetic against the
-// PyTorch reference and the CUDA build differs only in how the work is spread over threads.
+// *_math.h headers, called by the CUDA kernels (*.cu) and by the CPU path (*_ops.cpp loops; the
+// rasterizer's compositing on the CPU is raster_host.cpp's own SIMD code).
 #pragma once
 
 #if defined(__CUDACC__)

@@ -1,11 +1,11 @@
 // How the tensor-level ops (*_ops.cpp) reach the kernels, in each of the three builds made by
 // gsavatar/kernels.py:
-//   "cuda"     (-DGSA_WITH_CUDA):    CUDA tensors -> the CUDA kernels; CPU tensors -> the host twins.
-//   "cpu"      (neither define):     CPU tensors -> the host twins; CUDA tensors are refused.
+//   "cuda"     (-DGSA_WITH_CUDA):    CUDA tensors -> the CUDA kernels; CPU tensors -> the CPU path.
+//   "cpu"      (neither define):     CPU tensors -> the CPU path; CUDA tensors are refused.
 //   "emulated" (-DGSA_EMULATE_CUDA): CPU tensors -> the CUDA kernels themselves, run by the CPU
 //                                    emulator (cuda_emulator.h); for tests on machines without a GPU.
 // An op does `if (runs_kernels(t)) { GSA_KERNEL_GUARD(t); launch(..., kernel_stream(t)); GSA_CHECK_LAUNCH(); }`
-// inside `#ifdef GSA_HAS_KERNELS`, else its host twin.
+// inside `#ifdef GSA_HAS_KERNELS`, else the CPU path.
 #pragma once
 
 #include <ATen/ATen.h>

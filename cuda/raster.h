@@ -1,5 +1,5 @@
 // Rasterizer ops: the tensor-level entry points bound in bindings.cpp, implemented in
-// raster_ops.cpp (input checks, allocation, CUDA launch or host twin). The Python side is
+// raster_ops.cpp (input checks, allocation, CUDA launch or the CPU path). The Python side is
 // gsavatar/render/_compiled.py; the reference it mirrors is gsavatar/render/_torch_impl.py.
 #pragma once
 

@@ -1,5 +1,5 @@
 // Per-element math of the rasterizer, written once for the CUDA kernels (raster_kernels.cu) and
-// their host twins (raster_ops.cpp). It mirrors the PyTorch reference in
+// the CPU path (raster_ops.cpp's projection, raster_host.cpp's binning). It mirrors the PyTorch reference in
 // gsavatar/render/_torch_impl.py function by function; the comments name the reference function.
 // No torch headers here: nvcc compiles this without them.
 #pragma once
@@ -520,7 +520,7 @@ GSA_HD bool backward_step(PixelBackward& st, float px, float py, const float* me
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-Gaussian work items shared by the CUDA kernels and the host twins
+// Per-Gaussian work items shared by the CUDA kernels and the CPU path
 // ---------------------------------------------------------------------------------------------
 
 struct ProjectArgs {

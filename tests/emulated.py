@@ -3,9 +3,9 @@ rendering backend that runs it (never a public backend: tests pass it to ``raste
 
 The CUDA kernels themselves (``cuda/*.cu``) are compiled as C++ against ``cuda_emulator/cuda_emulator.h``
 (blocks one after another, a block's threads as fibers that meet at barriers and warp operations, in
-a seeded shuffled order between them), for CPU tensors. Where the host twins check the kernels'
-arithmetic, this checks their thread logic: indexing, launch configurations, shared-memory batches,
-barriers, warp shuffles and votes, atomics, the pair sort. Very slow: small scenes only.
+a seeded shuffled order between them), for CPU tensors: the kernels' arithmetic and their thread
+logic (indexing, launch configurations, shared-memory batches, barriers, warp shuffles and votes,
+atomics, the pair sort). Very slow: small scenes only.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Our rasterizer kernels (cuda/) against the PyTorch reference, forward and backward.
 
-The kernels' per-element math is shared by the CUDA build and the host twins (the ``"cpp"``
-backend), so on a CPU machine these tests check the kernels' arithmetic; the ``"emulated"`` backend
-(the tests' own, ``tests/emulated.py``) runs the CUDA kernels themselves on a CPU emulator of the CUDA thread model, so their thread logic
-(blocks, shared-memory batches, barriers, warp reductions, atomics, the sort) is checked too. On a
+The ``"cpp"`` backend is our CPU rasterizer (cuda/raster_host.cpp: the kernels' projection, its own
+SIMD compositing); the ``"emulated"`` backend (the tests' own, ``tests/emulated.py``) runs the CUDA
+kernels themselves on a CPU emulator of the CUDA thread model, so on a CPU machine their arithmetic
+and thread logic (blocks, shared-memory batches, barriers, warp reductions, atomics, the sort) are
+checked. On a
 GPU the same tests run the CUDA build. The reference runs in float64, so the tolerances measure the kernels' float32
 rounding only. gsplat is a further cross-check where it is installed (GPU only).
 """
@@ -31,7 +32,7 @@ _CUDA_MISSING = kernels.missing_requirements("cuda")
 _EMULATED_MISSING = emulated.missing_requirements()
 
 BACKENDS = [
-    pytest.param("cpp", marks=pytest.mark.skipif(_CPU_MISSING is not None, reason=f"host twins: {_CPU_MISSING}")),
+    pytest.param("cpp", marks=pytest.mark.skipif(_CPU_MISSING is not None, reason=f"CPU rasterizer: {_CPU_MISSING}")),
     pytest.param("cuda", marks=pytest.mark.skipif(_CUDA_MISSING is not None, reason=f"CUDA kernels: {_CUDA_MISSING}")),
     # The CUDA kernels themselves, run by the CPU emulator of the CUDA thread model.
     pytest.param("emulated", marks=pytest.mark.skipif(_EMULATED_MISSING is not None,
@@ -220,7 +221,7 @@ def test_compiled_backends_reject_what_they_do_not_support(backend):
         rasterize(*scene[:5], viewmat, scene.K, 16, 16, backend=_entry(backend))
 
 
-@pytest.mark.skipif(_CPU_MISSING is not None, reason=f"host twins: {_CPU_MISSING}")
+@pytest.mark.skipif(_CPU_MISSING is not None, reason=f"CPU rasterizer: {_CPU_MISSING}")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_host_twin_backend_rejects_cuda_tensors():
     scene = random_scene(20, 16, 16, seed=1).to("cuda")
@@ -384,7 +385,7 @@ def test_an_image_id_without_a_camera_culls_the_gaussian(backend):
     torch.testing.assert_close(color[0], ref.color, rtol=0, atol=1e-6)
 
 
-@pytest.mark.skipif(_CPU_MISSING is not None, reason=f"host twins: {_CPU_MISSING}")
+@pytest.mark.skipif(_CPU_MISSING is not None, reason=f"CPU rasterizer: {_CPU_MISSING}")
 def test_a_cached_build_is_trusted_only_as_it_was_loaded(tmp_path):
     """A build killed mid-link leaves a broken .so (loading it kills the process with SIGBUS): the
     cache trusts only the library a successful load vouched for, else load() rebuilds from scratch."""
@@ -523,10 +524,10 @@ def _brighter(real):
     return rasterize_groups
 
 
-@pytest.mark.skipif(_CPU_MISSING is not None, reason=f"host twins: {_CPU_MISSING}")
+@pytest.mark.skipif(_CPU_MISSING is not None, reason=f"CPU rasterizer: {_CPU_MISSING}")
 def test_self_check_passes_on_the_host_twins_and_catches_wrong_kernels(monkeypatch):
     """The self-check (a small scene and hash grid against the reference, forward and gradients)
-    passes on the host twins, and names what differs when the kernels are wrong."""
+    passes on the CPU rasterizer, and names what differs when the kernels are wrong."""
     cpp = backends.get_backend("cpp", "cpu")
     assert backends.self_check(cpp, "cpu") is None
     with monkeypatch.context() as m:
@@ -543,7 +544,7 @@ def test_self_check_passes_on_the_host_twins_and_catches_wrong_kernels(monkeypat
     assert backends.self_check(cpp, "cpu") is None
 
 
-@pytest.mark.skipif(_CPU_MISSING is not None, reason=f"host twins: {_CPU_MISSING}")
+@pytest.mark.skipif(_CPU_MISSING is not None, reason=f"CPU rasterizer: {_CPU_MISSING}")
 def test_wrong_kernels_are_not_chosen_by_auto(monkeypatch):
     """``_choose`` (how "auto" decides, here for the CPU rasterizer; on a GPU the same for ours):
     kernels that fail the self-check give one RuntimeWarning and the fallback (gsplat where it can

@@ -1,9 +1,9 @@
 // A CPU emulation of the part of CUDA our kernels use, for tests only: the "emulated" build of
 // gsavatar/kernels.py compiles raster_kernels.cu and hashgrid_kernels.cu as C++ against this header
 // (-DGSA_EMULATE_CUDA, through emulated_kernels.cpp), so a machine without a GPU runs the kernels
-// themselves, not only their per-element math (the host twins do that). It checks what the host
-// twins cannot: thread and block indexing, launch configurations, shared-memory batching, barriers
-// and their consensus counts, warp shuffles and votes, atomics, and the sort of the tile pairs.
+// themselves: their arithmetic and what a per-element check cannot see: thread and block indexing,
+// launch configurations, shared-memory batching, barriers and their consensus counts, warp
+// shuffles and votes, atomics, and the sort of the tile pairs.
 //
 // Model. The blocks of a grid run one after another on the calling thread. The threads of a block
 // are fibers (own stacks; switched by hand on x86-64, by ucontext elsewhere or with
