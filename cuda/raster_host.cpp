@@ -7,7 +7,9 @@
 // skipped by the same test as in the reference, so the box changes no result.
 #include "raster_host.h"
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 #include <omp.h>
 
 #include <algorithm>
@@ -40,8 +42,12 @@ inline bool any(vi mask) {  // some lane set
   return _mm512_test_epi32_mask((__m512i)mask, (__m512i)mask) != 0;
 #elif defined(__AVX__)
   return !_mm256_testz_si256((__m256i)mask, (__m256i)mask);
-#else
+#elif defined(__SSE__)
   return _mm_movemask_ps((__m128)mask) != 0;
+#else
+  int32_t bits = 0;
+  for (int l = 0; l < kLanes; ++l) bits |= mask[l];
+  return bits != 0;
 #endif
 }
 // a * b + c, fused (one rounding) where the CPU has FMA: used where the order of rounding is ours
