@@ -190,6 +190,16 @@ inline bool box_of(const TileWork& t, const Splat& s, const float* half, int64_t
   return true;
 }
 
+// Alpha of `s` at the kLanes pixels of vector j of a tile row whose centres are dy below the mean,
+// and their dx; false when no lane can exceed 1/255 (the exp is skipped).
+inline bool lanes_alpha(const TileWork& t, int j, float dy, const Splat& s, vf centres, vf& dx, vf& alpha, vi& capped) {
+  dx = (splat(static_cast<float>(t.col0 + j * kLanes)) + centres) - s.u;
+  const vf power = pixel_power_lanes(dx, dy, s);
+  if (all_skipped(power, s)) return false;
+  alpha = pixel_alpha_lanes(power, s, capped);
+  return true;
+}
+
 // Entry k of a tile's list as both passes walk it: the Gaussian, its box in the tile, its features.
 template <int kC>
 struct ListEntry {
@@ -265,11 +275,9 @@ void forward_tile(const RasterArgs& a, const TileWork& t, const float* half, For
       for (int j = b.j0; j <= b.j1; ++j) {
         const vi live = st.live[r][j];
         if (!any(live)) continue;  // these pixels have stopped (or lie outside the image)
-        const vf dx = (splat(static_cast<float>(t.col0 + j * kLanes)) + centres) - s.u;
-        const vf power = pixel_power_lanes(dx, dy, s);
-        if (all_skipped(power, s)) continue;
+        vf dx, alpha;
         vi capped;
-        vf alpha = pixel_alpha_lanes(power, s, capped);
+        if (!lanes_alpha(t, j, dy, s, centres, dx, alpha, capped)) continue;
         const vi hit = live & (alpha > 0.0f);
         alpha = hit ? alpha : splat(0.0f);
         const vf w = alpha * st.T[r][j];
@@ -388,11 +396,9 @@ void backward_tile(const RasterArgs& a, const TileWork& t, const float* half, Ba
       for (int j = b.j0; j <= b.j1; ++j) {
         const vi walked = position < st.last[r][j];
         if (!any(walked)) continue;  // every pixel here stopped before this Gaussian
-        const vf dx = (splat(static_cast<float>(t.col0 + j * kLanes)) + centres) - s.u;
-        const vf power = pixel_power_lanes(dx, dy, s);
-        if (all_skipped(power, s)) continue;
+        vf dx, alpha;
         vi capped;
-        vf alpha = pixel_alpha_lanes(power, s, capped);
+        if (!lanes_alpha(t, j, dy, s, centres, dx, alpha, capped)) continue;
         const vi hit = walked & (alpha > 0.0f);
         if (!any(hit)) continue;
         alpha = hit ? alpha : splat(0.0f);

@@ -49,7 +49,7 @@ def test_cpu_raster_threads_are_set_and_checked(ext):
         assert ext.cpu_threads() == 3
         set_cpu_raster_threads(0)
         assert ext.cpu_threads() >= 1  # every processor this process may use
-        for bad in (-1, 1.5, "2"):
+        for bad in (-1, 1.5, "2", True, 5000):
             with pytest.raises(InputError, match="threads must be an int"):
                 set_cpu_raster_threads(bad)
     finally:

@@ -144,6 +144,10 @@ class Avatar(nn.Module):
         if torch.is_grad_enabled():
             return None
         self._refresh_cache()
+        return self._canonical(branch, backend)
+
+    def _canonical(self, branch: str, backend) -> CanonicalBranch:
+        """:meth:`canonical` once the cache is known to be current (one check a frame, not one a branch)."""
         key = (branch, backend.name)
         if key not in self._canonical_cache:
             g: GaussianSet = self.gaussians[branch]
@@ -165,9 +169,12 @@ class Avatar(nn.Module):
     def deformed(self, branch: str, inputs: FrameInputs, deform: bool = True, backend="torch"):
         """``(means, quats, scales, opacities, sh, offsets)`` of a branch for one frame."""
         backend = get_backend(backend, self.background.device)
+        return self._deformed(branch, inputs, deform, backend, self.canonical(branch, backend))
+
+    def _deformed(self, branch: str, inputs: FrameInputs, deform: bool, backend, cached: CanonicalBranch | None):
+        """:meth:`deformed` with the branch's canonical part (None: compute everything)."""
         g: GaussianSet = self.gaussians[branch]
         means, quats, log_scales, offsets = g.means, g.quats, g.log_scales, None
-        cached = self.canonical(branch, backend)
         scales = cached.scales if cached is not None else None
         if deform and branch == "face":
             if cached is None:
@@ -201,12 +208,19 @@ class Avatar(nn.Module):
         return camera if branch == "torso" else camera @ v
 
     def background_image(self, inputs: FrameInputs) -> torch.Tensor:
+        cacheable = not torch.is_grad_enabled()
+        if cacheable:
+            self._refresh_cache()
+        return self._background_image(inputs, cacheable)
+
+    def _background_image(self, inputs: FrameInputs, cacheable: bool) -> torch.Tensor:
+        """:meth:`background_image`; ``cacheable``: no gradients and the cache known to be current
+        (the plate is resized once for each size)."""
         bg = inputs.background if inputs.background is not None else self.background
         if bg.shape[0] == inputs.height and bg.shape[1] == inputs.width:
             return bg
-        if inputs.background is not None or torch.is_grad_enabled():
+        if inputs.background is not None or not cacheable:
             return _resized(bg, inputs.height, inputs.width)
-        self._refresh_cache()  # the plate at this size, resized once
         key = ("background", inputs.height, inputs.width)
         if key not in self._canonical_cache:
             self._canonical_cache[key] = _resized(bg, inputs.height, inputs.width)
@@ -221,11 +235,15 @@ class Avatar(nn.Module):
             raise ValueError(f"unknown layers {sorted(unknown)}; choose from {LAYERS}")
         backend = get_backend(backend, self.background.device)
         h, w = inputs.height, inputs.width
+        cached = not torch.is_grad_enabled()
+        if cached:
+            self._refresh_cache()  # once for the whole frame
         wanted = [b for b in BRANCHES if b in layers and not (b == "torso" and inputs.back is not None)]
         gaussians, offsets = [], []
         for b in wanted:
-            means, quats, scales, opacities, sh, off = self.deformed(
-                b, inputs, deform.get(b, True) if isinstance(deform, dict) else deform, backend)
+            means, quats, scales, opacities, sh, off = self._deformed(
+                b, inputs, deform.get(b, True) if isinstance(deform, dict) else deform, backend,
+                self._canonical(b, backend) if cached else None)
             gaussians.append(LayerGaussians(means, quats, scales, opacities, sh, self.gaussians[b].sh_degree,
                                             self.branch_viewmat(b, inputs)))
             offsets.append(off)
@@ -235,7 +253,7 @@ class Avatar(nn.Module):
         if inputs.back is not None:
             back = inputs.back
         else:
-            back = self.background_image(inputs) if "background" in layers else inputs.viewmat.new_zeros(h, w, 3)
+            back = self._background_image(inputs, cached) if "background" in layers else inputs.viewmat.new_zeros(h, w, 3)
             if "torso" in renders:
                 back = backend.over(renders["torso"].color, renders["torso"].alpha, back)
         image = back

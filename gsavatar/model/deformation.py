@@ -42,6 +42,11 @@ def _first_layer_part(layer: nn.Linear, x: torch.Tensor, start: int) -> torch.Te
     return x @ layer.weight[:, start:start + x.shape[1]].t()
 
 
+def _first_layer_on_spatial(layer: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+    """The part of ``layer`` that reads the spatial features ``h`` (its first inputs), with its bias."""
+    return torch.addmm(layer.bias, h, layer.weight[:, :h.shape[1]].t())
+
+
 def _rest_of_decoder(decoder: nn.Sequential, first: torch.Tensor) -> torch.Tensor:
     """The decoder after its first linear layer, from that layer's output."""
     return decoder[1:](first)
@@ -140,8 +145,8 @@ class FaceDeformer(nn.Module):
 
     def canonical(self, xyz: torch.Tensor, backend=None) -> CanonicalFeatures:
         h = self.spatial(xyz, backend)
-        first = torch.addmm(self.decoder[0].bias, h, self.decoder[0].weight[:, :h.shape[1]].t())
-        return CanonicalFeatures(first, torch.sigmoid(self.audio_gate(h)), torch.sigmoid(self.blink_gate(h)))
+        return CanonicalFeatures(_first_layer_on_spatial(self.decoder[0], h), torch.sigmoid(self.audio_gate(h)),
+                                 torch.sigmoid(self.blink_gate(h)))
 
     def from_canonical(self, c: CanonicalFeatures, audio_windows: torch.Tensor, blink: torch.Tensor):
         """:meth:`forward` from :meth:`canonical`'s features."""
@@ -175,8 +180,7 @@ class MouthDeformer(nn.Module):
 
     def canonical(self, xyz: torch.Tensor, backend=None) -> CanonicalFeatures:
         h = self.spatial(xyz, backend)
-        first = torch.addmm(self.decoder[0].bias, h, self.decoder[0].weight[:, :h.shape[1]].t())
-        return CanonicalFeatures(first, torch.sigmoid(self.audio_gate(h)))
+        return CanonicalFeatures(_first_layer_on_spatial(self.decoder[0], h), torch.sigmoid(self.audio_gate(h)))
 
     def from_canonical(self, c: CanonicalFeatures, audio_windows: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` from :meth:`canonical`'s features."""
@@ -208,7 +212,7 @@ class TorsoDeformer(nn.Module):
 
     def canonical(self, xyz: torch.Tensor, centre: torch.Tensor, backend=None) -> CanonicalFeatures:
         h = self.spatial(self._unit(xyz, centre), backend)
-        return CanonicalFeatures(torch.addmm(self.decoder[0].bias, h, self.decoder[0].weight[:, :h.shape[1]].t()))
+        return CanonicalFeatures(_first_layer_on_spatial(self.decoder[0], h))
 
     def from_canonical(self, c: CanonicalFeatures, pose: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` from :meth:`canonical`'s features (the pose adds one vector to the first layer)."""

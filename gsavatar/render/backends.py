@@ -7,8 +7,9 @@ everywhere (training, rendering, eval, the viewer, the hash grid and the rasteri
     The PyTorch reference (``_torch_impl`` and :class:`gsavatar.model.encoding.HashGrid`'s own
     code), on any device and dtype.
 ``"cpp"``
-    Our CPU rasterizer (the ``cpp`` build of :mod:`gsavatar.kernels`: tiles over all of torch's
-    threads, pixels in SIMD lanes) and the hash-grid kernels' host loops; float32 CPU tensors.
+    Our CPU rasterizer (the ``cpp`` build of :mod:`gsavatar.kernels`: tiles over every core, its
+    own thread count, see :func:`set_cpu_raster_threads`; pixels in SIMD lanes) and the hash-grid
+    kernels' host loops; float32 CPU tensors.
 ``"cuda"``
     Our CUDA kernels (the ``cuda`` build), float32 CUDA tensors.
 ``"gsplat"``
@@ -154,7 +155,7 @@ def set_cpu_raster_threads(count: int) -> None:
     uses every processor this process may run on. Separate from torch's thread count, which the
     CPU presets keep at 1 (the networks' small ops are slower on more threads of a busy machine;
     a frame's rasterization is not). Results are deterministic for a given count."""
-    if not (isinstance(count, int) and 0 <= count <= 4096):
+    if isinstance(count, bool) or not (isinstance(count, int) and 0 <= count <= 4096):
         raise InputError(f"the CPU rasterizer's threads must be an int in [0, 4096] (got {count!r})")
     _NAMED["cpp"].extension().set_cpu_threads(count)
 
