@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_row, machine  # noqa: E402
+from common import append_row, like_the_cli, machine  # noqa: E402
 
 RASTER_TABLE = "## Rasterizer kernels (`bench/bench_kernels.py raster`)"
 FRAME_TABLE = "## Whole avatar frame (`bench/bench_kernels.py frame`)"
@@ -64,6 +64,23 @@ def _time_ms(fn, device: str, warmup: int, repeats: int) -> float:
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def _time_interleaved_ms(fns: dict, device: str, warmup: int, repeats: int) -> dict:
+    """:func:`_time_ms` of several functions taken in turn (a, b, a, b, ...): a load swing on a
+    shared machine then slows every one of them alike, and their ratios hold."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _backends(device: str) -> list[str]:
@@ -167,6 +184,8 @@ def bench_frame(args) -> None:
 
     bundle = load_run(args.run, args.device)
     avatar, subject = bundle.avatar, bundle.subject
+    if args.grow_to:
+        _grow_face(avatar, args.grow_to)
     # Driven the way `gsavatar render` drives it, from the checkpoint alone (no subject dataset):
     # the given speech, or 8 s of noise (the speed does not depend on what is said).
     if args.audio:
@@ -181,27 +200,59 @@ def bench_frame(args) -> None:
     variants = [b for b in _backends(args.device) if b != "gsplat"]
     if "cuda" in variants:
         variants += ["cuda no-sync", "cuda graph"]
-    results = {}
+    runners = {}
     for variant in variants:
         try:
-            frame, settle = _frame_runner(variant, avatar, inputs, PairBudget())
+            runners[variant] = _frame_runner(variant, avatar, inputs, PairBudget())
         except Exception as exc:  # a variant that cannot run is reported, the others still measured
             print(f"  {variant:>12}: failed: {type(exc).__name__}: {exc}".splitlines()[0])
-            continue
 
-        def batch(frame=frame):
-            for k in range(args.frames):
-                frame(k)
+    def batch(frame):
+        return lambda: [frame(k) for k in range(args.frames)]
 
-        ms = _time_ms(batch, args.device, args.warmup, args.repeats) / args.frames
-        fitted = settle()
+    timed = _time_interleaved_ms({v: batch(frame) for v, (frame, _) in runners.items()}, args.device, args.warmup,
+                                 args.repeats)
+    results = {}
+    for variant, (_, settle) in runners.items():
+        ms = timed[variant] / args.frames
         results[variant] = 1e3 / ms
         print(f"  {variant:>12}: {1e3 / ms:8.1f} frames/s ({ms:.3f} ms)"
-              + ("" if fitted else "  WARNING: some frames overflowed their pair budget"))
+              + ("" if settle() else "  WARNING: some frames overflowed their pair budget"))
+    if "torch" in results and len(results) > 1:
+        print("  against the reference, batches timed in turn: "
+              + ", ".join(f"{v} {r / results['torch']:.2f}x" for v, r in results.items() if v != "torch"))
     if args.write:
+        grown = ", face Gaussians split to this count" if args.grow_to else ""
         cells = " | ".join(f"{results[v]:.1f}" if v in results else "n/a" for v in FRAME_VARIANTS)
-        append_row(FRAME_TABLE, f"| {args.date} | {args.run} ({sum(counts.values())} Gaussians), {seq.size}x{seq.size} | "
+        append_row(FRAME_TABLE, f"| {args.date} | {args.run} ({sum(counts.values())} Gaussians{grown}), {seq.size}x{seq.size} | "
                                 f"{cells} | {args.device}: {args.machine} | `{args.command}` |")
+
+
+def _grow_face(avatar, total: int) -> None:
+    """Split face Gaussians as densification does (two samples from each, at 1/1.6 of its scale,
+    3DGS's rule) until the avatar has ``total``: a larger avatar of the same look, for timing."""
+    from gsavatar.model.gaussians import PARAM_NAMES
+    from gsavatar.tracking.camera import quat_to_matrix
+
+    face = avatar.gaussians["face"]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        while sum(avatar.num_gaussians().values()) < total:
+            missing = total - sum(avatar.num_gaussians().values())
+            split = torch.randperm(len(face), generator=generator)[:missing].to(face.means.device)
+            p = {n: face.params[n].detach() for n in PARAM_NAMES}
+            scales = torch.exp(p["log_scales"][split]).repeat(2, 1)
+            noise = torch.randn(scales.shape, generator=generator).to(scales.device) * scales
+            offset = torch.einsum("nij,nj->ni", quat_to_matrix(p["quats"][split]).repeat(2, 1, 1), noise)
+            keep = torch.ones(len(face), dtype=torch.bool, device=split.device)
+            keep[split] = False
+            for n in PARAM_NAMES:
+                pair = p[n][split].repeat(2, *([1] * (p[n].ndim - 1)))
+                if n == "means":
+                    pair = pair + offset
+                elif n == "log_scales":
+                    pair = pair - torch.log(torch.tensor(1.6))
+                face.params[n] = torch.nn.Parameter(torch.cat([p[n][keep], pair]))
 
 
 def _frame_runner(variant: str, avatar, inputs: list, budget):
@@ -333,6 +384,8 @@ def main() -> None:
     frame.add_argument("run", type=Path, help="run directory (or avatar.pt): the checkpoint is all it needs")
     frame.add_argument("--audio", type=Path, default=None, help="speech to drive it (default: 8 s of noise)")
     frame.add_argument("--frames", type=int, default=10, help="frames per timed batch (one sync per batch)")
+    frame.add_argument("--grow-to", type=int, default=0,
+                       help="split face Gaussians (densification's rule) until the avatar has this many")
     train_p = sub.add_parser("train")
     train_p.add_argument("subject", type=Path)
     train_p.add_argument("--iterations", type=int, default=200)
@@ -351,6 +404,7 @@ def main() -> None:
         p.add_argument("--note", default="", help="added to the machine column")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    like_the_cli()
     from gsavatar.render import available_backends, set_cpu_raster_threads
 
     if "cpp" in available_backends():

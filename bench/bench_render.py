@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, append_row, machine  # noqa: E402
+from common import ROOT, append_row, like_the_cli, machine  # noqa: E402
 
 TABLE = "## Rendering video (`gsavatar render`)"
 DEFAULT_AUDIO = ROOT.parent / "shared" / "data" / "audio" / "radio31_8s.wav"
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="append a row to BENCHMARKS.md")
     ap.add_argument("--note", default="", help="added to the machine column (e.g. 'shared with other jobs')")
     args = ap.parse_args()
+    like_the_cli()
 
     from gsavatar.data.video import write_wav
     from gsavatar.drive import SAMPLE_RATE, DriveConfig, load_speech

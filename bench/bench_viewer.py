@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_row, machine  # noqa: E402
+from common import append_row, like_the_cli, machine  # noqa: E402
 
 TABLE = "## Viewer (`gsavatar view`)"
 
@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--no-browser", action="store_true", help="skip the measurement with headless Chromium")
     ap.add_argument("--write", action="store_true", help="append a row to BENCHMARKS.md")
     args = ap.parse_args()
+    like_the_cli()
 
     import torch
 

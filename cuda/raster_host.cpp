@@ -51,7 +51,7 @@ inline bool any(vi mask) {  // some lane set
 #endif
 }
 // a * b + c, fused (one rounding) where the CPU has FMA: used where the order of rounding is ours
-// to choose (the exp polynomial, the colour sums), not in expressions mirrored from the reference.
+// to choose (the exponent's row quadratic, the exp polynomial, the colour sums).
 inline vf madd(vf a, vf b, vf c) {
 #if defined(__AVX512F__)
   return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
@@ -100,9 +100,16 @@ inline Splat splat_of(const RasterArgs& a, int64_t g) {
           a.opacities[g]};
 }
 
-// The exponent of pixel_alpha (raster_math.h) for kLanes pixels of one row, the same expression.
-inline vf pixel_power_lanes(vf dx, float dy, const Splat& s) {
-  return -0.5f * ((s.A * dx) * dx + (s.C * dy) * dy) - (s.B * dx) * dy;
+// The exponent of pixel_alpha (raster_math.h) along one tile row, dy below the mean, as a quadratic
+// in dx with the row's coefficients: two multiply-adds a vector where the kernels' expression takes
+// six operations. It rounds differently from theirs (within the parity tests' float32 tolerances);
+// both passes use it, so they see the same alphas.
+struct RowPower {
+  vf a, b, c;  // power = (a dx + b) dx + c
+};
+
+inline RowPower row_power(float dy, const Splat& s) {
+  return {splat(-0.5f * s.A), splat(-s.B * dy), splat(-0.5f * s.C * dy * dy)};
 }
 
 // No lane can have alpha > 1/255 (exp(kSkipPower) < 1/255 and o <= 1): the exp is not needed.
@@ -190,14 +197,12 @@ inline bool box_of(const TileWork& t, const Splat& s, const float* half, int64_t
   return true;
 }
 
-// Alpha of `s` at the kLanes pixels of vector j of a tile row whose centres are dy below the mean,
-// and their dx; false when no lane can exceed 1/255 (the exp is skipped).
-inline bool lanes_alpha(const TileWork& t, int j, float dy, const Splat& s, vf centres, vf& dx, vf& alpha, vi& capped) {
+// The exponent at the kLanes pixels of vector j of a row, and their dx; false when no lane can
+// exceed 1/255 (the exp is skipped).
+inline bool lanes_power(const TileWork& t, int j, const RowPower& p, const Splat& s, vf centres, vf& dx, vf& power) {
   dx = (splat(static_cast<float>(t.col0 + j * kLanes)) + centres) - s.u;
-  const vf power = pixel_power_lanes(dx, dy, s);
-  if (all_skipped(power, s)) return false;
-  alpha = pixel_alpha_lanes(power, s, capped);
-  return true;
+  power = madd(madd(p.a, dx, p.b), dx, p.c);
+  return !all_skipped(power, s);
 }
 
 // Entry k of a tile's list as both passes walk it: the Gaussian, its box in the tile, its features.
@@ -271,15 +276,16 @@ void forward_tile(const RasterArgs& a, const TileWork& t, const float* half, For
     const float* f = e.f;
     const vi position = splat_i(static_cast<int32_t>(k - t.start + 1));
     for (int r = b.r0; r <= b.r1; ++r) {
-      const float dy = static_cast<float>(t.row0 + r) + 0.5f - s.v;
+      const RowPower p = row_power(static_cast<float>(t.row0 + r) + 0.5f - s.v, s);
       for (int j = b.j0; j <= b.j1; ++j) {
         const vi live = st.live[r][j];
         if (!any(live)) continue;  // these pixels have stopped (or lie outside the image)
-        vf dx, alpha;
-        vi capped;
-        if (!lanes_alpha(t, j, dy, s, centres, dx, alpha, capped)) continue;
-        const vi hit = live & (alpha > 0.0f);
-        alpha = hit ? alpha : splat(0.0f);
+        vf dx, power;
+        if (!lanes_power(t, j, p, s, centres, dx, power)) continue;
+        // pixel_alpha_lanes' values, without the cap mask only the backward pass needs.
+        const vf raw = s.o * exp_fast(power);
+        const vi hit = live & (raw > kAlphaMin);
+        const vf alpha = hit ? (raw < kAlphaMax ? raw : splat(kAlphaMax)) : splat(0.0f);
         const vf w = alpha * st.T[r][j];
         for (int c = 0; c < kC; ++c) st.acc[c][r][j] = madd(w, splat(f[c]), st.acc[c][r][j]);
         st.T[r][j] *= 1.0f - alpha;
@@ -393,12 +399,14 @@ void backward_tile(const RasterArgs& a, const TileWork& t, const float* half, Ba
     for (int q = 0; q < kRow; ++q) sum[q] = splat(0.0f);
     for (int r = b.r0; r <= b.r1; ++r) {
       const float dy = static_cast<float>(t.row0 + r) + 0.5f - s.v;
+      const RowPower p = row_power(dy, s);
       for (int j = b.j0; j <= b.j1; ++j) {
         const vi walked = position < st.last[r][j];
         if (!any(walked)) continue;  // every pixel here stopped before this Gaussian
-        vf dx, alpha;
+        vf dx, power;
+        if (!lanes_power(t, j, p, s, centres, dx, power)) continue;
         vi capped;
-        if (!lanes_alpha(t, j, dy, s, centres, dx, alpha, capped)) continue;
+        vf alpha = pixel_alpha_lanes(power, s, capped);
         const vi hit = walked & (alpha > 0.0f);
         if (!any(hit)) continue;
         alpha = hit ? alpha : splat(0.0f);
@@ -496,15 +504,16 @@ at::Tensor over(const at::Tensor& color, const at::Tensor& alpha, const at::Tens
   const int64_t as0 = alpha.stride(0), as1 = alpha.stride(1);
   const int64_t us0 = under.stride(0), us1 = under.stride(1), us2 = under.stride(2);
   float* o = out.data_ptr<float>();
-  host_parallel_for(height * width, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t y = p / width, x = p % width;
-      const float keep = 1.0f - a[y * as0 + x * as1];
-      const float* cp = c + y * cs0 + x * cs1;
-      const float* up = u + y * us0 + x * us1;
-      for (int k = 0; k < 3; ++k) o[3 * p + k] = cp[k * cs2] + keep * up[k * us2];
+  host_parallel_for(height, [&](int64_t begin, int64_t end) {  // by rows: no division per pixel
+    for (int64_t y = begin; y < end; ++y) {
+      const float *cy = c + y * cs0, *ay = a + y * as0, *uy = u + y * us0;
+      float* oy = o + 3 * y * width;
+      for (int64_t x = 0; x < width; ++x) {
+        const float keep = 1.0f - ay[x * as1];
+        for (int k = 0; k < 3; ++k) oy[3 * x + k] = cy[x * cs1 + k * cs2] + keep * uy[x * us1 + k * us2];
+      }
     }
-  });
+  }, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, width)));
   return out;
 }
 
@@ -523,6 +532,23 @@ at::Tensor fast_exp(const at::Tensor& x) {
     for (int l = 0; l < m; ++l) dst[i + l] = e[l];
   }
   return out;
+}
+
+// Sorts keys by their high 32 bits, stably (keys pushed in index order keep it among equal depths:
+// the same order as sorting the whole keys). LSD radix sort, 11 bits a pass: a few linear passes
+// where a comparison sort of a frame's Gaussians took most of the binning's time.
+void sort_by_high_half(std::vector<uint64_t>& keys) {
+  constexpr int kBits = 11, kBuckets = 1 << kBits;
+  std::vector<uint64_t> scratch(keys.size());
+  for (int shift = 32; shift < 64; shift += kBits) {
+    std::vector<int64_t> first(kBuckets + 1, 0);
+    for (uint64_t k : keys) ++first[((k >> shift) & (kBuckets - 1)) + 1];
+    if (first[1 + ((keys.empty() ? 0 : keys[0] >> shift) & (kBuckets - 1))] == static_cast<int64_t>(keys.size()))
+      continue;  // every key in one bucket: this pass would not move anything
+    for (int b = 0; b < kBuckets; ++b) first[b + 1] += first[b];
+    for (uint64_t k : keys) scratch[first[(k >> shift) & (kBuckets - 1)]++] = k;
+    keys.swap(scratch);
+  }
 }
 
 std::vector<at::Tensor> host_isect_tiles(IsectArgs& a, int64_t images, const at::TensorOptions& options) {
@@ -555,7 +581,7 @@ std::vector<at::Tensor> host_isect_tiles(IsectArgs& a, int64_t images, const at:
       std::memcpy(&bits, a.depths + i, sizeof bits);  // positive floats order like their bits
       order.push_back((static_cast<uint64_t>(bits) << 32) | static_cast<uint64_t>(i));
     }
-  std::sort(order.begin(), order.end());
+  sort_by_high_half(order);
   auto for_each_pair = [&](int64_t i, auto&& fn) {  // the tiles of Gaussian i that fit in the capacity
     const Rect& r = rects[i];
     int64_t slot = starts[i];

@@ -43,11 +43,12 @@ int host_simd_lanes();
 int host_threads();
 void set_host_threads(int64_t threads);
 
-// fn(begin, end) over [0, n) in chunks spread over host_threads() threads (OpenMP, static split).
+// fn(begin, end) over [0, n) in chunks spread over host_threads() threads (OpenMP, static split);
+// on one thread when n < serial_below (too little work to be worth waking the others).
 template <typename Fn>
-void host_parallel_for(int64_t n, Fn fn) {
+void host_parallel_for(int64_t n, Fn fn, int64_t serial_below = 4096) {
   if (n <= 0) return;
-  const int64_t threads = n < 4096 ? 1 : host_threads();
+  const int64_t threads = n < serial_below ? 1 : host_threads();
   const int64_t chunk = (n + threads - 1) / threads;
 #pragma omp parallel for num_threads(static_cast<int>(threads)) schedule(static, 1)
   for (int64_t t = 0; t < threads; ++t) {

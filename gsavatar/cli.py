@@ -385,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS, args=argv, prog="gsavatar",
         description="gsavatar: audio-driven 3D Gaussian-splatting talking-head avatars.",
     )
+    from gsavatar.runtime import keep_freed_memory
+
+    keep_freed_memory()  # the CLI owns its process: frames reuse their buffers' pages
     try:
         with _sigterm_as_interrupt():
             command()

@@ -47,6 +47,14 @@ def _first_layer_on_spatial(layer: nn.Linear, h: torch.Tensor) -> torch.Tensor:
     return torch.addmm(layer.bias, h, layer.weight[:, :h.shape[1]].t())
 
 
+def _first_layer_gated(layer: nn.Linear, c: "CanonicalFeatures", frame: torch.Tensor) -> torch.Tensor:
+    """The first layer's output for gated frame inputs ``c.gates * frame`` (its last inputs):
+    ``c.first + (c.gates * frame) @ W_gated^T``, computed as ``c.gates @ (frame * W_gated^T)`` so
+    that the per-Gaussian product is never formed (one multiply-add over the Gaussians)."""
+    start = layer.in_features - frame.shape[0]
+    return torch.addmm(c.first, c.gates, frame[:, None] * layer.weight[:, start:].t())
+
+
 def _rest_of_decoder(decoder: nn.Sequential, first: torch.Tensor) -> torch.Tensor:
     """The decoder after its first linear layer, from that layer's output."""
     return decoder[1:](first)
@@ -57,8 +65,7 @@ class CanonicalFeatures:
     """What a deformation net computes from the canonical centres alone (the same every frame)."""
 
     first: torch.Tensor  # [G, hidden] the decoder's first layer on the spatial features, with its bias
-    audio_gate: torch.Tensor | None = None  # [G, C] region attention of the audio feature
-    blink_gate: torch.Tensor | None = None  # [G, E] region attention of the blink feature
+    gates: torch.Tensor | None = None  # [G, K] region attention of the K frame inputs (audio, then blink)
 
 
 class AudioEncoder(nn.Module):
@@ -145,17 +152,13 @@ class FaceDeformer(nn.Module):
 
     def canonical(self, xyz: torch.Tensor, backend=None) -> CanonicalFeatures:
         h = self.spatial(xyz, backend)
-        return CanonicalFeatures(_first_layer_on_spatial(self.decoder[0], h), torch.sigmoid(self.audio_gate(h)),
-                                 torch.sigmoid(self.blink_gate(h)))
+        gates = torch.cat([torch.sigmoid(self.audio_gate(h)), torch.sigmoid(self.blink_gate(h))], dim=1)
+        return CanonicalFeatures(_first_layer_on_spatial(self.decoder[0], h), gates)
 
     def from_canonical(self, c: CanonicalFeatures, audio_windows: torch.Tensor, blink: torch.Tensor):
         """:meth:`forward` from :meth:`canonical`'s features."""
-        f = self.decoder[0].in_features - c.audio_gate.shape[1] - c.blink_gate.shape[1]
-        a = self.audio(audio_windows)
-        e = self.blink(blink.reshape(1, 1))[0]
-        first = (c.first + _first_layer_part(self.decoder[0], c.audio_gate * a, f)
-                 + _first_layer_part(self.decoder[0], c.blink_gate * e, f + a.shape[0]))
-        out = _rest_of_decoder(self.decoder, first)
+        frame = torch.cat([self.audio(audio_windows), self.blink(blink.reshape(1, 1))[0]])
+        out = _rest_of_decoder(self.decoder, _first_layer_gated(self.decoder[0], c, frame))
         return out[:, :3], out[:, 3:7], out[:, 7:10]
 
 
@@ -184,9 +187,7 @@ class MouthDeformer(nn.Module):
 
     def from_canonical(self, c: CanonicalFeatures, audio_windows: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` from :meth:`canonical`'s features."""
-        f = self.decoder[0].in_features - c.audio_gate.shape[1]
-        first = c.first + _first_layer_part(self.decoder[0], c.audio_gate * self.audio(audio_windows), f)
-        return _rest_of_decoder(self.decoder, first)
+        return _rest_of_decoder(self.decoder, _first_layer_gated(self.decoder[0], c, self.audio(audio_windows)))
 
 
 class TorsoDeformer(nn.Module):
