@@ -330,6 +330,8 @@ def bench_train(args) -> None:
     results = {}
     for backend in [b for b in _backends(args.device) if b != "gsplat"]:
         cfg = dataclasses.replace(load_preset(preset), backend=backend, device=args.device)
+        if args.size:
+            cfg = dataclasses.replace(cfg, render_size=args.size)
 
         def run(iterations: int, cfg=cfg) -> float:
             if args.stage:
@@ -357,6 +359,7 @@ def bench_train(args) -> None:
     if args.write:
         cells = " | ".join(f"{results[b]:.2f}" if b in results else "n/a" for b in ("torch", "cpp", "cuda"))
         loop = f"{preset} {args.stage} stage" if args.stage else f"{preset} loop"
+        loop += f" at {args.size} px" if args.size else ""
         append_row(TRAIN_TABLE, f"| {args.date} | {args.subject}, {loop}, {args.iterations} iterations | "
                                 f"{cells} | {args.device}: {args.machine} | `{args.command}` |")
 
@@ -394,7 +397,8 @@ def main() -> None:
                          help="time this stage alone: the difference of a run of 2N and one of N iterations")
     for p in (raster, frame, train_p):
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        p.add_argument("--size", type=int, default=512 if p is not frame else None)
+        p.add_argument("--size", type=int, default=None if p is not raster else 512,
+                       help="image size (frame: the avatar's trained size; train: the preset's render size)")
         p.add_argument("--warmup", type=int, default=3)
         p.add_argument("--repeats", type=int, default=10)
         p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the reference, the networks)")

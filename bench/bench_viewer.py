@@ -110,15 +110,19 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each measurement")
     ap.add_argument("--no-browser", action="store_true", help="skip the measurement with headless Chromium")
+    ap.add_argument("--raster-threads", type=int, default=0,
+                    help="threads of our CPU rasterizer (0: every core, the viewer's default)")
     ap.add_argument("--write", action="store_true", help="append a row to BENCHMARKS.md")
     args = ap.parse_args()
     like_the_cli()
 
     import torch
 
+    from gsavatar.render import set_cpu_raster_threads
     from gsavatar.viewer.server import start_viewer
 
     torch.set_num_threads(1)
+    set_cpu_raster_threads(args.raster_threads)
     viewer = start_viewer(args.run, port=0, size=args.size, device="cpu", verbose=False, render_slots=1)
     try:
         g = viewer.avatar.num_gaussians()
