@@ -229,7 +229,8 @@ class AvatarConfig:
     torso: BranchConfig = dataclasses.field(default_factory=_torso_branch)
     """Torso branch: camera-frame Gaussians moved by the head pose (never by frame index)."""
     audio_feature: str = "auto"
-    """Audio feature kind to condition on; "auto" picks whisper, then hubert, wav2vec2, logmel, whichever the subject has."""
+    """Audio feature kind to condition on; "auto" picks logmel, then whisper, hubert, wav2vec2, whichever the
+    subject has (why: gsavatar.data.frames.AUDIO_PREFERENCE)."""
     audio_window_radius: int = 4
     """Frames of audio context on each side of a frame fed to the audio encoder."""
     audio_dim: int = 32
@@ -284,6 +285,10 @@ class LossConfig:
     """Extra weight of the photometric loss inside the mouth region (lip-sync matters most there)."""
     landmark_deformation: float = 1.0
     """The face net's offsets at the tracked landmarks should match the tracked expression motion (per cm^2)."""
+    silence_every: int = 10
+    """One landmark step in this many hears digital silence instead of its frame's audio and is asked
+    for the subject's resting mouth (0: never). A talking-head video has no silence in it, so without
+    these steps the face net has never heard any and keeps the mouth ajar in pauses."""
     deformation: float = 1e-3
     """L2 on the face position offsets (network units): stillness unless the images ask for motion."""
     mouth_deformation: float = 1e-3

@@ -13,9 +13,20 @@ import numpy as np
 import torch
 
 from gsavatar.data.dataset import SubjectDataset
+from gsavatar.data.landmarks import LOWER_INNER_LIP, UPPER_INNER_LIP
 from gsavatar.errors import InputError
 
-AUDIO_PREFERENCE = ("whisper", "hubert", "wav2vec2", "logmel")
+AUDIO_PREFERENCE = ("logmel", "whisper", "hubert", "wav2vec2")
+"""What "auto" conditions on, first available first. Log-mel leads because the mouth must follow
+speech the avatar never heard: on cnn2 (BENCHMARKS.md, "Lip-sync without rendering", two seeds)
+a face net on log-mel follows other English voices and German and Spanish speech at r 0.27-0.52
+(the nearest-audio baseline: at most 0.20) and closes the lips in silence, where one on Whisper
+tiny.en states (an English-only encoder, whose features of silence look like speech) manages
+0.12-0.30 and leaves them ajar; Whisper fits the subject's own held-out frames better (0.66 vs
+0.56)."""
+REST_PERCENTILE = 5.0
+"""A subject's mouth at rest: its tracked lip gap at this percentile of the training frames (the
+mouth closes in pauses; lower percentiles are tracking noise)."""
 
 
 def choose_audio_feature(dataset: SubjectDataset, wanted: str) -> str:
@@ -128,4 +139,21 @@ class SubjectFrames:
 
     def landmark_offsets(self, index: int) -> torch.Tensor:
         """Tracked landmark motion of a frame relative to the canonical (mean) shape, ``[V, 3]`` metres."""
-        return torch.einsum("k,kvc->vc", self.expression[index], self.model_basis)
+        return self.offsets_of(self.expression[index])
+
+    def offsets_of(self, expression: torch.Tensor) -> torch.Tensor:
+        """Landmark motion ``[V, 3]`` (metres) of tracking expression coefficients ``[K]``."""
+        return torch.einsum("k,kvc->vc", expression, self.model_basis)
+
+    def lip_gaps(self) -> np.ndarray:
+        """``[N]`` tracked inner-lip gap (metres, FaceMesh 13 to 14 in 3-D) of every frame."""
+        lips = [UPPER_INNER_LIP, LOWER_INNER_LIP]
+        points = self.model_mean[lips][None] + torch.einsum("nk,kvc->nvc", self.expression, self.model_basis[:, lips])
+        return (points[:, 0] - points[:, 1]).norm(dim=-1).cpu().numpy().astype(np.float64)
+
+    def rest_expression(self) -> torch.Tensor:
+        """``[K]`` the subject's mouth at rest: the mean expression of the training frames whose lip
+        gap is at most its REST_PERCENTILE-th percentile (closed lips, whatever the rest of the face does)."""
+        gaps = self.lip_gaps()[self.train_indices]
+        closed = self.train_indices[gaps <= np.percentile(gaps, REST_PERCENTILE)]
+        return self.expression[torch.as_tensor(closed, device=self.expression.device)].mean(0)

@@ -33,6 +33,7 @@ import torch
 from gsavatar.config import StageConfig, TrainConfig
 from gsavatar.data.frames import SubjectFrame, SubjectFrames
 from gsavatar.data.io import atomic_write_json
+from gsavatar.data.timebase import SAMPLE_RATE
 from gsavatar.errors import InputError, StoppedBySignal
 from gsavatar.imaging import psnr
 from gsavatar.model.avatar import BRANCHES, LAYERS, Avatar, AvatarRender, FrameInputs
@@ -73,7 +74,14 @@ class Step:
 
 
 def _motion_loss(s: Step) -> torch.Tensor:
-    return s.loss_cfg.landmark_deformation * s.trainer._landmark_loss(s.index, s.inputs)
+    silence = s.trainer.silence
+    every = s.loss_cfg.silence_every
+    if silence is not None and every > 0 and s.iteration % every == every - 1:
+        audio = s.trainer.avatar.audio_input(silence.features, len(silence.features) // 2)
+        inputs, target = dataclasses.replace(s.inputs, audio=audio), silence.offsets
+    else:
+        inputs, target = s.inputs, s.trainer.data.landmark_offsets(s.index)
+    return s.loss_cfg.landmark_deformation * s.trainer._landmark_loss(inputs, target)
 
 
 def _mouth_loss(s: Step) -> torch.Tensor:
@@ -180,6 +188,27 @@ def _set_trainable(avatar: Avatar, setup: StageSetup) -> list[str]:
     return names
 
 
+@dataclasses.dataclass(frozen=True)
+class SilenceExample:
+    """What the landmark term's silent steps see and are asked for."""
+
+    features: torch.Tensor  # [F, S, D] raw features of digital silence (the middle frame is the input)
+    offsets: torch.Tensor  # [V, 3] the subject's resting mouth (metres from the mean shape)
+
+
+SILENCE_SECONDS = 2.0  # longer than any audio window, so the middle frame hears nothing else
+
+
+def silence_example(data: SubjectFrames) -> SilenceExample:
+    """Digital silence through the subject's own feature extractor (so that it is what a drive's
+    pause turns into) and the resting mouth."""
+    from gsavatar.drive import SpeechFeaturizer, frame_count
+
+    samples = np.zeros(int(SILENCE_SECONDS * SAMPLE_RATE), np.float32)
+    features = SpeechFeaturizer(audio_spec(data))(samples, frame_count(samples)).to(data.audio.device)
+    return SilenceExample(features, data.offsets_of(data.rest_expression()))
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, subject_dir: str | Path, run_dir: str | Path, show_progress: bool = True):
         self.cfg = cfg
@@ -200,6 +229,7 @@ class Trainer:
         if len(self.data.train_indices) == 0:
             raise InputError(f"{subject_dir} has no training frames")
         self.lpips = losses.lpips_if_available(self.device) if cfg.loss.lpips > 0 else None
+        self.silence = silence_example(self.data) if cfg.loss.silence_every > 0 else None
 
     # -- state ------------------------------------------------------------------------------
     def _fresh(self):
@@ -365,12 +395,12 @@ class Trainer:
         _backward(loss, stage, it, index)
         return loss.detach(), None if out is None else out.image.detach(), frame, out
 
-    def _landmark_loss(self, index: int, inputs) -> torch.Tensor:
-        """Squared error (cm^2) between the face net's offsets at the canonical landmarks and the tracked motion."""
-        d = self.data
-        offsets, _, _ = self.avatar.face_offsets(d.model_mean, inputs, self.backend)
+    def _landmark_loss(self, inputs, target: torch.Tensor) -> torch.Tensor:
+        """Squared error (cm^2) between the face net's offsets at the canonical landmarks and ``target``
+        (the tracked motion ``[V, 3]``)."""
+        offsets, _, _ = self.avatar.face_offsets(self.data.model_mean, inputs, self.backend)
         pred = offsets * self.avatar.face_deformer.position_scale
-        return (((pred - d.landmark_offsets(index)) * 100) ** 2).mean()
+        return (((pred - target) * 100) ** 2).mean()
 
     # -- the end ----------------------------------------------------------------------------
     def score(self, indices=None) -> dict:
