@@ -81,7 +81,7 @@ def score_avatar(avatar, data, drives: dict) -> dict:
     from gsavatar.drive import SpeechFeaturizer
     from gsavatar.eval import lipsync as L
 
-    truth = L.tracked_lip_gaps(data)
+    truth = data.lip_gaps()
     test = np.asarray(data.test_indices)
     lips = L.canonical_lips(data)
     mouth = L.mouth_range(data)

@@ -118,11 +118,12 @@ def main() -> None:
 
     import torch
 
-    from gsavatar.render import set_cpu_raster_threads
+    from gsavatar.render import available_backends, set_cpu_raster_threads
     from gsavatar.viewer.server import start_viewer
 
     torch.set_num_threads(1)
-    set_cpu_raster_threads(args.raster_threads)
+    if "cpp" in available_backends():
+        set_cpu_raster_threads(args.raster_threads)
     viewer = start_viewer(args.run, port=0, size=args.size, device="cpu", verbose=False, render_slots=1)
     try:
         g = viewer.avatar.num_gaussians()

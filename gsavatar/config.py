@@ -383,6 +383,7 @@ class TrainConfig:
              f"render_size must be between {MIN_FRAME_SIZE} and {MAX_FRAME_SIZE} (got {self.render_size})"),
             (self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be at least 1"),
             (self.densify.every >= 1, f"densify.every must be at least 1 (got {self.densify.every})"),
+            (self.loss.silence_every >= 0, f"loss.silence_every must be 0 (never) or more (got {self.loss.silence_every})"),
             (0 < self.optim.final_lr_fraction <= 1, "optim.final_lr_fraction must be in (0, 1]"),
             (bool(self.stages), "at least one stage is needed"),
             (self.backend in BACKEND_NAMES, f"backend must be one of {', '.join(BACKEND_NAMES)} (got {self.backend!r})"),

@@ -21,7 +21,7 @@ def data(demo_subject):
 def test_tracked_lip_gap_follows_the_true_mouth(data, demo_video):
     # The synthetic subject's mouth opening is known; the tracked 3-D inner-lip gap must follow it
     # (the 2-D landmark signal of preprocessing does: tests/test_preprocess.py).
-    gaps = L.tracked_lip_gaps(data)
+    gaps = data.lip_gaps()
     assert gaps.shape == (data.num_frames,) and np.isfinite(gaps).all()
     r = np.corrcoef(gaps, np.asarray(demo_video.mouth_open_px))[0, 1]
     assert r > 0.9, f"tracked lip gap against the true opening: r = {r:.3f}"

@@ -166,6 +166,7 @@ def test_densify_schedule_runs_densification_and_opacity_reset_on_their_own_peri
     ("[[stages]]\nname = 'hair'\niterations = 5\n", "unknown stage 'hair'"),
     ("log_every = 0\n", "log_every must be at least 1"),
     ("[densify]\nevery = 0\n", "densify.every"),
+    ("[loss]\nsilence_every = -1\n", "loss.silence_every must be 0"),
     ("[avatar.face.hash]\nnum_levels = 0\n", "HashGridConfig.num_levels must be an integer >= 1"),
     ("[[stages]]\nname = 'face'\n", "preset"),
 ])
@@ -266,3 +267,23 @@ def test_silent_landmark_steps_teach_the_resting_mouth_for_silence(demo_subject,
     data = with_silence.data
     gaps = lipsync.avatar_lip_gaps(with_silence.avatar, lipsync.canonical_lips(data), with_silence.silence.features)
     assert lipsync.mouth_range(data).opening(gaps).mean() < 0.2
+
+
+def test_training_without_a_working_extractor_warns_and_trains_without_silent_steps(demo_subject, tmp_path,
+                                                                                   monkeypatch):
+    import dataclasses
+
+    from gsavatar.config import StageConfig
+    from gsavatar.train import trainer as trainer_module
+
+    def unavailable(data):
+        raise InputError("the whisper extractor needs faster-whisper: pip install 'gsavatar[audio]'")
+
+    monkeypatch.setattr(trainer_module, "silence_example", unavailable)
+    cfg = dataclasses.replace(load_preset("cpu-tiny"), stages=[StageConfig("motion", 20, densify=False)],
+                              eval_frames=0).validate()
+    t = trainer_module.Trainer(cfg, demo_subject[0], tmp_path / "run", show_progress=False)
+    assert t.silence is None
+    t.run()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "warning: no silent landmark steps (the whisper extractor needs faster-whisper" in log

@@ -72,13 +72,8 @@ def canonical_lips(data) -> torch.Tensor:
     return data.model_mean[list(LIPS)]
 
 
-def tracked_lip_gaps(data) -> np.ndarray:
-    """``[N]`` inner-lip gap (metres) of every frame from the tracked expression."""
-    return data.lip_gaps()
-
-
 def mouth_range(data) -> MouthRange:
-    gaps = tracked_lip_gaps(data)[np.asarray(data.train_indices)]
+    gaps = data.lip_gaps()[np.asarray(data.train_indices)]
     return MouthRange(float(np.percentile(gaps, REST_PERCENTILE)), float(np.percentile(gaps, OPEN_PERCENTILE)))
 
 
@@ -108,7 +103,7 @@ def nearest_audio_lip_gaps(data, features: torch.Tensor) -> np.ndarray:
     from gsavatar.eval.baselines import nearest_training_frames
 
     chosen = nearest_training_frames(data, features).cpu().numpy()
-    return tracked_lip_gaps(data)[chosen]
+    return data.lip_gaps()[chosen]
 
 
 def timing(pred: np.ndarray, reference: np.ndarray, max_lag: int = 3) -> TimingScore:

@@ -123,7 +123,7 @@ def render_video(run_dir: str | Path, audio_path: str | Path, out_path: str | Pa
     preset's, 1 for the CPU presets: on a busy 2-core machine more threads are many times slower
     for the networks' small ops; 0: torch's default); the CPU rasterizer uses every core whatever
     this says (:func:`gsavatar.render.set_cpu_raster_threads`). Frames are
-    rendered one ahead of the encoder, in a thread of their own, so encoding overlaps rendering.
+    rendered up to two ahead of the encoder, in a thread of their own, so encoding overlaps rendering.
     """
     from gsavatar.model.io import find_avatar_file, load_run
     from gsavatar.outputs.video_writer import write_mp4

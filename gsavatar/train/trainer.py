@@ -196,7 +196,7 @@ class SilenceExample:
     offsets: torch.Tensor  # [V, 3] the subject's resting mouth (metres from the mean shape)
 
 
-SILENCE_SECONDS = 2.0  # longer than any audio window, so the middle frame hears nothing else
+SILENCE_SECONDS = 2.0  # room for the extractor's own context (Whisper's encoder sees it all)
 
 
 def silence_example(data: SubjectFrames) -> SilenceExample:
@@ -229,7 +229,12 @@ class Trainer:
         if len(self.data.train_indices) == 0:
             raise InputError(f"{subject_dir} has no training frames")
         self.lpips = losses.lpips_if_available(self.device) if cfg.loss.lpips > 0 else None
-        self.silence = silence_example(self.data) if cfg.loss.silence_every > 0 else None
+        self.silence, self.silence_off = None, None
+        if cfg.loss.silence_every > 0:
+            try:
+                self.silence = silence_example(self.data)
+            except InputError as e:  # the extractor cannot run here (e.g. whisper's extra missing)
+                self.silence_off = str(e)
 
     # -- state ------------------------------------------------------------------------------
     def _fresh(self):
@@ -299,6 +304,8 @@ class Trainer:
             log.info("training %s -> %s on %s (audio: %s, %d train / %d test frames, %d px)", self.subject_dir,
                      self.run_dir, self.device, self.data.audio_kind, len(self.data.train_indices),
                      len(self.data.test_indices), self.data.size)
+        if self.silence_off:
+            log.warning("warning: no silent landmark steps (%s): the mouth may stay ajar in pauses", self.silence_off)
         start = time.perf_counter() - self.progress.elapsed_s
         while self.progress.stage_index < len(self.cfg.stages):
             stage = self.cfg.stages[self.progress.stage_index]
