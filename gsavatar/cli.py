@@ -367,6 +367,44 @@ class View:
         serve(self.run, self.audio, host=self.host, port=self.port, size=self.size, device=self.device)
 
 
+@dataclasses.dataclass
+class Live:
+    """Serve a trained avatar live: a client streams speech in over a WebSocket, a chunk at a time,
+    and gets frames back at 25 a second, each with the audio it shows (an idle avatar while no
+    speech arrives).
+
+    The protocol is documented in gsavatar/live/protocol.py; viewer/live_client.py (also
+    ``python -m gsavatar.viewer_examples.live_client``) streams a speech file and writes what comes
+    back to an mp4. Latency is set by how far ahead of a frame the avatar reads audio: an avatar
+    trained with ``--preset live`` reads 88 ms ahead, the other presets 288 ms. Runs until Ctrl-C;
+    binds 127.0.0.1 (this machine only) unless --host says otherwise.
+    """
+
+    run: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directory from gsavatar train (its avatar.pt), or the avatar.pt file itself."""
+    port: int = 8765
+    """WebSocket port."""
+    host: str = "127.0.0.1"
+    """Interface to bind: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface: anyone on the network can connect)."""
+    size: Annotated[int | None, tyro.conf.arg(metavar="N")] = None
+    """Frames of N x N pixels (default: the avatar's training size)."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    max_clients: int = 4
+    """Streams served at once (each costs a share of the frame rate)."""
+
+    def __call__(self) -> None:
+        from gsavatar.live.server import serve
+
+        if not 0 <= self.port < 65536:
+            raise InputError(f"--port must be between 0 and 65535 (got {self.port})")
+        if not 1 <= self.max_clients <= 64:
+            raise InputError(f"--max-clients must be between 1 and 64 (got {self.max_clients})")
+        if self.size is not None:
+            check_frame_size(self.size)
+        serve(self.run, host=self.host, port=self.port, size=self.size, device=self.device, max_clients=self.max_clients)
+
+
 COMMANDS = {
     "preprocess": Preprocess,
     "track": Track,
@@ -375,6 +413,7 @@ COMMANDS = {
     "export": Export,
     "eval": Eval,
     "view": View,
+    "live": Live,
     "demo": Demo,
 }
 

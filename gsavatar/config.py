@@ -232,15 +232,39 @@ class AvatarConfig:
     """Audio feature kind to condition on; "auto" picks logmel, then whisper, hubert, wav2vec2, whichever the
     subject has (why: gsavatar.data.frames.AUDIO_PREFERENCE)."""
     audio_window_radius: int = 4
-    """Frames of audio context on each side of a frame fed to the audio encoder."""
+    """Frames of audio context before a frame fed to the audio encoder (and after it, unless
+    ``audio_window_future`` is set)."""
+    audio_window_future: int | None = None
+    """Frames of audio context after a frame fed to the audio encoder; None: ``audio_window_radius``
+    (a symmetric window)."""
     audio_dim: int = 32
     """Size of the encoded audio feature."""
     audio_smoothing_frames: int = 8
     """Neighbouring frames whose encoded audio is blended by learned attention."""
+    audio_smoothing_future: int | None = None
+    """How many of those neighbours come after the frame; None: centred (``frames - 1 - frames // 2``).
+    With ``audio_window_future`` it sets how far ahead a frame's prediction reads
+    (:meth:`audio_reach`): the latency floor of live streaming."""
     blink_dim: int = 8
     """Size of the encoded blink feature."""
     hash_bound: float = 0.2
     """Canonical coordinates (metres in the head frame) are clamped to +-this for the face/mouth hash grids."""
+
+    def audio_window(self) -> tuple[int, int]:
+        """``(past, future)`` frames of the audio encoder's window around each neighbour."""
+        future = self.audio_window_radius if self.audio_window_future is None else self.audio_window_future
+        return self.audio_window_radius, future
+
+    def audio_neighbours(self) -> tuple[int, int]:
+        """``(before, after)``: neighbour frames blended before and after a frame."""
+        k = self.audio_smoothing_frames
+        after = k - 1 - k // 2 if self.audio_smoothing_future is None else self.audio_smoothing_future
+        return k - 1 - after, after
+
+    def audio_reach(self) -> tuple[int, int]:
+        """``(past, future)``: frames of audio before and after a frame that its prediction reads."""
+        (wp, wf), (nb, na) = self.audio_window(), self.audio_neighbours()
+        return wp + nb, wf + na
 
 
 @dataclasses.dataclass
@@ -395,6 +419,19 @@ class TrainConfig:
                  f"stage {s.name}: need 0 <= static_iterations <= iterations"),
                 (s.curriculum in known_curricula, f"stage {s.name}: unknown curriculum '{s.curriculum}' (known: mouth_open)"),
             ]
+        a = self.avatar
+        checks += [
+            (_is_int(a.audio_window_radius) and a.audio_window_radius >= 0,
+             f"avatar.audio_window_radius must be an integer >= 0 (got {a.audio_window_radius!r})"),
+            (a.audio_window_future is None or (_is_int(a.audio_window_future) and a.audio_window_future >= 0),
+             f"avatar.audio_window_future must be an integer >= 0 (got {a.audio_window_future!r})"),
+            (_is_int(a.audio_smoothing_frames) and a.audio_smoothing_frames >= 1,
+             f"avatar.audio_smoothing_frames must be an integer >= 1 (got {a.audio_smoothing_frames!r})"),
+            (a.audio_smoothing_future is None or (_is_int(a.audio_smoothing_future)
+                                                  and 0 <= a.audio_smoothing_future < a.audio_smoothing_frames),
+             f"avatar.audio_smoothing_future must be an integer in 0..audio_smoothing_frames - 1 "
+             f"(got {a.audio_smoothing_future!r})"),
+        ]
         for b in ("face", "mouth", "torso"):
             br = getattr(self.avatar, b)
             checks.append((0 < br.num_gaussians <= br.max_gaussians and 0 <= br.sh_degree <= 3,
@@ -529,8 +566,11 @@ def auto_preset(device_type: str) -> str:
     return AUTO_PRESET[device_type]
 
 
-def load_preset(name: str) -> TrainConfig:
-    """A :class:`TrainConfig` from a preset name (configs/NAME.toml) or a path to a .toml file."""
+def load_preset(name: str, _seen: tuple[str, ...] = ()) -> TrainConfig:
+    """A :class:`TrainConfig` from a preset name (configs/NAME.toml) or a path to a .toml file.
+
+    A preset may start from another: ``base = "NAME"`` applies its settings over that preset's
+    (a list such as ``[[stages]]`` replaces the base's list whole)."""
     import tomllib
     from pathlib import Path
 
@@ -541,7 +581,13 @@ def load_preset(name: str) -> TrainConfig:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"preset {path} is not valid TOML: {e}") from None
+    base = None
+    if "base" in data:
+        parent = data.pop("base")
+        if not isinstance(parent, str) or parent in _seen or name in _seen:
+            raise InputError(f"preset {path}: base must name another preset, without cycles (got {parent!r})")
+        base = load_preset(parent, _seen + (name,))
     try:
-        return config_from_dict(TrainConfig, data).validate()
+        return config_from_dict(TrainConfig, data, base).validate()
     except TypeError as e:  # e.g. a [[stages]] entry without a name or iterations
         raise InputError(f"preset {path}: {e}") from None

@@ -215,6 +215,70 @@ def blink_sequence(subject: SubjectInfo, num: int, src: np.ndarray, cfg: DriveCo
     raise InputError(f"unknown blink mode {cfg.blink!r} (track, generate or none)")
 
 
+class EndlessMotion:
+    """Head pose and blink for frame ``k`` of a stream with no known end (live speech): the same
+    values :func:`pose_sequence` and :func:`blink_sequence` give frame ``k`` of a drive of any
+    length, except a drive's last frames, whose pose smoothing sees that drive's end. The ping-pong
+    loop has no end, so neither has this; generated blinks repeat after ``blink_period_frames``."""
+
+    def __init__(self, subject: SubjectInfo, cfg: DriveConfig | None = None, blink_period_frames: int = 3600 * FPS):
+        from gsavatar.tracking.camera import axis_angle_to_matrix
+
+        self.cfg = cfg or DriveConfig()
+        self._rotation = axis_angle_to_matrix
+        self._frames = source_frames(subject)
+        self._poses = subject.poses.detach().cpu().numpy().astype(np.float64)
+        self._blink = subject.blink.detach().cpu().numpy().astype(np.float32)
+        if self.cfg.pose not in ("loop", "still"):
+            raise InputError(f"unknown pose mode {self.cfg.pose!r} (loop or still)")
+        if self.cfg.blink not in ("track", "generate", "none"):
+            raise InputError(f"unknown blink mode {self.cfg.blink!r} (track, generate or none)")
+        self._still = np.median(self._poses[self._frames], 0)
+        sigma = self.cfg.pose_smoothing_frames
+        self._radius = int(math.ceil(3 * sigma)) if sigma > 0 else 0
+        w = np.exp(-0.5 * (np.arange(-self._radius, self._radius + 1) / sigma) ** 2) if sigma > 0 else np.ones(1)
+        self._weights = w / w.sum()
+        self._generated = None
+        if self.cfg.blink == "generate":
+            strength = float(np.quantile(self._blink[self._frames], 0.99)) or 1.0
+            self._generated = generated_blinks(blink_period_frames, np.random.default_rng(self.cfg.seed), strength=strength)
+
+    def source(self, k: int) -> int:
+        """The training frame whose motion frame ``k`` plays (before smoothing)."""
+        if self.cfg.pose == "still":
+            return int(self._frames[len(self._frames) // 2])
+        return int(self._frames[_pingpong_at(k, len(self._frames))])
+
+    def at(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(viewmat [4, 4], pose [6], blink [])`` of frame ``k`` (float32)."""
+        if self.cfg.pose == "still":
+            pose = self._still
+        else:
+            ks = np.clip(np.arange(k - self._radius, k + self._radius + 1), 0, None)  # the start edge replicated
+            src = self._frames[[_pingpong_at(int(j), len(self._frames)) for j in ks]]
+            pose = self._weights @ self._poses[src]
+        pose_t = torch.from_numpy(pose.astype(np.float32))
+        viewmat = torch.eye(4)
+        viewmat[:3, :3] = self._rotation(pose_t[None, :3])[0]
+        viewmat[:3, 3] = pose_t[3:]
+        if self.cfg.blink == "track":
+            blink = self._blink[self.source(k)]
+        elif self.cfg.blink == "generate":
+            blink = self._generated[k % len(self._generated)]
+        else:
+            blink = 0.0
+        return viewmat, pose_t, torch.tensor(float(blink))
+
+
+def _pingpong_at(k: int, length: int) -> int:
+    """Element ``k`` of :func:`pingpong` (without building the sequence)."""
+    if length <= 1:
+        return 0
+    period = 2 * (length - 1)
+    k %= period
+    return k if k < length else period - k
+
+
 # -- camera paths -----------------------------------------------------------------------------
 def _rotation(yaw_deg: float, pitch_deg: float, roll_deg: float = 0.0) -> np.ndarray:
     y, p, r = np.radians([yaw_deg, pitch_deg, roll_deg])

@@ -210,14 +210,16 @@ def test_audio_windows_clamp_and_centre():
     from gsavatar.model.audio import audio_windows
 
     feats = _indexed_features(5)
-    out = audio_windows(feats, torch.tensor([0, 2, 4]), radius=2)
+    out = audio_windows(feats, torch.tensor([0, 2, 4]), past=2, future=2)
     assert out.shape == (3, 5, 2, 3)
     expected_frames = np.array([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [2, 3, 4, 4, 4]])
     np.testing.assert_array_equal(out.numpy(), feats.numpy()[expected_frames])
     np.testing.assert_array_equal(out[:, 2].numpy(), feats.numpy()[[0, 2, 4]])  # the centre is the frame itself
-    np.testing.assert_array_equal(audio_windows(feats, torch.tensor([3]), 0).numpy(), feats.numpy()[[3]][:, None])
+    np.testing.assert_array_equal(audio_windows(feats, torch.tensor([3]), 0, 0).numpy(), feats.numpy()[[3]][:, None])
+    # A lopsided window (live streaming: a short future): frames index - 3 .. index + 1.
+    np.testing.assert_array_equal(audio_windows(feats, torch.tensor([2]), 3, 1).numpy(), feats.numpy()[[[0, 0, 1, 2, 3]]])
     for dtype in (torch.float32, torch.float64):  # any dtype, kept
-        assert audio_windows(feats.to(dtype), torch.tensor([1]), 1).dtype == dtype
+        assert audio_windows(feats.to(dtype), torch.tensor([1]), 1, 1).dtype == dtype
 
 
 def test_avatar_audio_input_is_neighbouring_windows_with_replicated_edges():
@@ -227,9 +229,10 @@ def test_avatar_audio_input_is_neighbouring_windows_with_replicated_edges():
 
     import torch
 
+    from gsavatar.config import AvatarConfig
     from gsavatar.model.avatar import Avatar
 
-    stand_in = SimpleNamespace(cfg=SimpleNamespace(audio_window_radius=1, audio_smoothing_frames=4))
+    stand_in = SimpleNamespace(cfg=AvatarConfig(audio_window_radius=1, audio_smoothing_frames=4))
     feats = _indexed_features(6)
     out = Avatar.audio_input(stand_in, feats, 0)
     assert out.shape == (4, 3, 2, 3)
@@ -237,6 +240,41 @@ def test_avatar_audio_input_is_neighbouring_windows_with_replicated_edges():
     expected = (centres[:, None] + torch.tensor([-1, 0, 1])).clamp(0, 5)
     np.testing.assert_array_equal(out.numpy(), feats.numpy()[expected.numpy()])
     np.testing.assert_array_equal(Avatar.audio_input(stand_in, feats, 5)[-1].numpy(), feats.numpy()[[5, 5, 5]])
+
+
+def test_bounded_future_reach():
+    """With ``audio_window_future`` and ``audio_smoothing_future`` a frame's input reads no audio
+    past ``index + future reach``: changing later features leaves it exactly as it was."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from gsavatar.config import AvatarConfig
+    from gsavatar.model.avatar import Avatar
+
+    cfg = AvatarConfig(audio_window_radius=3, audio_window_future=1, audio_smoothing_frames=4, audio_smoothing_future=0)
+    assert cfg.audio_window() == (3, 1) and cfg.audio_neighbours() == (3, 0) and cfg.audio_reach() == (6, 1)
+    assert AvatarConfig().audio_reach() == (8, 7)  # the symmetric default: 4 + 4 before, 4 + 3 after
+    stand_in = SimpleNamespace(cfg=cfg)
+    feats = _indexed_features(20)
+    out = Avatar.audio_input(stand_in, feats, 10)
+    assert out.shape == (4, 5, 2, 3)
+    np.testing.assert_array_equal(out[-1].numpy(), feats.numpy()[[7, 8, 9, 10, 11]])  # the last neighbour is the frame
+    np.testing.assert_array_equal(out[0].numpy(), feats.numpy()[[4, 5, 6, 7, 8]])
+    later = feats.clone()
+    later[12:] = -1
+    assert torch.equal(Avatar.audio_input(stand_in, later, 10), out)
+    assert not torch.equal(Avatar.audio_input(stand_in, later, 11), Avatar.audio_input(stand_in, feats, 11))
+
+
+@pytest.mark.parametrize("bad", [{"audio_window_future": -1}, {"audio_smoothing_future": 8}, {"audio_smoothing_frames": 0},
+                                 {"audio_window_radius": 1.5}])
+def test_bad_audio_reach_is_one_line_error(bad):
+    from gsavatar.config import TrainConfig, config_from_dict
+    from gsavatar.errors import InputError
+
+    with pytest.raises(InputError, match="avatar.audio_"):
+        config_from_dict(TrainConfig, {"avatar": bad}).validate()
 
 
 # --------------------------------------------------------------------------------------------

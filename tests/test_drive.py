@@ -163,6 +163,7 @@ def test_frame_inputs_index_copies_made_once_per_device():
     import types
     from types import SimpleNamespace
 
+    from gsavatar.config import AvatarConfig
     from gsavatar.drive import DriveSequence
     from gsavatar.model.avatar import Avatar
 
@@ -171,7 +172,7 @@ def test_frame_inputs_index_copies_made_once_per_device():
     seq = DriveSequence(torch.randn(n, 2, 5, generator=g), torch.randn(n, 4, 4, generator=g), torch.randn(n, 6, generator=g),
                         torch.rand(n, generator=g), torch.randn(n, 4, 4, generator=g), torch.eye(3), 32)
     # The avatar's own input builders on a stand-in with a radius-1 window over 3 neighbours.
-    cfg = SimpleNamespace(cfg=SimpleNamespace(audio_window_radius=1, audio_smoothing_frames=3))
+    cfg = SimpleNamespace(cfg=AvatarConfig(audio_window_radius=1, audio_smoothing_frames=3))
     cfg.audio_input = types.MethodType(Avatar.audio_input, cfg)
     cfg.frame_inputs = types.MethodType(Avatar.frame_inputs, cfg)
     inp = seq.inputs(0, cfg)

@@ -47,6 +47,8 @@ from gsavatar.data.timebase import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: 
 from gsavatar.errors import InputError, MissingDependencyError
 
 __all__ = [
+    "FeatureStream",
+    "LogMelStream",
     "FPS",
     "SAMPLES_PER_FRAME",
     "SAMPLE_RATE",
@@ -100,6 +102,13 @@ class AudioFeatureExtractor(abc.ABC):
             float32 ``[num_frames, steps_per_frame, dim]``; row ``k`` covers the audio time
             ``[k/25, (k+1)/25)``.
         """
+
+    def stream(self) -> "FeatureStream":
+        """A :class:`FeatureStream`: these features of audio that arrives a chunk at a time. Kinds
+        that see a whole window at once (Whisper's encoder reads 30 s) cannot be streamed frame by
+        frame and raise :class:`InputError`."""
+        raise InputError(f"{self.kind} features cannot be streamed (the encoder reads whole windows of audio); "
+                         "live streaming needs an avatar conditioned on logmel (gsavatar train --preset live)")
 
     @classmethod  # noqa: B027 (an optional hook: most kinds need nothing)
     def check_available(cls, **options: Any) -> None:
@@ -271,17 +280,23 @@ class LogMelExtractor(AudioFeatureExtractor):
         """Centre frequency (Hz) of each mel channel."""
         return self._centres.copy()
 
+    PAD = (N_FFT - HOP) // 2
+    """Zeros before the first sample (and after the last): step j's window starts at padded index 160 j."""
+
     def extract(
         self, wav: np.ndarray, num_frames: int, *, sample_rate: int = SAMPLE_RATE
     ) -> np.ndarray:
         x = _prepare_wav(wav, num_frames, sample_rate)
+        return self.frames_of_padded(np.pad(x, (self.PAD, self.PAD)), num_frames)
+
+    def frames_of_padded(self, padded: np.ndarray, num_frames: int) -> np.ndarray:
+        """``[num_frames, S, D]`` features of float32 ``padded`` audio whose index 0 is ``PAD`` samples
+        before the first frame's start (``640 num_frames + 2 PAD`` samples are read). The one place
+        the spectrum is computed: :meth:`extract` and :class:`LogMelStream` both come here."""
         steps = num_frames * self.steps_per_frame
         if steps == 0:
             return np.zeros((0, self.steps_per_frame, self.dim), np.float32)
-        # Pad so that the window of step j starts at padded index 160 j (= original 160 j - 120).
-        left = (self.N_FFT - self.HOP) // 2  # 120
-        padded = np.pad(x, (left, left))
-        frames = np.lib.stride_tricks.sliding_window_view(padded, self.N_FFT)[:: self.HOP]
+        frames = np.lib.stride_tricks.sliding_window_view(padded[: (steps - 1) * self.HOP + self.N_FFT], self.N_FFT)[:: self.HOP]
         assert frames.shape[0] == steps, (frames.shape, steps)
         spec = np.fft.rfft(frames * self._window, axis=-1)
         power = spec.real**2 + spec.imag**2
@@ -290,6 +305,9 @@ class LogMelExtractor(AudioFeatureExtractor):
         # -10.000001); float64 then rounded to float32 gives the same features on every machine.
         feats = np.log10(np.maximum(mel, self.FLOOR).astype(np.float64))
         return feats.astype(np.float32).reshape(num_frames, self.steps_per_frame, self.dim)
+
+    def stream(self) -> "LogMelStream":
+        return LogMelStream(self)
 
     def options(self) -> dict[str, Any]:
         return {"n_mels": self.n_mels}
@@ -306,6 +324,52 @@ class LogMelExtractor(AudioFeatureExtractor):
             "log": "log10(max(mel_power, 1e-10))",
             "step_centres_ms": [5.0, 15.0, 25.0, 35.0],
         }
+
+
+class FeatureStream(abc.ABC):
+    """Features of audio that arrives a chunk at a time: :meth:`push` 16 kHz float samples, get the
+    frames whose window is now complete. Frame k equals row k of ``extract`` over the same samples
+    once ``right_context`` samples past its end have arrived."""
+
+    right_context: int = 0
+    """Samples after a frame's end that its features read."""
+
+    @property
+    @abc.abstractmethod
+    def frames_done(self) -> int:
+        """Frames returned so far."""
+
+    @abc.abstractmethod
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        """Append float32 samples; return the newly complete frames ``[n, S, D]`` (n may be 0)."""
+
+
+class LogMelStream(FeatureStream):
+    """:class:`LogMelExtractor` features of streamed audio. It keeps only the samples the next
+    frame's windows still need (``640 + 2 PAD``), so memory stays bounded however long the stream."""
+
+    def __init__(self, extractor: LogMelExtractor):
+        self.extractor = extractor
+        self.right_context = extractor.PAD
+        self._buffer = np.zeros(extractor.PAD, np.float32)  # the padded stream from the next frame's window on
+        self._done = 0
+
+    @property
+    def frames_done(self) -> int:
+        return self._done
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        x = np.asarray(samples, np.float32).reshape(-1)
+        if x.size:
+            self._buffer = np.concatenate([self._buffer, x])
+        pad = self.extractor.PAD
+        n = max(0, (self._buffer.size - 2 * pad) // SAMPLES_PER_FRAME)
+        if n == 0:
+            return np.zeros((0, self.extractor.steps_per_frame, self.extractor.dim), np.float32)
+        out = self.extractor.frames_of_padded(self._buffer, n)
+        self._buffer = self._buffer[n * SAMPLES_PER_FRAME:].copy()
+        self._done += n
+        return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def nearest_training_frames(data: SubjectFrames, features: torch.Tensor, radius:
     norm = lambda f: ((f.to(data.audio.device) - data.audio_mean) / data.audio_std).flatten(1)  # noqa: E731
 
     def windows(feats, idx):
-        return audio_windows(feats, idx, radius).flatten(1)
+        return audio_windows(feats, idx, radius, radius).flatten(1)
 
     own = norm(data.audio)
     train = torch.as_tensor(data.train_indices, device=data.audio.device)

@@ -141,6 +141,5 @@ def score_drive(pred: np.ndarray, samples: np.ndarray, mouth: MouthRange, margin
 
 
 def reach_frames(avatar) -> int:
-    """How many frames of audio on each side one frame's prediction reads (window plus smoothing)."""
-    cfg = avatar.cfg
-    return cfg.audio_window_radius + cfg.audio_smoothing_frames // 2
+    """How many frames of audio one frame's prediction reads on its longer side (window plus smoothing)."""
+    return max(avatar.cfg.audio_reach())

@@ -1,9 +1,10 @@
 """What the avatar's audio input is, and the one function that cuts it out of a feature array.
 
 Audio features come as ``[N, S, D]``: ``S`` steps of ``D`` channels for each 25 fps frame (see
-:mod:`gsavatar.data.audio_features`). A frame's model input is a window of ``2 r + 1`` frames
-around it for each of ``K`` neighbouring frames (the deformation nets encode each window and blend
-the ``K`` encodings by attention): ``[K, 2 r + 1, S, D]``, edges replicated.
+:mod:`gsavatar.data.audio_features`). A frame's model input is a window of ``past + 1 + future``
+frames around each of ``K`` neighbouring frames (the deformation nets encode each window and blend
+the ``K`` encodings by attention): ``[K, past + 1 + future, S, D]``, edges replicated
+(:meth:`gsavatar.config.AvatarConfig.audio_window`, ``audio_neighbours``).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ class AudioSpec:
     """``S``: feature steps per video frame."""
 
 
-def audio_windows(features: Tensor, centres: Tensor, radius: int) -> Tensor:
-    """``[len(centres), 2 radius + 1, ...]`` windows of ``features [N, ...]`` around each centre frame,
-    frames outside ``[0, N)`` replaced by the nearest edge frame."""
-    offsets = torch.arange(-radius, radius + 1, device=features.device)
+def audio_windows(features: Tensor, centres: Tensor, past: int, future: int) -> Tensor:
+    """``[len(centres), past + 1 + future, ...]`` windows of ``features [N, ...]`` around each centre
+    frame, frames outside ``[0, N)`` replaced by the nearest edge frame."""
+    offsets = torch.arange(-past, future + 1, device=features.device)
     return features[(centres.to(features.device)[:, None] + offsets[None, :]).clamp(0, features.shape[0] - 1)]

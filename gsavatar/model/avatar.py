@@ -95,7 +95,7 @@ class Avatar(nn.Module):
         self.cfg = cfg
         self.audio_spec = audio_spec
         feature_dim = audio_spec.feature_dim
-        audio_steps = (2 * cfg.audio_window_radius + 1) * audio_spec.steps_per_frame
+        audio_steps = (sum(cfg.audio_window()) + 1) * audio_spec.steps_per_frame
         self.gaussians = nn.ModuleDict({"face": face, "mouth": mouth, "torso": torso})
         self.face_deformer = FaceDeformer(cfg.face, feature_dim, audio_steps, cfg.audio_smoothing_frames, cfg.audio_dim,
                                           cfg.blink_dim, cfg.hash_bound)
@@ -116,11 +116,11 @@ class Avatar(nn.Module):
     # -- inputs -----------------------------------------------------------------------------
     def audio_input(self, features: torch.Tensor, index: int) -> torch.Tensor:
         """The model's audio input for frame ``index`` of ``features [N, S, D]`` (raw features made by
-        :attr:`audio_spec`'s extractor): ``[neighbours, 2 r + 1, S, D]``, edges replicated. The one
-        place a window is cut; normalisation happens inside the avatar."""
-        k = self.cfg.audio_smoothing_frames
-        centres = torch.arange(k, device=features.device) + (index - k // 2)
-        return audio_windows(features, centres, self.cfg.audio_window_radius)
+        :attr:`audio_spec`'s extractor): ``[neighbours, past + 1 + future, S, D]``, edges replicated.
+        The one place a window is cut; normalisation happens inside the avatar."""
+        before, after = self.cfg.audio_neighbours()
+        centres = torch.arange(-before, after + 1, device=features.device) + index
+        return audio_windows(features, centres, *self.cfg.audio_window())
 
     def frame_inputs(self, features: torch.Tensor, index: int, *, viewmat: torch.Tensor, K: torch.Tensor, size: int,
                      blink: torch.Tensor, pose: torch.Tensor, back: torch.Tensor | None = None,
