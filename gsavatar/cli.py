@@ -371,7 +371,8 @@ class View:
 class Live:
     """Serve a trained avatar live: a client streams speech in over a WebSocket, a chunk at a time,
     and gets frames back at 25 a second, each with the audio it shows (an idle avatar while no
-    speech arrives).
+    speech arrives). A browser page (viser, --page-port) has a microphone button: speak, and the
+    avatar speaks it back.
 
     The protocol is documented in gsavatar/live/protocol.py; viewer/live_client.py (also
     ``python -m gsavatar.viewer_examples.live_client``) streams a speech file and writes what comes
@@ -392,6 +393,10 @@ class Live:
     """auto | cpu | cuda."""
     max_clients: int = 4
     """Streams served at once (each costs a share of the frame rate)."""
+    page_port: int = 8080
+    """Port of the browser page with the microphone button (the viewer extra)."""
+    page: bool = True
+    """Serve the browser page too (--no-page: the WebSocket only)."""
 
     def __call__(self) -> None:
         from gsavatar.live.server import serve
@@ -402,7 +407,10 @@ class Live:
             raise InputError(f"--max-clients must be between 1 and 64 (got {self.max_clients})")
         if self.size is not None:
             check_frame_size(self.size)
-        serve(self.run, host=self.host, port=self.port, size=self.size, device=self.device, max_clients=self.max_clients)
+        if not 0 <= self.page_port < 65536:
+            raise InputError(f"--page-port must be between 0 and 65535 (got {self.page_port})")
+        serve(self.run, host=self.host, port=self.port, size=self.size, device=self.device, max_clients=self.max_clients,
+              page_port=self.page_port if self.page else None)
 
 
 COMMANDS = {

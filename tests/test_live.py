@@ -376,3 +376,72 @@ def test_cli_live_help_and_errors():
     assert out.returncode == 0 and "WebSocket" in out.stdout and "--preset live" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "gsavatar", "live", "no-such-run"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+# -- the browser page -------------------------------------------------------------------------
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+def test_page_script_is_inlined_without_comments():
+    from gsavatar.live.page import button_html, page_script
+
+    js = page_script(8765)
+    assert "__WS_PORT__" not in js and ':8765"' in js and '"ws://"' in js
+    assert not any(line.strip().startswith("//") for line in js.splitlines())
+    assert 'onclick="' in button_html(8765) and '"ws://"' not in button_html(8765)  # quotes escaped in the attribute
+
+
+def test_microphone_page_streams_to_the_server_and_shows_frames(server, tmp_path):
+    """Headless Chromium with a fake microphone playing a speech-like wav: the page's button
+    streams it to the live server, and the frames that come back are drawn with their audio."""
+    if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
+        pytest.skip("headless Chromium is not installed (apt-get install chromium chromium-driver)")
+    pytest.importorskip("viser", reason="the page needs viser (pip install 'gsavatar[viewer]')")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    from gsavatar.data.video import write_wav
+    from gsavatar.live.page import LivePage
+
+    wav = tmp_path / "mic.wav"
+    write_wav(wav, speechlike(3.0, seed=9))
+    page = LivePage(server.port, 1000 * server.live.lookahead_seconds, port=0)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                 f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
+                 "--mute-audio", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=900,700"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get(page.url)
+        end = time.monotonic() + 60
+        button = None
+        while button is None and time.monotonic() < end:
+            found = driver.find_elements(By.ID, "gsavatar-live-mic")
+            button = found[0] if found else time.sleep(0.2)
+        assert button is not None, "the microphone button never appeared"
+        button.click()
+        state = {}
+        while time.monotonic() < end:
+            state = driver.execute_script("return window.gsavatarLive && {shown: window.gsavatarLive.framesShown, "
+                                          "sent: window.gsavatarLive.sent, errors: window.gsavatarLive.errors}") or {}
+            if state.get("shown", 0) > 40 and state.get("sent", 0) > 32000:
+                break
+            time.sleep(0.2)
+        assert state.get("shown", 0) > 40 and not state.get("errors"), state
+        streams = [s.stream for s in server.sessions.values()]
+        assert len(streams) == 1
+        # The microphone's audio (the wav, resampled from the browser's rate) reached the server.
+        assert streams[0].received_samples > 16000 and streams[0].received_peak > 0.2
+        button.click()  # stop: the page ends its stream
+        end = time.monotonic() + 20
+        while server.sessions and time.monotonic() < end:
+            time.sleep(0.1)
+        assert not server.sessions
+    finally:
+        driver.quit()
+        page.stop()

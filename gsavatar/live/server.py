@@ -11,6 +11,7 @@ the time it may take to start and to read its frames; a client that breaks a rul
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import json
@@ -65,6 +66,7 @@ class LiveServer:
         self.options = options or ServerOptions()
         self.log = log
         self.sessions: dict[int, SessionInfo] = {}
+        self.ended: collections.deque[SessionInfo] = collections.deque(maxlen=16)  # the latest streams that ended
         self.port = self.options.port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -171,6 +173,7 @@ class LiveServer:
                 except BaseException:  # noqa: BLE001
                     pass
             self.sessions.pop(key, None)
+            self.ended.append(info)
 
     async def _receive(self, ws, info: SessionInfo, fmt: str, pacer: asyncio.Task) -> None:
         async for message in ws:
@@ -226,8 +229,9 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
 
 
 def serve(run, *, host: str = "127.0.0.1", port: int = 8765, size: int | None = None, device: str = "auto",
-          max_clients: int = 4) -> None:
-    """Serve ``run`` live until Ctrl-C (the ``gsavatar live`` command)."""
+          max_clients: int = 4, page_port: int | None = 8080) -> None:
+    """Serve ``run`` live until Ctrl-C (the ``gsavatar live`` command); ``page_port``: also the
+    browser page with a microphone button there (None: the WebSocket only)."""
     import torch
 
     from gsavatar.live.stream import LiveConfig
@@ -236,14 +240,22 @@ def serve(run, *, host: str = "127.0.0.1", port: int = 8765, size: int | None = 
     torch.set_num_threads(1)  # the networks' small ops; the CPU rasterizer uses every core
     live = LiveAvatar(run, LiveConfig(size=size), device=resolve_device(device))
     server = LiveServer(live, ServerOptions(host=host, port=port, max_clients=max_clients)).start()
-    ahead = 1000 * live.lookahead_seconds
-    print(f"gsavatar live: {server.url} (protocol: gsavatar/live/protocol.py; example client: "
-          f"python -m gsavatar.viewer_examples.live_client {server.url} speech.wav); Ctrl-C stops it", flush=True)
-    print(f"the avatar reads {ahead:.0f} ms of audio ahead of each frame: the floor of its latency"
-          + ("" if ahead <= 150 else " (an avatar trained with --preset live reads 88 ms ahead)"), flush=True)
+    page = None
     try:
+        ahead = 1000 * live.lookahead_seconds
+        if page_port is not None:
+            from gsavatar.live.page import LivePage
+
+            page = LivePage(server.port, ahead, host=host, port=page_port)
+            print(f"gsavatar live: open {page.url} in a browser and press the microphone button", flush=True)
+        print(f"WebSocket: {server.url} (protocol: gsavatar/live/protocol.py; example client: "
+              f"python -m gsavatar.viewer_examples.live_client {server.url} speech.wav); Ctrl-C stops it", flush=True)
+        print(f"the avatar reads {ahead:.0f} ms of audio ahead of each frame: the floor of its latency"
+              + ("" if ahead <= 150 else " (an avatar trained with --preset live reads 88 ms ahead)"), flush=True)
         while True:
             time.sleep(3600)
     finally:
+        if page is not None:
+            page.stop()
         server.stop()
         print("live server stopped")

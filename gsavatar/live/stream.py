@@ -183,6 +183,9 @@ class LiveStream:
         self._feats_start = 0
         self.next_index = 0
         self.finished = False
+        self.silence_written = 0  # samples of silence written for audio that had not arrived (the delay it added)
+        self.received_samples = 0  # 16 kHz samples the client sent
+        self.received_peak = 0.0  # the loudest of them
         self.arrivals: collections.deque = collections.deque(maxlen=100_000)  # (first timeline sample, monotonic time)
         self.latencies: collections.deque = collections.deque(maxlen=100_000)  # seconds, one per chunk shown
 
@@ -217,6 +220,8 @@ class LiveStream:
             if x.size:
                 self._pending.append((x, arrived))
                 self._pending_samples += x.size
+                self.received_samples += x.size
+                self.received_peak = max(self.received_peak, float(np.abs(x).max()))
 
     def _commit(self) -> None:
         """Put the queued audio on the timeline."""
@@ -262,6 +267,7 @@ class LiveStream:
             if short > 0:
                 self._fills.append((self.samples, self.samples + short))
                 self._append(np.zeros(short, np.float32))
+                self.silence_written += short
             self._commit()
         return self._draw_next(draw)
 
