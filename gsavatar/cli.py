@@ -110,7 +110,8 @@ class Train:
     """Run directory for the avatar, logs and checkpoints."""
     preset: str = "auto"
     """Training preset: a name in configs/ (cpu-tiny: minutes on a CPU, 128 px; cpu-30min: about 30 min on 2
-    cores, 256 px; default: GPU, 512 px), a .toml path, or auto (default on a CUDA device, cpu-30min on a CPU)."""
+    cores, 256 px; cpu-512: the same at 512 px, under an hour; live: cpu-30min reading 88 ms of audio ahead, for
+    gsavatar live; default: GPU, 512 px), a .toml path, or auto (default on a CUDA device, cpu-30min on a CPU)."""
     iterations_scale: float = 1.0
     """Multiply every stage's iterations by this (e.g. 0.5 for a quicker, rougher avatar)."""
     render_size: int | None = None
