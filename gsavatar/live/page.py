@@ -15,9 +15,10 @@ from importlib.resources import files
 STATUS_ID = "gsavatar-live-status"
 
 
-def page_script(ws_port: int) -> str:
-    """``page.js`` for a live server on ``ws_port``, fit for an inline handler (comments dropped)."""
-    source = files("gsavatar.live").joinpath("page.js").read_text()
+def page_script(ws_port: int, name: str = "page.js") -> str:
+    """``name`` (page.js: the microphone over the WebSocket; webrtc.js: a WebRTC call) for a live
+    server on ``ws_port``, fit for an inline handler (comments dropped)."""
+    source = files("gsavatar.live").joinpath(name).read_text()
     lines = []
     for line in source.splitlines():
         if line.strip().startswith("//"):
@@ -26,10 +27,23 @@ def page_script(ws_port: int) -> str:
     return "\n".join(lines).replace("__WS_PORT__", str(int(ws_port)))
 
 
-def button_html(ws_port: int) -> str:
-    script = html.escape(page_script(ws_port), quote=True)
-    return (f'<button id="gsavatar-live-mic" style="width:100%;padding:8px;font-size:1em" onclick="{script}">'
-            f'Start microphone</button><div id="{STATUS_ID}" style="margin-top:6px;opacity:0.8">idle</div>')
+BUTTON_STYLE = "width:100%;padding:8px;font-size:1em;margin-top:4px"
+
+
+def button_html(ws_port: int, webrtc: bool = False) -> str:
+    """The page's buttons: the microphone over the WebSocket, a WebRTC call (``webrtc``), the status line."""
+    mic = html.escape(page_script(ws_port), quote=True)
+    out = f'<button id="gsavatar-live-mic" style="{BUTTON_STYLE}" onclick="{mic}">Start microphone</button>'
+    if webrtc:
+        call = html.escape(page_script(ws_port, "webrtc.js"), quote=True)
+        out += f'<button id="gsavatar-live-call" style="{BUTTON_STYLE}" onclick="{call}">Start a WebRTC call</button>'
+    return out + f'<div id="{STATUS_ID}" style="margin-top:6px;opacity:0.8">idle</div>'
+
+
+def webrtc_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("aiortc") is not None
 
 
 class LivePage:
@@ -43,7 +57,7 @@ class LivePage:
         self.server.gui.add_markdown(
             "**gsavatar live**: press the button and speak; the avatar speaks it back "
             f"(it reads {lookahead_ms:.0f} ms of speech ahead of each frame). Headphones avoid an echo.")
-        self.server.gui.add_html(button_html(ws_port))
+        self.server.gui.add_html(button_html(ws_port, webrtc=webrtc_available()))
 
     @property
     def url(self) -> str:

@@ -13,6 +13,10 @@ Client to server:
   shown is refused (an ``error`` message; the chunk is dropped).
 * ``{"type": "end"}``: no more audio; the server sends the frames that show the rest of it,
   then ``ended`` and closes.
+* or, instead of ``start``, ``{"type": "webrtc-offer", "sdp": "..."}``: a WebRTC call (the
+  ``webrtc`` extra; :mod:`gsavatar.live.webrtc`). The server answers ``{"type":
+  "webrtc-answer", "sdp": "..."}``; audio and frames then flow over the peer connection, and this
+  socket carries only ``end`` and errors.
 
 Server to client:
 
@@ -51,8 +55,8 @@ FLAG_IMAGE = 1
 FLAG_FILLED = 2
 """Some of the frame's audio is silence the server wrote because the client's audio was late."""
 PCM_FORMATS = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
-MAX_CONTROL_BYTES = 4096
-"""Longest JSON control message accepted."""
+MAX_CONTROL_BYTES = 64 * 1024
+"""Longest JSON control message accepted (a WebRTC offer is a few KB of SDP)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -140,7 +140,11 @@ class LiveServer:
             first = await asyncio.wait_for(ws.recv(), self.options.start_timeout_s)
             if isinstance(first, bytes):
                 raise InputError('the first message must be {"type": "start", ...} (got binary data)')
-            start = protocol.parse_start(protocol.parse_control(first))
+            control = protocol.parse_control(first)
+            if control["type"] == "webrtc-offer":
+                await self._handle_webrtc(ws, peer, control)
+                return
+            start = protocol.parse_start(control)
             stream = self.live.open(start.sample_rate)
         except TimeoutError:
             await self._fatal(ws, f"no start message within {self.options.start_timeout_s:g} s")
@@ -172,6 +176,41 @@ class LiveServer:
                     await pacer
                 except BaseException:  # noqa: BLE001
                     pass
+            self.sessions.pop(key, None)
+            self.ended.append(info)
+
+    async def _handle_webrtc(self, ws, peer: str, offer: dict) -> None:
+        """A call (gsavatar.live.webrtc): media over the peer connection, this socket for control."""
+        from gsavatar.errors import MissingDependencyError
+        from gsavatar.live.webrtc import OPUS_RATE, WebRtcPeer
+
+        loop = asyncio.get_running_loop()
+        stream = self.live.open(OPUS_RATE)
+        try:
+            call = WebRtcPeer(stream, lambda draw: loop.run_in_executor(self._pool, stream.next_frame, draw))
+        except MissingDependencyError as e:
+            raise InputError(str(e)) from None
+        key = id(ws)
+        info = SessionInfo(stream, peer)
+        self.sessions[key] = info
+        try:
+            answer = await call.answer(offer.get("sdp"))
+            await self._send_json(ws, type="webrtc-answer", sdp=answer, fps=FPS,
+                                  lookahead_ms=round(1000 * self.live.lookahead_seconds, 1))
+            async for message in ws:
+                if isinstance(message, bytes):
+                    raise InputError("audio goes over the WebRTC connection in a call, not this socket")
+                if protocol.parse_control(message)["type"] == "end":
+                    break
+                raise InputError('in a call this socket takes only {"type": "end"}')
+        except InputError as e:
+            info.errors.append(str(e))
+            await self._fatal(ws, str(e))
+        except Exception:  # noqa: BLE001 (a broken connection ends the call)
+            pass
+        finally:
+            info.frames_sent = call.frames_sent
+            await call.close()
             self.sessions.pop(key, None)
             self.ended.append(info)
 
