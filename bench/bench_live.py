@@ -13,9 +13,11 @@ needed) in 20 ms chunks at the pace of speech, as a microphone or a text-to-spee
   picture (the server was late and kept the audio going).
 * drift: how much later the speech is shown at the end of the sustained stream than at its start,
   in frames (silence written for audio that arrived late delays everything after it).
-* offline r: the mouth opening (dlib's 68 landmarks, as ``gsavatar eval``) of the live frames
-  against an offline render of the same timeline audio (the frames' own audio) with the same
-  avatar, over the latency stream's frames that carried a picture.
+* offline r: the mouth opening (dlib's 68 landmarks, as ``gsavatar eval``) of the live frames as
+  drawn against an offline render of the same timeline audio (the frames' own audio) with the
+  same avatar, over the latency stream's frames that carried a picture; also of the frames as
+  sent (after JPEG), beside the offline frames after the same JPEG (the measure's own noise:
+  dlib's landmarks jitter on JPEG artefacts).
 
 The last line is ``live: latency median <ms> ms p95 <ms> ms, <fps> frames/s, drift <frames>
 frames, offline r <r>``. ``--write`` appends a row to BENCHMARKS.md.
@@ -71,6 +73,14 @@ async def stream(url: str, samples: np.ndarray, chunk_ms: float) -> tuple[list, 
     return frames, times[-1] - times[0]
 
 
+def ended_stream(server, count: int):
+    """The stream of the ``count``-th session to end (the server files it just after the close)."""
+    end = time.monotonic() + 10
+    while len(server.ended) < count and time.monotonic() < end:
+        time.sleep(0.05)
+    return server.ended[count - 1].stream
+
+
 def mouth_openings(images) -> np.ndarray:
     """dlib mouth opening per image (NaN where no face is found)."""
     import torch
@@ -87,8 +97,10 @@ def mouth_openings(images) -> np.ndarray:
     return np.asarray(out)
 
 
-def offline_r(live, frames) -> tuple[float, int]:
-    """r of the live frames' mouth opening against an offline render of their own audio."""
+def fidelity(live, frames, drawn: dict) -> dict:
+    """The live frames against an offline render of their own audio: mouth-opening r of the drawn
+    images (before JPEG), of the images as sent (after JPEG), and, for scale, of the offline
+    images themselves after the same JPEG (dlib's jitter on JPEG artefacts); mean |difference|."""
     import cv2
     import torch
 
@@ -96,15 +108,25 @@ def offline_r(live, frames) -> tuple[float, int]:
     from gsavatar.eval.metrics import pearson
     from gsavatar.imaging import to_uint8
 
+    def jpeg(image: np.ndarray) -> np.ndarray:
+        data = cv2.imencode(".jpg", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 85])[1]
+        return np.ascontiguousarray(cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1])
+
     audio = np.concatenate([f.audio for f in frames]).astype(np.float32) / 32767
     drive = build_drive(live.subject, audio, live.config.drive, size=live.size)
-    keep = [k for k, f in enumerate(frames) if f.jpeg is not None and k < len(drive) - live.lookahead_frames]
-    live_images = [cv2.imdecode(np.frombuffer(frames[k].jpeg, np.uint8), cv2.IMREAD_COLOR)[..., ::-1] for k in keep]
+    keep = [k for k, f in enumerate(frames) if f.jpeg is not None and k in drawn and k < len(drive) - live.lookahead_frames]
+    sent = [np.ascontiguousarray(cv2.imdecode(np.frombuffer(frames[k].jpeg, np.uint8), cv2.IMREAD_COLOR)[..., ::-1])
+            for k in keep]
     with torch.no_grad():
-        offline_images = [to_uint8(live.avatar(drive.inputs(k, live.avatar)).image) for k in keep]
-    a, b = mouth_openings(live_images), mouth_openings(offline_images)
-    ok = np.isfinite(a) & np.isfinite(b)
-    return pearson(a[ok], b[ok]), int(ok.sum())
+        offline = [to_uint8(live.avatar(drive.inputs(k, live.avatar)).image) for k in keep]
+    o = mouth_openings(offline)
+    out = {"frames": len(keep),
+           "diff": float(np.mean([np.abs(drawn[k].astype(np.int16) - im.astype(np.int16)).mean() for k, im in zip(keep, offline)]))}
+    for name, images in (("drawn", [drawn[k] for k in keep]), ("sent", sent), ("floor", [jpeg(im) for im in offline])):
+        m = mouth_openings(images)
+        ok = np.isfinite(m) & np.isfinite(o)
+        out[name] = pearson(m[ok], o[ok])
+    return out
 
 
 def main() -> None:
@@ -135,17 +157,30 @@ def main() -> None:
     live = LiveAvatar(args.run, LiveConfig(size=args.size))
     print(f"avatar reads {1000 * live.lookahead_seconds:.1f} ms ahead ({live.lookahead_frames} frames + the "
           f"feature window), frames {live.size}x{live.size}", flush=True)
-    with LiveServer(live, ServerOptions(port=0), log=lambda *_: None) as server:
+    drawn: dict[int, np.ndarray] = {}
+    record = {"on": True}
+
+    def keep(_info, frame) -> None:  # the first stream's drawn images, before JPEG
+        if record["on"] and frame.image is not None:
+            drawn[frame.index] = frame.image
+
+    with LiveServer(live, ServerOptions(port=0), log=lambda *_: None, on_frame=keep) as server:
         frames, _ = asyncio.run(stream(server.url, looped(args.seconds), args.chunk_ms))
-        first = server.ended[-1].stream
+        record["on"] = False
+        first = ended_stream(server, 1)
         lat = 1000 * np.asarray(first.latencies)
         median, p95 = float(np.median(lat)), float(np.percentile(lat, 95))
         print(f"latency over {args.seconds:g} s ({len(lat)} chunks): median {median:.0f} ms, p95 {p95:.0f} ms; "
               f"{sum(f.jpeg is None for f in frames)} of {len(frames)} frames without a picture", flush=True)
+        fid = fidelity(live, frames, drawn)
+        r = fid["drawn"]
+        print(f"fidelity over {fid['frames']} frames, mouth opening (dlib) against the offline render of the same audio: "
+              f"r {fid['drawn']:.3f} as drawn (mean |difference| {fid['diff']:.3f} of 255), {fid['sent']:.3f} as sent "
+              f"(JPEG 85; the offline frames after the same JPEG: {fid['floor']:.3f}, dlib's jitter)", flush=True)
         fps, drift, no_picture = float("nan"), float("nan"), float("nan")
         if args.sustain > 0:
             sustained, wall = asyncio.run(stream(server.url, looped(args.sustain), args.chunk_ms))
-            s = server.ended[-1].stream
+            s = ended_stream(server, 2)
             lats = np.asarray(s.latencies)
             n10 = max(1, int(10 * 1000 / args.chunk_ms))
             drift = float(np.median(lats[-n10:]) - np.median(lats[n10:2 * n10])) * 25  # frames, second 10 s vs last 10 s
@@ -155,8 +190,6 @@ def main() -> None:
                   f"silence written for late audio {s.silence_written / 640:.1f} frames (the start's included), "
                   f"latency median first 10 s {1000 * np.median(lats[n10:2 * n10]):.0f} ms, last 10 s "
                   f"{1000 * np.median(lats[-n10:]):.0f} ms", flush=True)
-    r, n = offline_r(live, frames)
-    print(f"fidelity: mouth opening of {n} live frames against the offline render of their audio: r {r:.3f}")
     line = (f"live: latency median {median:.0f} ms p95 {p95:.0f} ms, {fps:.2f} frames/s, drift {drift:.2f} frames, "
             f"offline r {r:.3f}")
     print(line)

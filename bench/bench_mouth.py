@@ -46,6 +46,11 @@ def _design(cfg, name: str):
         "radius8": {"audio_window_radius": 8},
         "smooth1": {"audio_smoothing_frames": 1},
         "smooth16": {"audio_smoothing_frames": 16},
+        # How far ahead a frame reads (the latency floor of live streaming), the window's 9 frames kept:
+        # live = the live preset (2 frames ahead), future0 (none), future4 (4 frames).
+        "live": {"audio_window_radius": 6, "audio_window_future": 2, "audio_smoothing_future": 0},
+        "future0": {"audio_window_radius": 8, "audio_window_future": 0, "audio_smoothing_future": 0},
+        "future4": {"audio_window_radius": 5, "audio_window_future": 3, "audio_smoothing_future": 1},
     }
     loss = {"nosilence": {"silence_every": 0}, "silence4": {"silence_every": 4}}
     for part in name.split("+"):  # designs combine: logmel+nosilence

@@ -60,6 +60,25 @@ def render_encode(viewer, seconds: float) -> dict:
             "shape": image.shape}
 
 
+def cpu_seconds(name_part: str | None) -> float:
+    """CPU time (user + system) so far of the processes whose name contains ``name_part``, or of
+    this process (None): Linux /proc, processes that end meanwhile are missed."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = ["self"] if name_part is None else [p for p in os.listdir("/proc") if p.isdigit()]
+    total = 0.0
+    for pid in pids:
+        try:
+            if name_part is not None and name_part not in Path(f"/proc/{pid}/comm").read_text():
+                continue
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def with_browser(viewer, seconds: float) -> dict | None:
     if not Path("/usr/bin/chromium").exists() or not Path("/usr/bin/chromedriver").exists():
         print("no /usr/bin/chromium: skipping the measurement with a client")
@@ -93,13 +112,16 @@ def with_browser(viewer, seconds: float) -> dict | None:
         session.loop_box.value = True
         session.toggle_play()
         time.sleep(1.0)
-        n0, t0 = session.frames_sent, time.monotonic()
+        n0, t0, b0, s0 = session.frames_sent, time.monotonic(), cpu_seconds("chrom"), cpu_seconds(None)
         time.sleep(seconds)
-        n1, t1 = session.frames_sent, time.monotonic()
+        n1, t1, b1, s1 = session.frames_sent, time.monotonic(), cpu_seconds("chrom"), cpu_seconds(None)
         session.toggle_play()
         shape = session.last_image.shape
         fps = (n1 - n0) / (t1 - t0)
-        return {"fps": fps, "shape": shape, "shown": fps / 25.0, "render_ms": 1000 * session._render_s}
+        frames = max(1, n1 - n0)
+        return {"fps": fps, "shape": shape, "shown": fps / 25.0, "render_ms": 1000 * session._render_s,
+                "browser_cores": (b1 - b0) / (t1 - t0), "server_cores": (s1 - s0) / (t1 - t0),
+                "browser_ms": 1000 * (b1 - b0) / frames, "server_ms": 1000 * (s1 - s0) / frames}
     finally:
         driver.quit()
 
@@ -134,6 +156,9 @@ def main() -> None:
         if client:
             print(f"with headless Chromium: {client['fps']:.2f} frames/s rendered, encoded and sent during playback at "
                   f"{client['shape'][1]}x{client['shape'][0]} ({100 * client['shown']:.0f}% of the 25 fps timeline shown)")
+            print(f"CPU during playback: Chromium {client['browser_cores']:.2f} cores ({client['browser_ms']:.0f} ms a "
+                  f"frame), the server {client['server_cores']:.2f} cores ({client['server_ms']:.0f} ms a frame); "
+                  f"two cores allow at most {2000 / (client['browser_ms'] + client['server_ms']):.1f} frames/s at these costs")
     finally:
         viewer.stop()
     if args.write:

@@ -61,10 +61,11 @@ class SessionInfo:
 class LiveServer:
     """Serves ``live`` over WebSocket; :meth:`start` returns once it listens."""
 
-    def __init__(self, live: LiveAvatar, options: ServerOptions | None = None, log=print):
+    def __init__(self, live: LiveAvatar, options: ServerOptions | None = None, log=print, on_frame=None):
         self.live = live
         self.options = options or ServerOptions()
         self.log = log
+        self.on_frame = on_frame  # called with (SessionInfo, LiveFrame) for each frame drawn (a recorder, a monitor)
         self.sessions: dict[int, SessionInfo] = {}
         self.ended: collections.deque[SessionInfo] = collections.deque(maxlen=16)  # the latest streams that ended
         self.port = self.options.port
@@ -251,9 +252,15 @@ class LiveServer:
                 await asyncio.sleep(delay)
             draw = time.monotonic() - (t0 + k / FPS) < 1.0 / FPS  # over a frame late: send its audio, skip the picture
             frame = await loop.run_in_executor(self._pool, stream.next_frame, draw)
+            if self.on_frame is not None:
+                self.on_frame(info, frame)
             jpeg = None if frame.image is None else await loop.run_in_executor(self._pool, encode_jpeg, frame.image, quality)
-            await asyncio.wait_for(ws.send(protocol.encode_frame(frame.index, frame.span, frame.audio, jpeg, frame.filled)),
-                                   self.options.send_timeout_s)
+            try:
+                await asyncio.wait_for(ws.send(protocol.encode_frame(frame.index, frame.span, frame.audio, jpeg, frame.filled)),
+                                       self.options.send_timeout_s)
+            except TimeoutError:  # a client that takes no frames holds a stream for nothing
+                await ws.close(1008, f"no frame taken for {self.options.send_timeout_s:g} s")
+                return
             info.frames_sent += 1
             info.frames_skipped += frame.image is None
 
