@@ -9,7 +9,9 @@ Two measurements at SIZE x SIZE:
   orbiting slowly, one torch thread; no client connected (encoded and queued, not sent).
 * with a client: the viewer served to headless Chromium (a square canvas, so frames are SIZE x
   SIZE), Play pressed, frames actually rendered, encoded and sent per second during playback
-  (frames the clock skipped are dropped, as in use). Chromium draws the page with software
+  (frames the clock skipped are dropped, as in use), and the CPU that Chromium and the server
+  took per frame; ``--compare-background`` repeats it with frames sent as viser's background
+  image (which keeps the page's WebGL scene re-rendering). Chromium draws the page with software
   WebGL on the same CPU, so on a small machine this figure is lower than a real user would get
   with the browser on a GPU. Skipped without /usr/bin/chromium or selenium.
 
@@ -134,6 +136,8 @@ def main() -> None:
     ap.add_argument("--no-browser", action="store_true", help="skip the measurement with headless Chromium")
     ap.add_argument("--raster-threads", type=int, default=0,
                     help="threads of our CPU rasterizer (0: every core, the viewer's default)")
+    ap.add_argument("--compare-background", action="store_true",
+                    help="also measure the page with frames sent as viser's background image (the old transport)")
     ap.add_argument("--write", action="store_true", help="append a row to BENCHMARKS.md")
     args = ap.parse_args()
     like_the_cli()
@@ -153,6 +157,17 @@ def main() -> None:
         print(f"render + encode: {local['fps']:.2f} frames/s ({local['ms']:.0f} ms a frame, JPEG {local['encode_ms']:.1f} ms) "
               f"at {local['shape'][1]}x{local['shape'][0]}, {local['frames']} frames")
         client = None if args.no_browser else with_browser(viewer, args.seconds)
+        if client and args.compare_background:  # the same page with frames as viser's background image
+            import dataclasses
+
+            overlay_options = viewer.options
+            viewer.options = dataclasses.replace(overlay_options, frame_overlay=False)
+            old = with_browser(viewer, args.seconds)
+            viewer.options = overlay_options
+            print(f"frames as viser's background image instead: {old['fps']:.2f} frames/s; Chromium "
+                  f"{old['browser_cores']:.2f} cores ({old['browser_ms']:.0f} ms a frame), the server "
+                  f"{old['server_cores']:.2f} cores ({old['server_ms']:.0f} ms a frame); overlay / background "
+                  f"{client['fps'] / old['fps']:.2f}x")
         if client:
             print(f"with headless Chromium: {client['fps']:.2f} frames/s rendered, encoded and sent during playback at "
                   f"{client['shape'][1]}x{client['shape'][0]} ({100 * client['shown']:.0f}% of the 25 fps timeline shown)")

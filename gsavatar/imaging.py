@@ -61,3 +61,13 @@ def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """``[H, W, 3]`` float in [0, 1] -> uint8 (rounded)."""
     return (image.detach().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    """uint8 RGB ``[H, W, 3]`` -> JPEG bytes (OpenCV, which the preprocess extra brings)."""
+    import cv2
+
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return data.tobytes()

@@ -24,11 +24,13 @@ from gsavatar.drive import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from gsavatar.errors import InputError
 from gsavatar.viewer.core import (
     AUDIO_ELEMENT_ID,
+    FRAME_OVERLAY_ID,
     PlayClock,
     UploadGate,
     audio_html,
     camera_from_pose,
     frame_at,
+    frame_overlay_html,
     initial_camera,
     tracked_fov,
     upload_label,
@@ -153,6 +155,16 @@ def test_audio_html_plays_from_the_frame_sample_exactly():
     expected = np.round(np.clip(samples[30 * SAMPLES_PER_FRAME:], -1, 1) * 32767) / 32767
     assert decoded.shape == expected.shape and np.allclose(decoded, expected, atol=1e-6)
     assert "muted" in audio_html(samples, 0, playing=True, muted=True)
+
+
+def test_frame_overlay_html_carries_the_jpeg_and_draws_it_in_the_overlay():
+    jpeg = bytes(range(256)) * 3
+    html = frame_overlay_html(jpeg)
+    assert f"data:image/jpeg;base64,{base64.b64encode(jpeg).decode()}" in html and 'style="display:none"' in html
+    assert f"getElementById('{FRAME_OVERLAY_ID}')" in html and "drawImage(this,0,0)" in html
+    assert "pointer-events:none" in html and '"' not in html.split('onload="', 1)[1][:-2]  # one attribute, unbroken
+    hide = frame_overlay_html(None)
+    assert "display='none'" in hide and "drawImage" not in hide
 
 
 def test_upload_validation(tmp_path):
@@ -529,6 +541,13 @@ def _canvas_shot(driver) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(canvas.screenshot_as_png)).convert("RGB")).astype(np.float32)
 
 
+def _png(data_url: str | None) -> np.ndarray:
+    from PIL import Image
+
+    assert data_url and data_url.startswith("data:image/png;base64,"), "no frame overlay in the page"
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB")).astype(np.float32)
+
+
 def _resized(image: np.ndarray, shape) -> np.ndarray:
     from PIL import Image
 
@@ -599,6 +618,19 @@ def test_viewer_in_headless_chromium(browser_available, trained, tmp_path):
         mad, corr = _matches(shot1, s1.last_image)
         assert corr > 0.9 and mad < 20, f"screenshot does not show the avatar (difference {mad:.1f}, correlation {corr:.3f})"
         assert _region(shot1).std() > 10, "the canvas region is flat"
+        # Drawn in the frame overlay (a 2-D canvas over viser's WebGL one), exactly the render but for JPEG.
+        overlay_js = (f"var o = document.getElementById('{FRAME_OVERLAY_ID}'); "
+                      "return o && o.style.display !== 'none' ? o.toDataURL('image/png') : null")
+        overlay = _png(driver.execute_script(overlay_js))
+        assert overlay.shape == s1.last_image.shape and np.abs(overlay - s1.last_image).mean() < 3
+        # The Gaussian centres are scene points: that view goes back to viser's background image.
+        sent = s1.frames_sent
+        s1.centres_box.value = True
+        _wait(lambda: s1.frames_sent > sent and driver.execute_script(overlay_js) is None, timeout=30,
+              what="the overlay to give way to the centres view")
+        sent = s1.frames_sent
+        s1.centres_box.value = False
+        _wait(lambda: s1.frames_sent > sent and driver.execute_script(overlay_js), timeout=30, what="the overlay back")
 
         # The audio element is in the page; Play starts it and the picture runs with the server clock.
         assert driver.execute_script(f"return document.getElementById('{AUDIO_ELEMENT_ID}') !== null")

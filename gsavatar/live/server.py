@@ -18,10 +18,9 @@ import json
 import threading
 import time
 
-import numpy as np
-
 from gsavatar.data.timebase import FPS, SAMPLE_RATE
 from gsavatar.errors import InputError
+from gsavatar.imaging import encode_jpeg
 from gsavatar.live import protocol
 from gsavatar.live.stream import BacklogError, LiveAvatar, LiveStream
 
@@ -263,15 +262,6 @@ class LiveServer:
                 return
             info.frames_sent += 1
             info.frames_skipped += frame.image is None
-
-
-def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
-    import cv2
-
-    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise RuntimeError("JPEG encoding failed")
-    return data.tobytes()
 
 
 def serve(run, *, host: str = "127.0.0.1", port: int = 8765, size: int | None = None, device: str = "auto",

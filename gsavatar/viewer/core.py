@@ -235,6 +235,36 @@ def audio_html(samples: np.ndarray | None, start_frame: int = 0, playing: bool =
     return f'<audio {attrs} data-state="playing" autoplay src="data:audio/wav;base64,{data}"></audio>'
 
 
+FRAME_OVERLAY_ID = "gsavatar-frame"
+"""The page's 2-D canvas that shows frames over viser's 3D view."""
+# The inline handler of each frame's <img>: create the overlay canvas once, as a sibling of
+# viser's WebGL canvas (stacked above it, below the control panel, deaf to the mouse so the camera
+# still works), then draw the decoded frame into it.
+_OVERLAY_DRAW = (
+    "var o=document.getElementById('" + FRAME_OVERLAY_ID + "'),c=document.querySelector('canvas');"
+    "if(!o&&c){o=document.createElement('canvas');o.id='" + FRAME_OVERLAY_ID + "';"
+    "o.style.cssText='position:absolute;left:0;top:0;width:100%;height:100%;pointer-events:none;z-index:2';"
+    "c.parentElement.appendChild(o);}"
+    "if(o){o.style.display='block';if(o.width!==this.naturalWidth||o.height!==this.naturalHeight)"
+    "{o.width=this.naturalWidth;o.height=this.naturalHeight;}o.getContext('2d').drawImage(this,0,0);}"
+)
+_OVERLAY_HIDE = "var o=document.getElementById('" + FRAME_OVERLAY_ID + "');if(o)o.style.display='none';"
+_BLANK_GIF = "data:image/gif;base64,R0lGODlhAQABAAAAACH5BAEKAAEALAAAAAABAAEAAAICTAEAOw=="
+
+
+def frame_overlay_html(jpeg: bytes | None) -> str:
+    """HTML for the page's frame element: a hidden ``<img>`` of the JPEG whose onload draws it in the
+    overlay canvas; ``None``: hide the overlay (the view shows viser's scene again).
+
+    Why not viser's background image: each one makes viser's page re-render its WebGL scene for
+    the next 250 ms, so at 20-25 frames a second the scene renders all the time; in a browser
+    without a GPU that took 70 ms of CPU per frame against 18 ms for this (BENCHMARKS.md, Viewer)."""
+    if jpeg is None:
+        return f'<img src="{_BLANK_GIF}" style="display:none" onload="{_OVERLAY_HIDE}">'
+    data = base64.b64encode(jpeg).decode("ascii")
+    return f'<img src="data:image/jpeg;base64,{data}" style="display:none" onload="{_OVERLAY_DRAW}">'
+
+
 def upload_label(name: str | None, limit: int = 80) -> str:
     """The file name a browser sent, fit for a one-line message: base name (after the last ``/`` or
     ``\\``), no control characters, short."""

@@ -53,6 +53,7 @@ import torch
 
 from gsavatar.drive import FPS, SAMPLE_RATE, SpeechFeaturizer, head_centre, load_speech, silence_note
 from gsavatar.errors import InputError, MissingDependencyError
+from gsavatar.imaging import encode_jpeg
 from gsavatar.viewer import _viser_compat
 from gsavatar.viewer.core import (
     LAYERS,
@@ -65,6 +66,7 @@ from gsavatar.viewer.core import (
     audio_html,
     camera_from_pose,
     default_audio,
+    frame_overlay_html,
     initial_camera,
     make_drive,
     public_text,
@@ -93,6 +95,10 @@ class ViewerOptions:
     max_upload_seconds: float = MAX_UPLOAD_SECONDS
     """Longest uploaded speech accepted (checked by decoding it)."""
     jpeg_quality: int = 90
+    frame_overlay: bool = True
+    """Show frames in a 2-D canvas over the 3D view (cheap for the browser); False: as viser's
+    background image (its WebGL scene then re-renders continuously). The Gaussian-centres view
+    always uses the background image, so the points are drawn over the frame."""
     render_slots: int = 1
     """How many frames may render at once (all tabs together); the CPU rasterizer spreads each
     frame's tiles over every core, so one at a time keeps the cores busy."""
@@ -165,6 +171,8 @@ class Session:
                      f"and {v.options.max_upload_seconds:g} s")
         with gui.add_folder("View"):
             self.reset_button = gui.add_button("Reset to tracked camera")
+        self.frame_html = gui.add_html(frame_overlay_html(None))  # an invisible <img>: see frame_overlay_html
+        self._overlay_shown = False
 
         self.play_button.on_click(lambda event: self.toggle_play())
         self.frame_slider.on_update(self._on_scrub)
@@ -355,7 +363,17 @@ class Session:
     def _draw(self, drive, frame, camera, fov, aspect, layers, centres) -> None:
         t0 = time.perf_counter()
         image = self.viewer.renderer.render(drive, frame, camera, fov, aspect, layers)
-        self.client.scene.set_background_image(image, format="jpeg", jpeg_quality=self.viewer.options.jpeg_quality)
+        quality = self.viewer.options.jpeg_quality
+        if self.viewer.options.frame_overlay and not centres:
+            self.frame_html.content = frame_overlay_html(encode_jpeg(image, quality))
+            if not self._overlay_shown:
+                self.client.scene.set_background_image(None)
+                self._overlay_shown = True
+        else:
+            self.client.scene.set_background_image(image, format="jpeg", jpeg_quality=quality)
+            if self._overlay_shown:
+                self.frame_html.content = frame_overlay_html(None)
+                self._overlay_shown = False
         if centres:
             pts, cols = self.viewer.renderer.centres(drive, frame)
             self.client.scene.add_point_cloud("/gaussian_centres", pts, cols, point_size=0.001, point_shape="circle",
