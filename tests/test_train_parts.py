@@ -287,3 +287,18 @@ def test_training_without_a_working_extractor_warns_and_trains_without_silent_st
     t.run()
     log = (tmp_path / "run" / "train.log").read_text()
     assert "warning: no silent landmark steps (the whisper extractor needs faster-whisper" in log
+
+
+def test_short_video_warning():
+    from gsavatar.train.trainer import MIN_LIPSYNC_SECONDS, short_video_note
+
+    assert short_video_note(int(MIN_LIPSYNC_SECONDS * 25)) is None
+    note = short_video_note(8 * 25)
+    assert note.startswith("warning: 8 s of training video is short for lip-sync") and "a minute or more" in note
+
+
+def test_training_a_short_subject_says_so_in_its_log(trained):
+    """The demo subject is 6 s long: its run's log carries the warning."""
+    _, run, _ = trained
+    log = (run / "train.log").read_text()
+    assert "s of training video is short for lip-sync on new speech" in log

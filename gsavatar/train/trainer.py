@@ -33,7 +33,7 @@ import torch
 from gsavatar.config import StageConfig, TrainConfig
 from gsavatar.data.frames import SubjectFrame, SubjectFrames
 from gsavatar.data.io import atomic_write_json
-from gsavatar.data.timebase import SAMPLE_RATE
+from gsavatar.data.timebase import FPS, SAMPLE_RATE
 from gsavatar.errors import InputError, StoppedBySignal
 from gsavatar.imaging import psnr
 from gsavatar.model.avatar import BRANCHES, LAYERS, Avatar, AvatarRender, FrameInputs
@@ -209,6 +209,23 @@ def silence_example(data: SubjectFrames) -> SilenceExample:
     return SilenceExample(features, data.offsets_of(data.rest_expression()))
 
 
+MIN_LIPSYNC_SECONDS = 20.0
+"""Training video below which lip-sync on new speech is unreliable. Measured on cnn2 cut to its
+first 10, 20, 40 and 71 s (BENCHMARKS.md, Lip-sync without rendering, two seeds each): the
+worst of four new voices followed the avatar's mouth with r -0.10, 0.10, 0.16 and 0.27, the best
+at about 0.5 throughout; the held-out r of the subject's own speech does not show it."""
+
+
+def short_video_note(train_frames: int) -> str | None:
+    """One line for a subject too short for reliable lip-sync on new speech, or None."""
+    seconds = train_frames / FPS
+    if seconds >= MIN_LIPSYNC_SECONDS:
+        return None
+    return (f"warning: {seconds:.0f} s of training video is short for lip-sync on new speech: a minute or more "
+            f"is best (on cnn2 cut to 10 s, one of four new voices got no sync, r -0.10; the whole 71 s video "
+            f"gave r 0.27 or more on all four)")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, subject_dir: str | Path, run_dir: str | Path, show_progress: bool = True):
         self.cfg = cfg
@@ -306,6 +323,9 @@ class Trainer:
                      len(self.data.test_indices), self.data.size)
         if self.silence_off:
             log.warning("warning: no silent landmark steps (%s): the mouth may stay ajar in pauses", self.silence_off)
+        note = short_video_note(len(self.data.train_indices))
+        if note:
+            log.warning("%s", note)
         start = time.perf_counter() - self.progress.elapsed_s
         while self.progress.stage_index < len(self.cfg.stages):
             stage = self.cfg.stages[self.progress.stage_index]
