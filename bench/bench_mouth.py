@@ -53,13 +53,16 @@ def _design(cfg, name: str):
         "future4": {"audio_window_radius": 5, "audio_window_future": 3, "audio_smoothing_future": 1},
     }
     loss = {"nosilence": {"silence_every": 0}, "silence4": {"silence_every": 4}}
+    augment = {"augment": {"variants": 4}}  # four noisy, louder/quieter copies, heard half the time
     for part in name.split("+"):  # designs combine: logmel+nosilence
         if part in avatar:
             cfg = dataclasses.replace(cfg, avatar=dataclasses.replace(cfg.avatar, **avatar[part]))
         elif part in loss:
             cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, **loss[part]))
+        elif part in augment:
+            cfg = dataclasses.replace(cfg, audio_augment=dataclasses.replace(cfg.audio_augment, **augment[part]))
         else:
-            raise SystemExit(f"unknown design {part!r} (choose from {', '.join([*avatar, *loss])}, joined by +)")
+            raise SystemExit(f"unknown design {part!r} (choose from {', '.join([*avatar, *loss, *augment])}, joined by +)")
     return cfg
 
 

@@ -366,6 +366,21 @@ class OptimConfig:
 
 
 @dataclasses.dataclass
+class AudioAugmentConfig:
+    """Copies of the subject's own audio, made louder or quieter and noisier, that training steps
+    hear instead of the clean track (so the audio -> motion net sees more than one recording)."""
+
+    variants: int = 0
+    """How many copies to make when training starts (0: none, every step hears the clean track)."""
+    probability: float = 0.5
+    """Chance that a step hears one of the copies (picked at random) instead of the clean track."""
+    gain_db: float = 6.0
+    """Each copy's level: the track's, times a gain drawn uniformly within +-this (dB)."""
+    noise_snr_db: float = 20.0
+    """Each copy's white noise: a signal-to-noise ratio drawn from this to 20 dB more (dB)."""
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """Everything ``gsavatar train`` does. Presets (configs/*.toml) override fields of this."""
 
@@ -377,6 +392,8 @@ class TrainConfig:
     """Stages, in order; resuming restarts inside the stage that was running."""
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     """Loss weights."""
+    audio_augment: AudioAugmentConfig = dataclasses.field(default_factory=AudioAugmentConfig)
+    """Augmented copies of the training audio (off by default)."""
     densify: DensifyConfig = dataclasses.field(default_factory=DensifyConfig)
     """Densification and pruning."""
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -408,6 +425,9 @@ class TrainConfig:
             (self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be at least 1"),
             (self.densify.every >= 1, f"densify.every must be at least 1 (got {self.densify.every})"),
             (self.loss.silence_every >= 0, f"loss.silence_every must be 0 (never) or more (got {self.loss.silence_every})"),
+            (_is_int(self.audio_augment.variants) and 0 <= self.audio_augment.variants <= 16
+             and 0 <= self.audio_augment.probability <= 1 and self.audio_augment.gain_db >= 0,
+             "audio_augment: need 0 <= variants <= 16, 0 <= probability <= 1 and gain_db >= 0"),
             (0 < self.optim.final_lr_fraction <= 1, "optim.final_lr_fraction must be in (0, 1]"),
             (bool(self.stages), "at least one stage is needed"),
             (self.backend in BACKEND_NAMES, f"backend must be one of {', '.join(BACKEND_NAMES)} (got {self.backend!r})"),

@@ -302,3 +302,32 @@ def test_training_a_short_subject_says_so_in_its_log(trained):
     _, run, _ = trained
     log = (run / "train.log").read_text()
     assert "s of training video is short for lip-sync on new speech" in log
+
+
+def test_audio_augment_copies_are_the_subject_audio_louder_quieter_and_noisier(demo_subject):
+    import dataclasses
+
+    import numpy as np
+
+    from gsavatar.config import AudioAugmentConfig, TrainConfig, config_from_dict
+    from gsavatar.data.frames import SubjectFrames
+    from gsavatar.train.trainer import augmented_audio
+
+    data = SubjectFrames(demo_subject[0], 128, "auto", "cpu")
+    assert augmented_audio(data, AudioAugmentConfig(), np.random.default_rng(0)) == []
+    cfg = AudioAugmentConfig(variants=2, gain_db=6.0, noise_snr_db=20.0)
+    copies = augmented_audio(data, cfg, np.random.default_rng(0))
+    assert len(copies) == 2 and all(c.shape == data.audio.shape for c in copies)
+    # Log-mel: a gain g shifts every bin by 2 log10(g), within +-0.6 for +-6 dB, where the speech is loud
+    # (noise 20 dB or more under the track's mean power barely moves those bins; it fills the silent ones).
+    loud = data.audio > torch.quantile(data.audio.flatten(), 0.9)
+    shifts = [float((c - data.audio)[loud].median()) for c in copies]
+    assert all(-0.65 < d < 0.65 for d in shifts) and not torch.equal(copies[0], copies[1])
+    quiet = data.audio <= -9.99  # digital silence in the clean track: the copies' noise is heard there
+    assert all(bool((c[quiet] > -9.99).all()) for c in copies)
+    assert all(not torch.equal(c, data.audio) for c in copies)
+    again = augmented_audio(data, cfg, np.random.default_rng(0))
+    assert all(torch.equal(a, b) for a, b in zip(copies, again))  # a resumed run rebuilds the same copies
+    with pytest.raises(InputError, match="audio_augment"):
+        config_from_dict(TrainConfig, {"audio_augment": {"variants": 99}}).validate()
+    assert dataclasses.asdict(TrainConfig())["audio_augment"]["variants"] == 0

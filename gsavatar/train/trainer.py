@@ -209,6 +209,26 @@ def silence_example(data: SubjectFrames) -> SilenceExample:
     return SilenceExample(features, data.offsets_of(data.rest_expression()))
 
 
+def augmented_audio(data: SubjectFrames, cfg, rng: np.random.Generator) -> list[torch.Tensor]:
+    """``cfg.variants`` feature arrays ``[N, S, D]`` of the subject's audio with a random gain and
+    white noise each (``AudioAugmentConfig``), through the subject's own extractor."""
+    from gsavatar.drive import SpeechFeaturizer
+
+    if cfg.variants <= 0:
+        return []
+    samples = np.asarray(data.dataset.audio, np.float32)
+    power = float(np.mean(samples**2)) or 1e-8
+    featurizer = SpeechFeaturizer(audio_spec(data))
+    out = []
+    for _ in range(cfg.variants):
+        gain = 10 ** (rng.uniform(-cfg.gain_db, cfg.gain_db) / 20)
+        snr = rng.uniform(cfg.noise_snr_db, cfg.noise_snr_db + 20)
+        noise = rng.standard_normal(samples.size).astype(np.float32) * np.sqrt(power / 10 ** (snr / 10))
+        x = np.clip(gain * (samples + noise), -1, 1)
+        out.append(featurizer(x, len(data.audio)).to(data.audio.device))
+    return out
+
+
 MIN_LIPSYNC_SECONDS = 20.0
 """Training video below which lip-sync on new speech is unreliable. Measured on cnn2 cut to its
 first 10, 20, 40 and 71 s (BENCHMARKS.md, Lip-sync without rendering, two seeds each): the
@@ -246,6 +266,8 @@ class Trainer:
         if len(self.data.train_indices) == 0:
             raise InputError(f"{subject_dir} has no training frames")
         self.lpips = losses.lpips_if_available(self.device) if cfg.loss.lpips > 0 else None
+        # Made from their own generator (not the run's), so a resumed run has the same copies.
+        self.audio_variants = augmented_audio(self.data, cfg.audio_augment, np.random.default_rng(cfg.seed + 1))
         self.silence, self.silence_off = None, None
         if cfg.loss.silence_every > 0:
             try:
@@ -411,7 +433,11 @@ class Trainer:
         data, avatar = self.data, self.avatar
         static = it < stage.static_iterations
         frame = data.frame(index) if setup.layers else None
-        inputs = data.inputs(index, avatar, back=frame.back if frame is not None and setup.back == "data" else None)
+        audio = None
+        if self.audio_variants and self.rng.random() < self.cfg.audio_augment.probability:
+            audio = self.audio_variants[int(self.rng.integers(len(self.audio_variants)))]
+        inputs = data.inputs(index, avatar, back=frame.back if frame is not None and setup.back == "data" else None,
+                             audio=audio)
         out = None
         if setup.layers:
             out = avatar(inputs, layers=setup.layers, deform={b: not static for b in setup.deformers},
