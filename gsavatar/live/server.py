@@ -125,6 +125,7 @@ class LiveServer:
         await asyncio.wait_for(ws.send(json.dumps(msg)), self.options.send_timeout_s)
 
     async def _fatal(self, ws, message: str, code: int = 1008) -> None:
+        self.log(f"live: closed {_peer(ws)}: {message}")
         try:
             await self._send_json(ws, type="error", message=message, fatal=True)
             await ws.close(code, message[:120])
@@ -132,7 +133,7 @@ class LiveServer:
             pass
 
     async def _handle(self, ws) -> None:
-        peer = f"{ws.remote_address[0]}:{ws.remote_address[1]}" if ws.remote_address else "?"
+        peer = _peer(ws)
         if len(self.sessions) >= self.options.max_clients:
             await self._fatal(ws, f"server busy: {self.options.max_clients} streams already", code=1013)
             return
@@ -146,6 +147,7 @@ class LiveServer:
                 return
             start = protocol.parse_start(control)
             stream = self.live.open(start.sample_rate)
+            self.log(f"live: stream from {peer} ({start.sample_rate} Hz {start.format})")
         except TimeoutError:
             await self._fatal(ws, f"no start message within {self.options.start_timeout_s:g} s")
             return
@@ -178,6 +180,8 @@ class LiveServer:
                     pass
             self.sessions.pop(key, None)
             self.ended.append(info)
+            self.log(f"live: stream from {peer} ended ({info.frames_sent} frames, {info.frames_skipped} without a picture, "
+                     f"{len(info.errors)} errors)")
 
     async def _handle_webrtc(self, ws, peer: str, offer: dict) -> None:
         """A call (gsavatar.live.webrtc): media over the peer connection, this socket for control."""
@@ -213,6 +217,7 @@ class LiveServer:
             await call.close()
             self.sessions.pop(key, None)
             self.ended.append(info)
+            self.log(f"live: call from {peer} ended ({call.frames_sent} frames)")
 
     async def _receive(self, ws, info: SessionInfo, fmt: str, pacer: asyncio.Task) -> None:
         async for message in ws:
@@ -295,3 +300,8 @@ def serve(run, *, host: str = "127.0.0.1", port: int = 8765, size: int | None = 
             page.stop()
         server.stop()
         print("live server stopped")
+
+
+def _peer(ws) -> str:
+    address = getattr(ws, "remote_address", None)
+    return f"{address[0]}:{address[1]}" if address else "?"
