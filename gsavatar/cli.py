@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 import tyro
 
 from gsavatar.config import PreprocessConfig, check_frame_size, check_number
-from gsavatar.errors import GsavatarError, InputError, Terminated
+from gsavatar.errors import BatchFailed, GsavatarError, InputError, Terminated
 
 
 @dataclasses.dataclass
@@ -130,7 +130,7 @@ class Train:
     def config(self):
         """The resolved TrainConfig (preset, then the flags), with a line saying what ``auto`` picked
         or warning that a GPU preset is about to train on a CPU (None when there is nothing to say)."""
-        from gsavatar.config import AUTO_PRESET, auto_preset, load_preset
+        from gsavatar.config import AUTO_PRESET, auto_preset, load_preset, scale_iterations
         from gsavatar.runtime import resolve_device
 
         note = None
@@ -145,13 +145,7 @@ class Train:
                                   device=self.device or cfg.device, render_size=self.render_size or cfg.render_size,
                                   backend=self.backend or cfg.backend)
         check_number("--iterations-scale", self.iterations_scale, 0.0, 100.0, low_open=True)
-        if self.iterations_scale != 1.0:
-            k = self.iterations_scale
-            cfg.stages = [dataclasses.replace(s, iterations=max(1, round(s.iterations * k)),
-                                              static_iterations=round(s.static_iterations * k)) for s in cfg.stages]
-            d = cfg.densify  # the densification schedule is in stage iterations too
-            cfg.densify = dataclasses.replace(d, start=round(d.start * k), every=max(1, round(d.every * k)),
-                                              reset_opacity_every=round(d.reset_opacity_every * k))
+        cfg = scale_iterations(cfg, self.iterations_scale)
         cfg.validate()  # a bad setting fails now, not after preprocessing a video
         if preset == AUTO_PRESET["cuda"] and resolve_device(cfg.device).type == "cpu":
             note = (f"note: preset {preset} is meant for a GPU and would train for more than a day on this CPU; "
@@ -414,6 +408,37 @@ class Live:
               page_port=self.page_port if self.page else None)
 
 
+@dataclasses.dataclass
+class Batch:
+    """Train several avatars and render many videos from one job file (TOML), one job after another.
+
+    The file lists [[subject]] entries (a video or subject dataset, a preset) and [[render]] entries
+    (a subject of the file or a trained run, speech files, camera, size, background); the format is
+    in gsavatar/batch/jobs.py. Each job gets a folder under the file's ``output``, and
+    ``batch_report.json`` there says per job: done, skipped (up to date) or failed with a one-line
+    reason, its wall time and figures. Running the same file again skips what is done and resumes
+    an interrupted training from its checkpoint. A failed job does not stop the others; the exit
+    status is 1 when any failed.
+    """
+
+    jobs: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="JOBS.toml")]
+    """The job file."""
+
+    def __call__(self) -> None:
+        from gsavatar.batch import load_jobs, run_batch
+        from gsavatar.batch.runner import REPORT
+
+        jobs = load_jobs(self.jobs)
+        results = run_batch(jobs, jobs_file=self.jobs)
+        failed = [r for r in results if r.state == "failed"]
+        done = sum(r.state == "done" for r in results)
+        skipped = sum(r.state == "skipped" for r in results)
+        print(f"batch: {done} done, {skipped} skipped, {len(failed)} failed; report: {jobs.output / REPORT}")
+        if failed:
+            raise BatchFailed(f"{len(failed)} of {len(results)} jobs failed: "
+                              + "; ".join(f"{r.name}: {r.reason}" for r in failed[:3]) + ("; ..." if len(failed) > 3 else ""))
+
+
 COMMANDS = {
     "preprocess": Preprocess,
     "track": Track,
@@ -423,6 +448,7 @@ COMMANDS = {
     "eval": Eval,
     "view": View,
     "live": Live,
+    "batch": Batch,
     "demo": Demo,
 }
 

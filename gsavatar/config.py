@@ -558,6 +558,18 @@ def config_from_dict(cls, data: dict, base=None):
     return dataclasses.replace(obj, **changes)
 
 
+def scale_iterations(cfg: "TrainConfig", k: float) -> "TrainConfig":
+    """``cfg`` with every stage's iterations (and the densification schedule, counted in them) times ``k``."""
+    if k == 1.0:
+        return cfg
+    stages = [dataclasses.replace(s, iterations=max(1, round(s.iterations * k)), static_iterations=round(s.static_iterations * k))
+              for s in cfg.stages]
+    d = cfg.densify
+    densify = dataclasses.replace(d, start=round(d.start * k), every=max(1, round(d.every * k)),
+                                  reset_opacity_every=round(d.reset_opacity_every * k))
+    return dataclasses.replace(cfg, stages=stages, densify=densify)
+
+
 def presets_dir():
     """The training presets: the repository's configs/, installed as the package ``gsavatar.presets``
     (an importlib.resources Traversable; a pathlib.Path for an installed package)."""

@@ -26,6 +26,12 @@ class IncompleteDatasetError(GsavatarError):
     """A subject dataset exists but one or more preprocessing stages did not finish."""
 
 
+class BatchFailed(GsavatarError):
+    """Some jobs of a batch failed (each one's reason is in its report); the others ran."""
+
+    exit_code = 1
+
+
 class StoppedBySignal(GsavatarError):
     """A long job stopped on SIGINT / SIGTERM after saving its state (the same command resumes it)."""
 
