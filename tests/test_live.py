@@ -229,7 +229,8 @@ def server(tiny_run):
     from gsavatar.live.server import LiveServer, ServerOptions
 
     live = LiveAvatar(tiny_run, LiveConfig(max_backlog_seconds=3.0))
-    with LiveServer(live, ServerOptions(port=0, max_clients=3, max_message_bytes=64 * 1024, start_timeout_s=1.0)) as srv:
+    options = ServerOptions(port=0, max_clients=3, max_message_bytes=64 * 1024, start_timeout_s=1.0)
+    with LiveServer(live, options, log=lambda line: None) as srv:
         yield srv
 
 
