@@ -29,6 +29,7 @@ def write_jobs(tmp_path, body: str):
     ('output = "out"\n[[render]]\nname = "r"\nspeech = ["s.wav"]\n', "either subject"),
     ('output = "out"\n[[render]]\nname = "r"\nrun = "x"\nspeech = []\n', "speech must be"),
     ("output = [\n", "not valid TOML"),
+    ('output = "out"\n[[subject]]\nname = "a"\nvideo = "v.mp4"\niterations_scale = 0\n', "iterations_scale must be"),
 ])
 def test_bad_job_files_are_one_line_errors(tmp_path, body, error):
     from gsavatar.batch import load_jobs
@@ -99,3 +100,9 @@ speech = ["hello.wav"]
     states = {j["name"]: j["state"] for j in report["jobs"]}
     assert states == {"demo": "skipped", "demo_hello": "skipped", "missing": "failed", "missing_hello": "failed"}
     assert "demo (train): skipped, up to date" in again.stdout
+
+    # An edited subject entry trains again from scratch, and its render, now of another avatar, is made again.
+    jobs.write_text(jobs.read_text().replace("iterations_scale = 0.02", "iterations_scale = 0.03"))
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    states = {j["name"]: j["state"] for j in json.loads((tmp_path / "out" / "batch_report.json").read_text())["jobs"]}
+    assert third.returncode == 1 and states["demo"] == "done" and states["demo_hello"] == "done", third.stdout

@@ -184,6 +184,18 @@ def test_idle_stream_fills_silence_and_late_audio_goes_after_it(tiny_run):
     assert late.filled and [f.index for f in idle + more] == list(range(51))
 
 
+def test_queued_chunks_keep_their_places_and_arrival_times(tiny_run):
+    from gsavatar.live import LiveAvatar
+
+    stream = LiveAvatar(tiny_run).open()
+    for n, t in ((100, 1.0), (200, 2.0), (300, 3.0)):
+        stream.push(np.full(n, 0.1, np.float32), arrived=t)
+    stream.next_frame(draw=False)  # due before the reach arrived: silence first, then the three chunks
+    short = stream._needed(0) - 600
+    assert list(stream.arrivals) == [(short, 1.0), (short + 100, 2.0), (short + 300, 3.0)]
+    assert stream.samples == stream._needed(0) and stream.silence_written == short
+
+
 def test_stream_refuses_bad_audio_with_one_line(tiny_run):
     from gsavatar.errors import InputError
     from gsavatar.live import BacklogError, LiveAvatar, LiveConfig

@@ -119,6 +119,10 @@ def load_jobs(path: str | Path) -> BatchJobs:
         job = _entry(RenderJob, dict(raw, speech="-"), f"render {i + 1}", base, ("run", "background"))
         renders.append(dataclasses.replace(job, speech=tuple(_path(base, s, f"render {i + 1} ({job.name}) speech")
                                                                for s in speech)))
+    for j in subjects:
+        k = j.iterations_scale
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 100:
+            raise InputError(f"subject {j.name}: iterations_scale must be a number in (0, 100] (got {k!r})")
     names = [j.name for j in (*subjects, *renders)]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:

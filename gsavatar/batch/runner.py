@@ -38,10 +38,24 @@ class JobResult:
     figures: dict = dataclasses.field(default_factory=dict)
 
 
-def job_hash(job: SubjectJob | RenderJob) -> str:
-    """What defines a job's outputs: a change to its entry makes it run again."""
+def job_hash(job: SubjectJob | RenderJob, run_dir: Path | None = None) -> str:
+    """What defines a job's outputs: its entry and, for a render, the avatar file it draws (so a
+    render of a subject trained again is made again)."""
     text = json.dumps(dataclasses.asdict(job), sort_keys=True, default=str)
+    if run_dir is not None:
+        try:
+            st = (run_dir / "avatar.pt").stat()
+            text += f"|{st.st_size}|{st.st_mtime_ns}"
+        except OSError:
+            text += "|no avatar"
     return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _recorded_hash(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / JOB_FILE).read_text()).get("hash")
+    except (OSError, ValueError):
+        return None
 
 
 def check_writable(root: Path) -> None:
@@ -55,12 +69,8 @@ def check_writable(root: Path) -> None:
         raise InputError(f"cannot write the batch output {root} from {socket.gethostname()} ({e.strerror or e})") from None
 
 
-def _up_to_date(folder: Path, job, outputs: list[Path]) -> bool:
-    try:
-        recorded = json.loads((folder / JOB_FILE).read_text()).get("hash")
-    except (OSError, ValueError):
-        return False
-    return recorded == job_hash(job) and all(p.is_file() for p in outputs)
+def _up_to_date(folder: Path, key: str, outputs: list[Path]) -> bool:
+    return _recorded_hash(folder) == key and all(p.is_file() for p in outputs)
 
 
 def _train_config(job: SubjectJob):
@@ -75,11 +85,12 @@ def _train_config(job: SubjectJob):
 
 
 def run_train(job: SubjectJob, folder: Path) -> dict:
+    """Train (resuming an interrupted run of the same entry; starting over when the entry changed)."""
     from gsavatar.train.run import train_command
 
-    if not 0 < job.iterations_scale <= 100:
-        raise InputError(f"iterations_scale must be in (0, 100] (got {job.iterations_scale})")
-    summary = train_command(job.video, folder, _train_config(job))
+    recorded = _recorded_hash(folder)
+    changed = recorded is not None and recorded != job_hash(job)
+    summary = train_command(job.video, folder, _train_config(job), force=changed)
     return {"test_psnr": summary.get("test_psnr"), "test_psnr_face": summary.get("test_psnr_face"),
             "train_min": round(summary["wall_s"] / 60, 2)}
 
@@ -120,11 +131,11 @@ def run_batch(jobs: BatchJobs, log: Callable[[str], None] = print, jobs_file: Pa
         atomic_write_json(jobs.output / REPORT, {"jobs_file": str(jobs_file) if jobs_file else None, "started": started,
                                                   **counts, "jobs": [dataclasses.asdict(r) for r in results]})
 
-    def step(k: int, job, outputs: list[Path], work: Callable[[Path], dict]) -> None:
+    def step(k: int, job, outputs: list[Path], work: Callable[[Path], dict], run_dir: Path | None = None) -> None:
         result, folder = by_name[job.name], jobs.output / job.name
         prefix = f"batch [{k}/{len(results)}] {job.name} ({result.kind})"
         result.node = node
-        if _up_to_date(folder, job, outputs):
+        if _up_to_date(folder, job_hash(job, run_dir), outputs):
             result.state, result.reason = "skipped", "up to date"
             log(f"{prefix}: skipped, up to date")
             report()
@@ -137,7 +148,7 @@ def run_batch(jobs: BatchJobs, log: Callable[[str], None] = print, jobs_file: Pa
             folder.mkdir(parents=True, exist_ok=True)
             result.figures = work(folder)
             entry = json.loads(json.dumps(dataclasses.asdict(job), default=str))
-            atomic_write_json(folder / JOB_FILE, {"hash": job_hash(job), "job": entry})
+            atomic_write_json(folder / JOB_FILE, {"hash": job_hash(job, run_dir), "job": entry})
             result.state = "done"
         except KeyboardInterrupt:
             result.state, result.reason = "failed", "interrupted"
@@ -166,5 +177,5 @@ def run_batch(jobs: BatchJobs, log: Callable[[str], None] = print, jobs_file: Pa
             report()
             continue
         run_dir = job.run if job.run is not None else jobs.output / job.subject
-        step(k, job, speech_outputs(job, folder), lambda f, job=job, run_dir=run_dir: run_render(job, f, run_dir))
+        step(k, job, speech_outputs(job, folder), lambda f, job=job, run_dir=run_dir: run_render(job, f, run_dir), run_dir)
     return results

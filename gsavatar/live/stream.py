@@ -224,13 +224,18 @@ class LiveStream:
                 self.received_peak = max(self.received_peak, float(np.abs(x).max()))
 
     def _commit(self) -> None:
-        """Put the queued audio on the timeline."""
-        while self._pending:
-            x, arrived = self._pending.popleft()
-            self.arrivals.append((self.samples, arrived))
-            self._append(x)
-            self._received_end = self.samples
+        """Put the queued audio on the timeline, in one copy (a client ahead of real time may have
+        queued seconds of small chunks)."""
+        if not self._pending:
+            return
+        at = self.samples
+        for x, arrived in self._pending:
+            self.arrivals.append((at, arrived))
+            at += x.size
+        self._append(np.concatenate([x for x, _ in self._pending]))
+        self._pending.clear()
         self._pending_samples = 0
+        self._received_end = self.samples
 
     def _append(self, x: np.ndarray) -> None:
         self._timeline = np.concatenate([self._timeline, x])
