@@ -270,7 +270,7 @@ def test_silent_landmark_steps_teach_the_resting_mouth_for_silence(demo_subject,
 
 
 def test_training_without_a_working_extractor_warns_and_trains_without_silent_steps(demo_subject, tmp_path,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, capsys):
     import dataclasses
 
     from gsavatar.config import StageConfig
@@ -287,6 +287,9 @@ def test_training_without_a_working_extractor_warns_and_trains_without_silent_st
     t.run()
     log = (tmp_path / "run" / "train.log").read_text()
     assert "warning: no silent landmark steps (the whisper extractor needs faster-whisper" in log
+    # Said where the user looks too, with the short-video warning (the demo subject is 6 s long).
+    err = capsys.readouterr().err
+    assert "warning: no silent landmark steps" in err and "s of training video is short for lip-sync" in err
 
 
 def test_short_video_warning():

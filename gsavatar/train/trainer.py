@@ -344,10 +344,10 @@ class Trainer:
                      self.run_dir, self.device, self.data.audio_kind, len(self.data.train_indices),
                      len(self.data.test_indices), self.data.size)
         if self.silence_off:
-            log.warning("warning: no silent landmark steps (%s): the mouth may stay ajar in pauses", self.silence_off)
+            _warn(f"warning: no silent landmark steps ({self.silence_off}): the mouth may stay ajar in pauses")
         note = short_video_note(len(self.data.train_indices))
         if note:
-            log.warning("%s", note)
+            _warn(note)
         start = time.perf_counter() - self.progress.elapsed_s
         while self.progress.stage_index < len(self.cfg.stages):
             stage = self.cfg.stages[self.progress.stage_index]
@@ -509,6 +509,14 @@ def _progress_bar(stage: StageConfig, done: int, show: bool):
     from gsavatar.progress import progress
 
     return progress(total=stage.iterations, initial=done, desc=f"{stage.name:>5}", unit="it", leave=True)
+
+
+def _warn(text: str) -> None:
+    """A warning for the user: on stderr, where they look, and in train.log."""
+    import sys
+
+    print(text, file=sys.stderr, flush=True)
+    log.warning("%s", text)
 
 
 def _attach_log_file(path: Path) -> None:
