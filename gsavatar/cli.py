@@ -410,26 +410,43 @@ class Live:
 
 @dataclasses.dataclass
 class Batch:
-    """Train several avatars and render many videos from one job file (TOML), one job after another.
+    """Train several avatars and render many videos from one job file (TOML), on Ray.
 
     The file lists [[subject]] entries (a video or subject dataset, a preset) and [[render]] entries
     (a subject of the file or a trained run, speech files, camera, size, background); the format is
-    in gsavatar/batch/jobs.py. Each job gets a folder under the file's ``output``, and
-    ``batch_report.json`` there says per job: done, skipped (up to date) or failed with a one-line
-    reason, its wall time and figures. Running the same file again skips what is done and resumes
-    an interrupted training from its checkpoint. A failed job does not stop the others; the exit
-    status is 1 when any failed.
+    in gsavatar/batch/jobs.py. Each step (preprocess, train, render) is a Ray task that asks for the
+    CPUs, GPUs and memory it needs, on a local Ray instance started for the batch or, with
+    --address, on a cluster (the output folder must then be on a filesystem every node shares).
+    Without Ray installed (pip install 'gsavatar[cluster]') the jobs run one after another in this
+    process. Each job gets a folder under the file's ``output``; ``batch_report.json`` there says
+    per job: done, skipped (up to date) or failed with a one-line reason, its wall time, node and
+    figures. Running the same file again skips what is done and resumes what was interrupted
+    (training from its checkpoint). A failed job does not stop the others; the exit status is 1
+    when any failed.
     """
 
     jobs: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="JOBS.toml")]
     """The job file."""
+    address: str | None = None
+    """A Ray cluster to run on: auto (the cluster started on this machine with ``ray start``) or
+    ray://HOST:PORT; by default a local Ray instance is started for the batch (also: $RAY_ADDRESS)."""
+    max_parallel: int | None = None
+    """At most this many steps at once (by default as many as the cluster's resources hold)."""
+    in_process: bool = False
+    """Run the steps one after another in this process, without Ray."""
 
     def __call__(self) -> None:
-        from gsavatar.batch import load_jobs, run_batch
+        from gsavatar.batch import load_jobs, make_executor, run_batch
         from gsavatar.batch.runner import REPORT
 
+        if self.max_parallel is not None and self.max_parallel < 1:
+            raise InputError(f"--max-parallel must be at least 1 (got {self.max_parallel})")
         jobs = load_jobs(self.jobs)
-        results = run_batch(jobs, jobs_file=self.jobs)
+        executor = make_executor(jobs.output, jobs.resources, self.address, self.in_process, self.max_parallel)
+        try:
+            results = run_batch(jobs, executor, log=None, jobs_file=self.jobs)
+        finally:
+            executor.close()
         failed = [r for r in results if r.state == "failed"]
         done = sum(r.state == "done" for r in results)
         skipped = sum(r.state == "skipped" for r in results)

@@ -133,6 +133,16 @@ class Progress:
             elif self.n != self._last_n:
                 self._line(final=True)
 
+    def write(self, text: str, file: IO[str] | None = None) -> None:
+        """A log line (on ``file``, default stdout) that leaves the bar whole below it."""
+        file = file if file is not None else sys.stdout
+        if self._bar is not None and not self.closed:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=file)
+        else:
+            print(text, file=file, flush=True)
+
     # -- lines mode -------------------------------------------------------------------------------
     def _due(self) -> bool:
         if self.n == self._last_n:

@@ -1,28 +1,34 @@
-"""Running a batch: each job in turn, in this process, one folder per job under the output root.
+"""Running a batch: the driver that puts each job's steps on an executor, one folder per job under
+the output root.
 
-A job whose folder holds its outputs made from the same job entry (``job.json`` keeps a hash of
-the entry) is skipped as up to date; an interrupted training resumes from its checkpoint; a job
-that fails is reported with a one-line reason and the others go on (a render of a failed subject
-fails with that reason). ``batch_report.json`` is rewritten after every change of state.
+A subject job is ``preprocess`` (when given a video) then ``train``; a render job is ``render``,
+started once the subject it draws is trained. A job whose folder holds the outputs of the same
+entry (``job.json``) is skipped as up to date; an interrupted step resumes from what its folder
+holds (training from its checkpoint); a job that fails is reported with a one-line reason and the
+others go on (a render of a failed subject fails with that reason). Every change of a job's state
+is one log line (also appended to ``OUTPUT/batch.log``), ``batch_report.json`` is rewritten after
+each, and on a terminal a bar counts the finished jobs.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
-import hashlib
-import json
-import socket
-import time
+import sys
+import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Hashable
 
 from gsavatar.batch.jobs import BatchJobs, RenderJob, SubjectJob
+from gsavatar.batch.steps import StepOutcome, StepSpec, job_hash, node_name, read_marker, up_to_date
 from gsavatar.data.io import atomic_write_json
-from gsavatar.errors import GsavatarError, InputError
+from gsavatar.errors import InputError, StoppedBySignal
 
 REPORT = "batch_report.json"
-JOB_FILE = "job.json"
+LOG = "batch.log"
+POLL_S = 1.0
+"""How often the driver looks for steps that started or were retried (their folders' markers)."""
 
 
 @dataclasses.dataclass
@@ -35,147 +41,197 @@ class JobResult:
     reason: str | None = None
     wall_s: float = 0.0
     node: str = ""
+    attempts: int = 0
     figures: dict = dataclasses.field(default_factory=dict)
 
 
-def job_hash(job: SubjectJob | RenderJob, run_dir: Path | None = None) -> str:
-    """What defines a job's outputs: its entry and, for a render, the avatar file it draws (so a
-    render of a subject trained again is made again)."""
-    text = json.dumps(dataclasses.asdict(job), sort_keys=True, default=str)
-    if run_dir is not None:
-        try:
-            st = (run_dir / "avatar.pt").stat()
-            text += f"|{st.st_size}|{st.st_mtime_ns}"
-        except OSError:
-            text += "|no avatar"
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
+@dataclasses.dataclass
+class _Job:
+    """The driver's view of one job: its steps, the one it is at, its result."""
 
-
-def _recorded_hash(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / JOB_FILE).read_text()).get("hash")
-    except (OSError, ValueError):
-        return None
+    job: SubjectJob | RenderJob
+    index: int
+    result: JobResult
+    folder: Path
+    steps: tuple[str, ...]
+    run_dir: Path | None = None
+    key: str = ""
+    at: int = 0
+    attempt_logged: int = 0
 
 
 def check_writable(root: Path) -> None:
     """One line when the output root cannot be written (before any work starts)."""
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-check-{socket.gethostname()}"
+        probe = root / f".write-check-{node_name()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise InputError(f"cannot write the batch output {root} from {socket.gethostname()} ({e.strerror or e})") from None
+        raise InputError(f"cannot write the batch output {root} from {node_name()} ({e.strerror or e})") from None
 
 
-def _up_to_date(folder: Path, key: str, outputs: list[Path]) -> bool:
-    return _recorded_hash(folder) == key and all(p.is_file() for p in outputs)
+class _Reporter:
+    """Job state lines (stdout and OUTPUT/batch.log), the report file, the bar of finished jobs."""
 
+    def __init__(self, jobs: BatchJobs, results: list[JobResult], log: Callable[[str], None] | None,
+                 jobs_file: Path | None, workers: str):
+        from gsavatar.progress import progress
 
-def _train_config(job: SubjectJob):
-    from gsavatar.config import auto_preset, load_preset, scale_iterations
-    from gsavatar.runtime import resolve_device
+        self.jobs, self.results, self.jobs_file, self.workers = jobs, results, jobs_file, workers
+        self.started = datetime.datetime.now().isoformat(timespec="seconds")
+        self._log = log
+        self.bar = progress(total=len(results), desc="batch", unit="job", enabled=log is None and sys.stderr.isatty(),
+                            leave=False)
 
-    preset = auto_preset(resolve_device("auto").type) if job.preset == "auto" else job.preset
-    cfg = scale_iterations(load_preset(preset), job.iterations_scale)
-    if job.seed is not None:
-        cfg = dataclasses.replace(cfg, seed=job.seed)
-    return cfg.validate()
-
-
-def run_train(job: SubjectJob, folder: Path) -> dict:
-    """Train (resuming an interrupted run of the same entry; starting over when the entry changed)."""
-    from gsavatar.train.run import train_command
-
-    recorded = _recorded_hash(folder)
-    changed = recorded is not None and recorded != job_hash(job)
-    summary = train_command(job.video, folder, _train_config(job), force=changed)
-    return {"test_psnr": summary.get("test_psnr"), "test_psnr_face": summary.get("test_psnr_face"),
-            "train_min": round(summary["wall_s"] / 60, 2)}
-
-
-def speech_outputs(job: RenderJob, folder: Path) -> list[Path]:
-    """One mp4 per speech file, named after it (numbered where two share a name)."""
-    stems = [p.stem for p in job.speech]
-    return [folder / (f"{s}.mp4" if stems.count(s) == 1 else f"{s}_{i}.mp4") for i, s in enumerate(stems)]
-
-
-def run_render(job: RenderJob, folder: Path, run_dir: Path) -> dict:
-    from gsavatar.drive import DriveConfig
-    from gsavatar.outputs.render_video import render_video
-
-    frames = 0
-    for speech, out in zip(job.speech, speech_outputs(job, folder)):
-        r = render_video(run_dir, speech, out, DriveConfig(camera=job.camera), size=job.size, background=job.background)
-        frames += int(r["frames"])
-    return {"videos": len(job.speech), "frames": frames}
-
-
-def one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if isinstance(e, GsavatarError) and text else f"{type(e).__name__}: {text[0] if text else ''}"
-
-
-def run_batch(jobs: BatchJobs, log: Callable[[str], None] = print, jobs_file: Path | None = None) -> list[JobResult]:
-    """Run every job of ``jobs`` in turn (subjects first: renders depend on them); returns the results
-    (also written to ``OUTPUT/batch_report.json``)."""
-    check_writable(jobs.output)
-    node = socket.gethostname()
-    results = [JobResult(j.name, "train") for j in jobs.subjects] + [JobResult(j.name, "render") for j in jobs.renders]
-    by_name = {r.name: r for r in results}
-    started = datetime.datetime.now().isoformat(timespec="seconds")
-
-    def report() -> None:
-        counts = {state: sum(r.state == state for r in results) for state in ("done", "skipped", "failed")}
-        atomic_write_json(jobs.output / REPORT, {"jobs_file": str(jobs_file) if jobs_file else None, "started": started,
-                                                  **counts, "jobs": [dataclasses.asdict(r) for r in results]})
-
-    def step(k: int, job, outputs: list[Path], work: Callable[[Path], dict], run_dir: Path | None = None) -> None:
-        result, folder = by_name[job.name], jobs.output / job.name
-        prefix = f"batch [{k}/{len(results)}] {job.name} ({result.kind})"
-        result.node = node
-        if _up_to_date(folder, job_hash(job, run_dir), outputs):
-            result.state, result.reason = "skipped", "up to date"
-            log(f"{prefix}: skipped, up to date")
-            report()
-            return
-        result.state = "running"
-        report()
-        log(f"{prefix}: running")
-        start = time.perf_counter()
+    def line(self, text: str) -> None:
+        stamp = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            result.figures = work(folder)
-            entry = json.loads(json.dumps(dataclasses.asdict(job), default=str))
-            atomic_write_json(folder / JOB_FILE, {"hash": job_hash(job, run_dir), "job": entry})
-            result.state = "done"
-        except KeyboardInterrupt:
-            result.state, result.reason = "failed", "interrupted"
-            report()
-            raise
-        except Exception as e:  # noqa: BLE001 (a failed job is reported; the others go on)
-            result.state, result.reason = "failed", one_line(e)
-        result.wall_s = round(time.perf_counter() - start, 2)
-        figures = ", ".join(f"{k} {v}" for k, v in result.figures.items())
-        log(f"{prefix}: {result.state} in {result.wall_s:.1f} s" + (f" ({figures})" if result.state == "done" and figures else "")
-            + (f": {result.reason}" if result.reason else ""))
-        report()
+            with open(self.jobs.output / LOG, "a") as f:
+                f.write(f"{stamp} {text}\n")
+        except OSError:
+            pass
+        if self._log is not None:
+            self._log(text)
+        else:
+            self.bar.write(text)
 
-    k = 0
+    def job_line(self, j: _Job, text: str) -> None:
+        self.line(f"batch [{j.index}/{len(self.results)}] {j.job.name} ({j.result.kind}): {text}")
+
+    def finished(self, j: _Job) -> None:
+        r = j.result
+        if r.state == "done":
+            figures = ", ".join(f"{k} {v}" for k, v in r.figures.items() if v is not None)
+            retried = f", attempt {r.attempts}" if r.attempts > 1 else ""
+            self.job_line(j, f"done in {r.wall_s:.1f} s on {r.node}{retried}" + (f" ({figures})" if figures else ""))
+        elif r.state == "skipped":
+            self.job_line(j, "skipped, up to date")
+        else:
+            self.job_line(j, f"failed: {r.reason}")
+        self.bar.update()
+        self.write()
+
+    def write(self) -> None:
+        counts = {state: sum(r.state == state for r in self.results) for state in ("done", "skipped", "failed")}
+        atomic_write_json(self.jobs.output / REPORT, {
+            "jobs_file": str(self.jobs_file) if self.jobs_file else None, "started": self.started,
+            "workers": self.workers, **counts, "jobs": [dataclasses.asdict(r) for r in self.results]})
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _plan(jobs: BatchJobs) -> list[_Job]:
+    out: list[_Job] = []
     for job in jobs.subjects:
-        k += 1
-        folder = jobs.output / job.name
-        step(k, job, [folder / "avatar.pt"], lambda f, job=job: run_train(job, f))
+        steps = ("preprocess", "train") if job.video.is_file() else ("train",)
+        out.append(_Job(job, len(out) + 1, JobResult(job.name, "train"), jobs.output / job.name, steps))
     for job in jobs.renders:
-        k += 1
-        folder = jobs.output / job.name
-        if job.subject is not None and by_name[job.subject].state == "failed":
-            r = by_name[job.name]
-            r.state, r.reason, r.node = "failed", f"its subject {job.subject} failed", node
-            log(f"batch [{k}/{len(results)}] {job.name} (render): failed: {r.reason}")
-            report()
-            continue
         run_dir = job.run if job.run is not None else jobs.output / job.subject
-        step(k, job, speech_outputs(job, folder), lambda f, job=job, run_dir=run_dir: run_render(job, f, run_dir), run_dir)
+        out.append(_Job(job, len(out) + 1, JobResult(job.name, "render"), jobs.output / job.name, ("render",), run_dir))
+    return out
+
+
+def run_batch(jobs: BatchJobs, executor=None, log: Callable[[str], None] | None = print,
+              jobs_file: Path | None = None) -> list[JobResult]:
+    """Run every job of ``jobs`` on ``executor`` (default: in this process); returns the results
+    (also in ``OUTPUT/batch_report.json``). ``log`` receives each state line; None prints them above
+    a progress bar on a terminal."""
+    from gsavatar.batch.executors import InProcessExecutor
+
+    check_writable(jobs.output)
+    executor = executor or InProcessExecutor()
+    plan = _plan(jobs)
+    results = [j.result for j in plan]
+    waiting: dict[str, list[_Job]] = collections.defaultdict(list)  # renders by the subject they draw
+    queue: collections.deque[_Job] = collections.deque()
+    running: dict[Hashable, _Job] = {}
+    batch_id = uuid.uuid4().hex[:12]
+    out = _Reporter(jobs, results, log, jobs_file, executor.description)
+    out.line(f"batch: {len(plan)} jobs on {executor.description}")
+    out.write()
+
+    def end(j: _Job, state: str, reason: str | None = None) -> None:
+        j.result.state, j.result.reason = state, reason
+        out.finished(j)
+        if isinstance(j.job, SubjectJob):
+            for render in waiting.pop(j.job.name, []):
+                if state == "failed":
+                    render.result.node = node_name()
+                    end(render, "failed", f"its subject {j.job.name} failed")
+                else:
+                    begin(render)
+
+    def begin(j: _Job) -> None:
+        j.key = job_hash(j.job, j.run_dir)
+        if up_to_date(j.job, j.folder, j.key):
+            end(j, "skipped", "up to date")
+        else:
+            queue.append(j)
+
+    def submit(j: _Job) -> None:
+        kind = j.steps[j.at]
+        spec = StepSpec(j.job, kind, j.folder, j.key, first=j.at == 0, final=j.at == len(j.steps) - 1,
+                        batch_id=batch_id, run_dir=j.run_dir)
+        running[executor.submit(spec, getattr(jobs.resources, kind))] = j
+        j.result.state, j.attempt_logged = "running", 0
+        if executor.starts_on_submit:
+            j.attempt_logged = 1
+            out.job_line(j, f"{kind} running on {node_name()}")
+        else:
+            out.job_line(j, f"{kind} queued")
+        out.write()
+
+    def step_ended(j: _Job, outcome: StepOutcome) -> None:
+        r = j.result
+        r.wall_s = round(r.wall_s + outcome.wall_s, 2)
+        r.node = outcome.node or r.node
+        r.attempts = max(r.attempts, outcome.attempt)
+        if not outcome.ok:
+            end(j, "failed", outcome.reason)
+            return
+        r.figures.update(outcome.figures)
+        j.at += 1
+        if j.at < len(j.steps):
+            out.job_line(j, f"{j.steps[j.at - 1]} done in {outcome.wall_s:.1f} s")
+            queue.appendleft(j)  # a job under way goes before jobs not started
+        else:
+            end(j, "done")
+
+    def poll_markers() -> None:
+        for j in running.values():
+            m = read_marker(j.folder)
+            if not m or m.get("batch") != batch_id or m.get("step") != j.steps[j.at]:
+                continue
+            attempt = int(m.get("attempt", 1))
+            if attempt > j.attempt_logged:
+                j.attempt_logged = attempt
+                retry = f" (attempt {attempt}: its worker died{', resuming from what it left' if m.get('resumed') else ''})" \
+                    if attempt > 1 else (" (resuming from what an earlier run left)" if m.get("resumed") else "")
+                out.job_line(j, f"{j.steps[j.at]} running on {m.get('node', '?')}{retry}")
+
+    for j in plan:
+        if isinstance(j.job, RenderJob) and j.job.subject is not None:
+            waiting[j.job.subject].append(j)
+    for j in plan:
+        if not (isinstance(j.job, RenderJob) and j.job.subject is not None):
+            begin(j)
+    limit = executor.max_parallel
+    try:
+        while queue or running:
+            while queue and (limit is None or len(running) < limit):
+                submit(queue.popleft())
+            ended = executor.wait(list(running), POLL_S)
+            poll_markers()  # first, so that a step's "running" line comes before its end
+            for handle, outcome in ended:
+                step_ended(running.pop(handle), outcome)
+    except (KeyboardInterrupt, StoppedBySignal):
+        executor.close(cancel=True)
+        for j in running.values():
+            j.result.state, j.result.reason = "failed", "interrupted"
+        out.write()
+        out.close()
+        raise
+    out.close()
     return results

@@ -57,6 +57,12 @@ def run_dir_lock(run_dir: Path):
         handle.close()
 
 
+def clear_run(run_dir: Path) -> None:
+    """Remove a run's training state and results (the preprocessed subject stays)."""
+    for name in ("checkpoint.pt", "avatar.pt", "summary.json", "config.json", "train.log"):
+        (Path(run_dir) / name).unlink(missing_ok=True)
+
+
 def train_command(source: Path, run_dir: Path, cfg: TrainConfig, force: bool = False) -> dict:
     from gsavatar.render import check_backend
     from gsavatar.runtime import resolve_device
@@ -67,7 +73,6 @@ def train_command(source: Path, run_dir: Path, cfg: TrainConfig, force: bool = F
     check_creatable_dir(run_dir, "RUN_DIR")
     with run_dir_lock(run_dir):
         if force:
-            for name in ("checkpoint.pt", "avatar.pt", "summary.json", "config.json", "train.log"):
-                (run_dir / name).unlink(missing_ok=True)
+            clear_run(run_dir)
         subject = prepare_subject(source, run_dir, cfg.render_size)
         return train(subject, run_dir, cfg)
