@@ -63,3 +63,24 @@ def check_creatable_dir(folder: str | os.PathLike, what: str = "the output direc
         raise InputError(f"{what} {folder} cannot be created: {ancestor} is not a directory")
     check_writable_dir(ancestor, f"the folder that would hold {what}")
     return folder
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, busy: str):
+    """Hold an exclusive lock on the file ``path`` (created if missing) while the block runs;
+    :class:`InputError` ``busy`` when another process holds it. The operating system drops the
+    lock when the process ends, however it ends (SIGKILL included): a killed process never leaves
+    a stale lock behind."""
+    import fcntl
+
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise InputError(busy) from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

@@ -42,6 +42,11 @@ def write_jobs(tmp_path, body: str):
     ('output = "out"\n[[subject]]\nname = "a"\nvideo = "v.mp4"\n[resources.train]\ndisks = 1\n', "unknown key"),
     ('output = "out"\n[[subject]]\nname = "a"\nvideo = "v.mp4"\n[resources]\nretries = 1.5\n', "retries must be a whole"),
     ('output = "out"\n[[subject]]\nname = "a"\nvideo = "v.mp4"\n[resources]\nlab = 1\n', "unknown key"),
+    ('output = "out"\n[[subject]]\nname = "Anna"\nvideo = "v.mp4"\n[[render]]\nname = "anna"\nrun = "r"\nspeech = ["s.wav"]\n',
+     "ignoring case"),
+    ('output = "out"\n[[subject]]\nname = "a"\nvideo = "v.mp4"\n[[render]]\nname = "r"\nrun = "out/a"\nspeech = ["s.wav"]\n',
+     "write subject = 'a'"),
+    ('output = "out"\n[[render]]\nname = "r"\nrun = "x"\nspeech = ["one/s.wav", "two/s.m4a"]\n', "share a name"),
 ])
 def test_bad_job_files_are_one_line_errors(tmp_path, body, error):
     from gsavatar.batch import load_jobs
@@ -90,14 +95,26 @@ def test_an_output_root_that_cannot_be_written_is_one_line_before_any_work(tmp_p
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: cannot write the batch output")
 
 
+def test_a_second_batch_on_the_same_output_is_one_line(tmp_path):
+    import fcntl
+
+    jobs = write_jobs(tmp_path, 'output = "out"\n[[render]]\nname = "r"\nrun = "x"\nspeech = ["s.wav"]\n')
+    (tmp_path / "out").mkdir()
+    with open(tmp_path / "out" / ".batch.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        r = subprocess.run([sys.executable, "-m", "gsavatar", "batch", str(jobs), "--in-process"], capture_output=True,
+                           text=True, timeout=120)
+    assert r.returncode == 2 and "another gsavatar batch is running on" in r.stderr, r.stderr
+
+
 def test_each_node_probe_writes_the_output_root_or_says_why(tmp_path):
     """The probe each node runs before a Ray batch: it writes a token the driver then reads back."""
     from gsavatar.batch.steps import probe_output
 
-    host, path, error = probe_output(str(tmp_path / "out"), "token")
-    assert error is None and open(path).read() == "token"
+    host, path, written, error = probe_output(str(tmp_path / "out"), "token")
+    assert error is None and open(path).read() == written == "token"
     (tmp_path / "file").write_text("")
-    _, _, error = probe_output(str(tmp_path / "file" / "out"), "token")
+    _, _, _, error = probe_output(str(tmp_path / "file" / "out"), "token")
     assert error  # a file stands where the folder should be
 
 
@@ -235,7 +252,7 @@ speech = ["hello.wav"]
     assert states["broken_hello"]["reason"] == "its subject broken failed"
     assert "batch [1/4] synth (train): preprocess done" in stdout
     assert "synth (train): train running on" in stdout
-    assert "(attempt 2: its worker died, resuming from what it left)" in stdout
+    assert "(attempt 2, after its worker died or was stopped, resuming from what it left)" in stdout
     train_log = (tmp_path / "out" / "synth" / "train.log").read_text()
     assert "resuming from" in train_log and f"pid {killed['pid']}" in (tmp_path / "out" / "synth" / "batch-train.log").read_text()
     with av.open(str(tmp_path / "out" / "synth_hello" / "hello.mp4")) as c:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Hashable
 
 from gsavatar.batch.jobs import BatchResources, StepResources
-from gsavatar.batch.steps import StepOutcome, StepSpec, node_name, one_line, run_step
+from gsavatar.batch.steps import StepOutcome, StepPreempted, StepSpec, node_name, one_line, read_marker, run_step
 from gsavatar.errors import InputError, MissingDependencyError
 
 INSTALL_HINT = "pip install 'gsavatar[cluster]'"
@@ -47,7 +47,13 @@ class InProcessExecutor:
         handle = handles[0]
         return [(handle, run_step(self._pending.pop(handle)))]
 
-    def close(self, cancel: bool = False) -> None:
+    def training_device(self, resources: BatchResources) -> str:
+        """The device type training gets here (what ``preset = "auto"`` resolves by)."""
+        from gsavatar.runtime import resolve_device
+
+        return resolve_device("auto").type
+
+    def close(self) -> None:
         self._pending.clear()
 
 
@@ -58,22 +64,32 @@ class RayExecutor:
 
     starts_on_submit = False
 
-    def __init__(self, address: str | None, output: Path, resources: BatchResources,
-                 max_parallel: int | None = None, num_cpus: int | None = None):
+    def __init__(self, address: str | None, output: Path, resources: BatchResources, max_parallel: int | None = None):
+        import signal
+
         import ray
 
         self._ray = ray
         self.resources = resources
         self.max_parallel = max_parallel
-        local = address is None and not os.environ.get("RAY_ADDRESS")
+        self._specs: dict[Hashable, StepSpec] = {}
+        address = address or os.environ.get("RAY_ADDRESS") or None
         kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-        if local:
-            kwargs.update(object_store_memory=LOCAL_OBJECT_STORE_BYTES, num_cpus=num_cpus)
+        if address is None:  # "local": a new instance even where `ray start` runs one on this machine
+            kwargs.update(address="local", object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+        else:
+            kwargs.update(address=address)
+        sigterm = signal.getsignal(signal.SIGTERM)
         try:
-            ray.init(address=address, **kwargs)
+            ray.init(**kwargs)
         except (ConnectionError, ValueError, RuntimeError) as e:
-            raise InputError(f"cannot reach the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: "
-                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+            what = "start a local Ray instance" if address is None else f"reach the Ray cluster at {address}"
+            raise InputError(f"cannot {what}: {one_line(e)}") from None
+        finally:
+            # ray.init puts its own SIGTERM handler in (sys.exit); the command's, which unwinds
+            # like Ctrl-C and leaves a report behind, stays.
+            if sigterm is not None and signal.getsignal(signal.SIGTERM) is not sigterm:
+                signal.signal(signal.SIGTERM, sigterm)
         try:
             self._remote = ray.remote(run_step)
             nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -81,7 +97,7 @@ class RayExecutor:
             self.has_gpus = any(r.get("GPU", 0) > 0 for r in self._node_resources)
             cpus = sum(r.get("CPU", 0) for r in self._node_resources)
             gpus = sum(r.get("GPU", 0) for r in self._node_resources)
-            where = "a local Ray instance" if local else f"the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}"
+            where = "a local Ray instance" if address is None else f"the Ray cluster at {address}"
             self.description = (f"{where}: {len(nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs"
                                 + (f", at most {max_parallel} steps at once" if max_parallel else ""))
             self._check_output_shared(output, nodes)
@@ -92,6 +108,7 @@ class RayExecutor:
             raise
 
     def _demand(self, resources: StepResources) -> dict[str, float]:
+        """What a step asks Ray for: GPUs only where the cluster has some."""
         need = {"CPU": resources.cpus, "memory": resources.memory_gb * 2**30}
         if self.has_gpus and resources.gpus > 0:
             need["GPU"] = resources.gpus
@@ -101,7 +118,8 @@ class RayExecutor:
         """A step no node can hold would wait forever: one line now instead."""
         need = self._demand(resources)
         if not any(all(node.get(k, 0) >= v for k, v in need.items()) for node in self._node_resources):
-            text = ", ".join(f"{v / 2**30:g} GB memory" if k == "memory" else f"{v:g} {k}s" for k, v in need.items())
+            text = ", ".join(f"{v / 2**30:g} GB memory" if k == "memory" else f"{v:g} {k}" + ("" if v == 1 else "s")
+                             for k, v in need.items())
             raise InputError(f"no node of the Ray cluster has what a {kind} step asks for ({text}); "
                              f"lower [resources.{kind}] in the job file")
 
@@ -115,51 +133,69 @@ class RayExecutor:
         probe = self._ray.remote(probe_output)
         token = uuid.uuid4().hex[:12]
         refs = {probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(str(output), token): n for n in nodes}
+                .remote(str(output), f"{token}-{n['NodeID'][:12]}"): n for n in nodes}
         ready, late = self._ray.wait(list(refs), num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
+        answers, problem = [], None
+        for ref in ready:
+            try:
+                answers.append(self._ray.get(ref))
+            except self._ray.exceptions.RayError as e:
+                problem = problem or (f"node {refs[ref].get('NodeManagerAddress', '?')} cannot run gsavatar's steps "
+                                      f"(is gsavatar installed there, in the same version?): {one_line(e)}")
         if late:
             names = ", ".join(refs[r].get("NodeManagerAddress", "?") for r in late)
-            raise InputError(f"node(s) {names} did not answer within {PROBE_TIMEOUT_S:.0f} s (checking they can write {output})")
-        for ref in ready:
-            host, probe_file, error = self._ray.get(ref)
-            if error:
-                raise InputError(f"node {host} cannot write the batch output {output} ({error}); "
-                                 f"it must be a shared filesystem mounted at the same path on every node")
+            problem = problem or f"node(s) {names} did not answer within {PROBE_TIMEOUT_S:.0f} s (checking they can write {output})"
+        for host, probe_file, written, error in answers:
             path = Path(probe_file)
             try:
                 seen = path.read_text()
                 path.unlink()
             except OSError:
                 seen = None
-            if seen != token:
-                raise InputError(f"node {host} wrote {path} but {node_name()} does not see it: the batch output "
-                                 f"must be a shared filesystem mounted at the same path on every node")
+            if error:
+                problem = problem or (f"node {host} cannot write the batch output {output} ({error}); "
+                                      f"it must be a shared filesystem mounted at the same path on every node")
+            elif seen != written:
+                problem = problem or (f"node {host} wrote {path} but {node_name()} does not see it: the batch output "
+                                      f"must be a shared filesystem mounted at the same path on every node")
+        if problem:
+            raise InputError(problem)
+
+    def training_device(self, resources: BatchResources) -> str:
+        """The device type a train step gets on this cluster (what ``preset = "auto"`` resolves by)."""
+        return "cuda" if self.has_gpus and resources.train.gpus > 0 else "cpu"
 
     def submit(self, spec: StepSpec, resources: StepResources) -> Hashable:
-        gpus = resources.gpus if self.has_gpus else 0.0
+        need = self._demand(resources)
         spec = dataclasses.replace(spec, cpus=resources.cpus, in_worker=True)
-        return self._remote.options(
-            num_cpus=resources.cpus, num_gpus=gpus, memory=int(resources.memory_gb * 2**30),
-            max_retries=self.resources.retries, retry_exceptions=False, name=f"{spec.kind}:{spec.job.name}",
+        ref = self._remote.options(
+            num_cpus=need["CPU"], num_gpus=need.get("GPU", 0.0), memory=int(need["memory"]),
+            max_retries=self.resources.retries, retry_exceptions=[StepPreempted], name=f"{spec.kind}:{spec.job.name}",
         ).remote(spec)
+        self._specs[ref] = spec
+        return ref
 
     def wait(self, handles: list[Hashable], timeout_s: float) -> list[tuple[Hashable, StepOutcome]]:
         ready, _ = self._ray.wait(handles, num_returns=1, timeout=timeout_s)
-        out = []
-        for ref in ready:
-            try:
-                outcome = self._ray.get(ref)
-            except self._ray.exceptions.RayTaskError as e:  # raised past run_step: not a step's own error
-                outcome = StepOutcome(False, one_line(e.cause if e.cause is not None else e), {}, "", 0.0, 1, False)
-            except self._ray.exceptions.RayError as e:  # its worker process or node died, retries included
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                tries = self.resources.retries + 1
-                outcome = StepOutcome(False, f"its worker died {tries} time{'s' if tries > 1 else ''} "
-                                      f"({type(e).__name__}: {first[:200]})", {}, "", 0.0, tries, False)
-            out.append((ref, outcome))
-        return out
+        return [(ref, self._outcome(ref)) for ref in ready]
 
-    def close(self, cancel: bool = False) -> None:
+    def _outcome(self, ref) -> StepOutcome:
+        errors = self._ray.exceptions
+        spec = self._specs.pop(ref)
+        try:
+            return self._ray.get(ref)
+        except errors.RayError as e:  # not the step's own error (those come back as outcomes)
+            marker = read_marker(spec.folder) or {}
+            if isinstance(e, (errors.WorkerCrashedError, errors.NodeDiedError, errors.OutOfMemoryError)):
+                tries = self.resources.retries + 1
+                reason = f"its worker died {tries} time{'s' if tries > 1 else ''} ({one_line(e)[:200]})"
+            else:
+                reason = one_line(e.cause if isinstance(e, errors.RayTaskError) and e.cause is not None else e)
+            return StepOutcome(False, reason, {}, marker.get("node", ""), 0.0, int(marker.get("attempt", 1)),
+                               bool(marker.get("resumed")))
+
+    def close(self) -> None:
+        """Disconnect (a local instance ends, and its steps with it: they resume on the next run)."""
         self._ray.shutdown()
 
 

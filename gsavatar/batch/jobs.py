@@ -85,8 +85,8 @@ class BatchResources:
     train: StepResources = StepResources(cpus=1.0, gpus=1.0, memory_gb=4.0)
     render: StepResources = StepResources(cpus=1.0, gpus=1.0, memory_gb=2.0)
     retries: int = 2
-    """How many times a step whose worker process (or node) died is run again; an error in the
-    step itself (a bad input) is not retried."""
+    """How many times a step whose worker process (or node) died, or that SIGTERM stopped (a node
+    drained), is run again; an error in the step itself (a bad input) is not retried."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,16 +194,25 @@ def load_jobs(path: str | Path) -> BatchJobs:
         if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 100:
             raise InputError(f"subject {j.name}: iterations_scale must be a number in (0, 100] (got {k!r})")
     resources = _resources(data.get("resources"), path.name)
-    names = [j.name for j in (*subjects, *renders)]
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    names = [j.name.casefold() for j in (*subjects, *renders)]  # folders: one name on a case-blind filesystem
+    repeated = sorted({j.name for j in (*subjects, *renders) if names.count(j.name.casefold()) > 1})
     if repeated:
-        raise InputError(f"{path.name}: job names must differ (repeated: {', '.join(repeated)})")
+        raise InputError(f"{path.name}: job names must differ, ignoring case (repeated: {', '.join(repeated)})")
     known = {s.name for s in subjects}
+    trained_here = {(output / s.name).resolve(): s.name for s in subjects}
     for r in renders:
         if (r.subject is None) == (r.run is None):
             raise InputError(f"render {r.name}: give either subject (a subject of this file) or run (a trained run)")
         if r.subject is not None and r.subject not in known:
             raise InputError(f"render {r.name}: no subject named {r.subject!r} in {path.name}")
+        if r.run is not None and r.run.resolve() in trained_here:
+            raise InputError(f"render {r.name}: run is the folder of subject {trained_here[r.run.resolve()]} of this "
+                             f"file; write subject = {trained_here[r.run.resolve()]!r} so that it waits for the training")
+        stems = [p.stem for p in r.speech]
+        shared = sorted({s for s in stems if stems.count(s) > 1})
+        if shared:
+            raise InputError(f"render {r.name}: speech files share a name ({', '.join(shared)}); each gives "
+                             f"OUTPUT/{r.name}/<name>.mp4, so rename one or put it in another render")
     if not names:
         raise InputError(f"{path.name} lists no [[subject]] or [[render]] jobs")
     return BatchJobs(output, subjects, tuple(renders), resources)

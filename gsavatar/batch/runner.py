@@ -15,15 +15,17 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import json
 import sys
 import uuid
 from pathlib import Path
 from typing import Callable, Hashable
 
 from gsavatar.batch.jobs import BatchJobs, RenderJob, SubjectJob
-from gsavatar.batch.steps import StepOutcome, StepSpec, job_hash, node_name, read_marker, up_to_date
+from gsavatar.batch.steps import StepOutcome, StepSpec, job_hash, node_name, one_line, read_marker, train_config, up_to_date
 from gsavatar.data.io import atomic_write_json
-from gsavatar.errors import InputError, StoppedBySignal
+from gsavatar.errors import GsavatarError, InputError
+from gsavatar.files import exclusive_lock
 
 REPORT = "batch_report.json"
 LOG = "batch.log"
@@ -42,6 +44,8 @@ class JobResult:
     wall_s: float = 0.0
     node: str = ""
     attempts: int = 0
+    resumed: bool = False
+    """A step went on from what an interrupted run (or a killed worker) left in the job's folder."""
     figures: dict = dataclasses.field(default_factory=dict)
 
 
@@ -103,7 +107,7 @@ class _Reporter:
         r = j.result
         if r.state == "done":
             figures = ", ".join(f"{k} {v}" for k, v in r.figures.items() if v is not None)
-            retried = f", attempt {r.attempts}" if r.attempts > 1 else ""
+            retried = (f", attempt {r.attempts}" if r.attempts > 1 else "") + (", resumed" if r.resumed else "")
             self.job_line(j, f"done in {r.wall_s:.1f} s on {r.node}{retried}" + (f" ({figures})" if figures else ""))
         elif r.state == "skipped":
             self.job_line(j, "skipped, up to date")
@@ -122,116 +126,152 @@ class _Reporter:
         self.bar.close()
 
 
-def _plan(jobs: BatchJobs) -> list[_Job]:
-    out: list[_Job] = []
+def _plan(jobs: BatchJobs, training_device: str) -> list[_Job]:
+    """Each job's steps; ``preset = "auto"`` resolved once, here, for the device training gets."""
+    from gsavatar.config import auto_preset
+
+    plan: list[_Job] = []
     for job in jobs.subjects:
+        if job.preset == "auto":
+            job = dataclasses.replace(job, preset=auto_preset(training_device))
         steps = ("preprocess", "train") if job.video.is_file() else ("train",)
-        out.append(_Job(job, len(out) + 1, JobResult(job.name, "train"), jobs.output / job.name, steps))
+        plan.append(_Job(job, len(plan) + 1, JobResult(job.name, "train"), jobs.output / job.name, steps))
     for job in jobs.renders:
         run_dir = job.run if job.run is not None else jobs.output / job.subject
-        out.append(_Job(job, len(out) + 1, JobResult(job.name, "render"), jobs.output / job.name, ("render",), run_dir))
-    return out
+        plan.append(_Job(job, len(plan) + 1, JobResult(job.name, "render"), jobs.output / job.name, ("render",), run_dir))
+    return plan
+
+
+def _key(j: _Job) -> str:
+    """The job's hash; a subject's includes its whole training configuration (an edited preset
+    file trains again)."""
+    if isinstance(j.job, SubjectJob):
+        return job_hash(j.job, extra=json.dumps(dataclasses.asdict(train_config(j.job)), sort_keys=True, default=str))
+    return job_hash(j.job, j.run_dir)
 
 
 def run_batch(jobs: BatchJobs, executor=None, log: Callable[[str], None] | None = print,
               jobs_file: Path | None = None) -> list[JobResult]:
-    """Run every job of ``jobs`` on ``executor`` (default: in this process); returns the results
-    (also in ``OUTPUT/batch_report.json``). ``log`` receives each state line; None prints them above
-    a progress bar on a terminal."""
+    """Run every job of ``jobs`` on ``executor`` (default: in this process; the caller closes it);
+    returns the results (also in ``OUTPUT/batch_report.json``). ``log`` receives each state line;
+    None prints them above a progress bar on a terminal."""
     from gsavatar.batch.executors import InProcessExecutor
 
     check_writable(jobs.output)
     executor = executor or InProcessExecutor()
-    plan = _plan(jobs)
-    results = [j.result for j in plan]
-    waiting: dict[str, list[_Job]] = collections.defaultdict(list)  # renders by the subject they draw
-    queue: collections.deque[_Job] = collections.deque()
-    running: dict[Hashable, _Job] = {}
-    batch_id = uuid.uuid4().hex[:12]
-    out = _Reporter(jobs, results, log, jobs_file, executor.description)
-    out.line(f"batch: {len(plan)} jobs on {executor.description}")
-    out.write()
+    # One driver per output root (two would run the same steps side by side).
+    with exclusive_lock(jobs.output / ".batch.lock", f"another gsavatar batch is running on {jobs.output}; "
+                                                     f"wait for it to finish"):
+        return _Driver(jobs, executor, log, jobs_file).run()
 
-    def end(j: _Job, state: str, reason: str | None = None) -> None:
+
+class _Driver:
+    """Puts each job's next step on the executor as soon as it may run (a render once its subject
+    is trained), at most ``executor.max_parallel`` at once, and turns what comes back into state
+    lines and the report."""
+
+    def __init__(self, jobs: BatchJobs, executor, log, jobs_file):
+        self.jobs, self.executor = jobs, executor
+        self.plan = _plan(jobs, executor.training_device(jobs.resources))
+        self.reporter = _Reporter(jobs, [j.result for j in self.plan], log, jobs_file, executor.description)
+        self.waiting: dict[str, list[_Job]] = collections.defaultdict(list)  # renders by the subject they draw
+        self.queue: collections.deque[_Job] = collections.deque()
+        self.running: dict[Hashable, _Job] = {}
+        self.batch_id = uuid.uuid4().hex[:12]
+
+    def run(self) -> list[JobResult]:
+        report = self.reporter
+        report.line(f"batch: {len(self.plan)} jobs on {self.executor.description}")
+        report.write()
+        try:
+            for j in self.plan:
+                if isinstance(j.job, RenderJob) and j.job.subject is not None:
+                    self.waiting[j.job.subject].append(j)
+            for j in self.plan:
+                if not (isinstance(j.job, RenderJob) and j.job.subject is not None):
+                    self.start_job(j)
+            limit = self.executor.max_parallel
+            while self.queue or self.running:
+                while self.queue and (limit is None or len(self.running) < limit):
+                    self.submit(self.queue.popleft())
+                ended = self.executor.wait(list(self.running), POLL_S)
+                self.poll_markers()  # first, so that a step's "running" line comes before its end
+                for handle, outcome in ended:
+                    self.step_ended(self.running.pop(handle), outcome)
+        except BaseException:
+            for j in self.plan:  # stopped (Ctrl-C, SIGTERM, an error of the driver): say where each job was
+                if j.result.state in ("running", "pending"):
+                    j.result.reason = "interrupted" if j.result.state == "running" else "not started (the batch was stopped)"
+                    j.result.state = "failed"
+            raise
+        finally:
+            report.write()
+            report.close()
+        return report.results
+
+    def finish_job(self, j: _Job, state: str, reason: str | None = None) -> None:
         j.result.state, j.result.reason = state, reason
-        out.finished(j)
+        self.reporter.finished(j)
         if isinstance(j.job, SubjectJob):
-            for render in waiting.pop(j.job.name, []):
+            for render in self.waiting.pop(j.job.name, []):
                 if state == "failed":
                     render.result.node = node_name()
-                    end(render, "failed", f"its subject {j.job.name} failed")
+                    self.finish_job(render, "failed", f"its subject {j.job.name} failed")
                 else:
-                    begin(render)
+                    self.start_job(render)
 
-    def begin(j: _Job) -> None:
-        j.key = job_hash(j.job, j.run_dir)
+    def start_job(self, j: _Job) -> None:
+        try:
+            j.key = _key(j)
+        except GsavatarError as e:  # a preset that does not load: this job fails, the others go on
+            self.finish_job(j, "failed", one_line(e))
+            return
         if up_to_date(j.job, j.folder, j.key):
-            end(j, "skipped", "up to date")
+            self.finish_job(j, "skipped", "up to date")
         else:
-            queue.append(j)
+            self.queue.append(j)
 
-    def submit(j: _Job) -> None:
+    def submit(self, j: _Job) -> None:
         kind = j.steps[j.at]
         spec = StepSpec(j.job, kind, j.folder, j.key, first=j.at == 0, final=j.at == len(j.steps) - 1,
-                        batch_id=batch_id, run_dir=j.run_dir)
-        running[executor.submit(spec, getattr(jobs.resources, kind))] = j
+                        batch_id=self.batch_id, run_dir=j.run_dir)
+        self.running[self.executor.submit(spec, getattr(self.jobs.resources, kind))] = j
         j.result.state, j.attempt_logged = "running", 0
-        if executor.starts_on_submit:
+        if self.executor.starts_on_submit:
             j.attempt_logged = 1
-            out.job_line(j, f"{kind} running on {node_name()}")
+            self.reporter.job_line(j, f"{kind} running on {node_name()}")
         else:
-            out.job_line(j, f"{kind} queued")
-        out.write()
+            self.reporter.job_line(j, f"{kind} queued")
+        self.reporter.write()
 
-    def step_ended(j: _Job, outcome: StepOutcome) -> None:
+    def step_ended(self, j: _Job, outcome: StepOutcome) -> None:
         r = j.result
         r.wall_s = round(r.wall_s + outcome.wall_s, 2)
         r.node = outcome.node or r.node
         r.attempts = max(r.attempts, outcome.attempt)
+        r.resumed = r.resumed or outcome.resumed
         if not outcome.ok:
-            end(j, "failed", outcome.reason)
+            self.finish_job(j, "failed", outcome.reason)
             return
         r.figures.update(outcome.figures)
         j.at += 1
         if j.at < len(j.steps):
-            out.job_line(j, f"{j.steps[j.at - 1]} done in {outcome.wall_s:.1f} s")
-            queue.appendleft(j)  # a job under way goes before jobs not started
+            self.reporter.job_line(j, f"{j.steps[j.at - 1]} done in {outcome.wall_s:.1f} s")
+            self.queue.appendleft(j)  # a job under way goes before jobs not started
         else:
-            end(j, "done")
+            self.finish_job(j, "done")
 
-    def poll_markers() -> None:
-        for j in running.values():
+    def poll_markers(self) -> None:
+        """A step that started, or started again after its worker died, says so (Ray only: in
+        this process a step starts when submitted)."""
+        for j in self.running.values():
             m = read_marker(j.folder)
-            if not m or m.get("batch") != batch_id or m.get("step") != j.steps[j.at]:
+            if not m or m.get("batch") != self.batch_id or m.get("step") != j.steps[j.at]:
                 continue
             attempt = int(m.get("attempt", 1))
             if attempt > j.attempt_logged:
                 j.attempt_logged = attempt
-                retry = f" (attempt {attempt}: its worker died{', resuming from what it left' if m.get('resumed') else ''})" \
-                    if attempt > 1 else (" (resuming from what an earlier run left)" if m.get("resumed") else "")
-                out.job_line(j, f"{j.steps[j.at]} running on {m.get('node', '?')}{retry}")
-
-    for j in plan:
-        if isinstance(j.job, RenderJob) and j.job.subject is not None:
-            waiting[j.job.subject].append(j)
-    for j in plan:
-        if not (isinstance(j.job, RenderJob) and j.job.subject is not None):
-            begin(j)
-    limit = executor.max_parallel
-    try:
-        while queue or running:
-            while queue and (limit is None or len(running) < limit):
-                submit(queue.popleft())
-            ended = executor.wait(list(running), POLL_S)
-            poll_markers()  # first, so that a step's "running" line comes before its end
-            for handle, outcome in ended:
-                step_ended(running.pop(handle), outcome)
-    except (KeyboardInterrupt, StoppedBySignal):
-        executor.close(cancel=True)
-        for j in running.values():
-            j.result.state, j.result.reason = "failed", "interrupted"
-        out.write()
-        out.close()
-        raise
-    out.close()
-    return results
+                resumes = ", resuming from what it left" if m.get("resumed") else ""
+                note = (f" (attempt {attempt}, after its worker died or was stopped{resumes})" if attempt > 1
+                        else " (resuming from what an earlier run left)" if resumes else "")
+                self.reporter.job_line(j, f"{j.steps[j.at]} running on {m.get('node', '?')}{note}")

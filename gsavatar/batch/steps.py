@@ -1,8 +1,8 @@
 """The steps of a batch job, run wherever an executor places them (this process, or a Ray worker on
 any node of a cluster): ``preprocess`` (a subject given as a video), ``train``, ``render``.
 
-A step reads and writes only under the batch's output root, which every node sees at the same
-path. It returns a :class:`StepOutcome`; an error inside the step comes back as the outcome's
+A step writes under the batch's output root, which every node sees at the same path (and reads
+its inputs, which must be there too). It returns a :class:`StepOutcome`; an error inside the step comes back as the outcome's
 one-line reason instead of being raised, so an executor retries only steps whose worker process
 died. Each job's folder holds:
 
@@ -32,6 +32,11 @@ JOB_FILE = "job.json"
 STEP_MARKER = ".batch-step.json"
 
 
+class StepPreempted(Exception):
+    """A step in a worker stopped by SIGTERM after saving its state: the executor runs it again
+    (within the retry bound), and it resumes."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
     """One step to run: everything a worker on another node needs (it pickles)."""
@@ -55,7 +60,7 @@ class StepSpec:
     """torch's thread count (the CPUs the step was given); None keeps this process's."""
     in_worker: bool = False
     """It runs in a worker process of its own: its stdout and stderr go to ``<folder>/batch-<kind>.log``,
-    and a stop by a signal is this step's failure (in the batch's own process it stops the batch)."""
+    and a stop by SIGTERM raises :class:`StepPreempted` (in the batch's own process it stops the batch)."""
 
 
 @dataclasses.dataclass
@@ -71,10 +76,10 @@ class StepOutcome:
     resumed: bool
 
 
-def job_hash(job: SubjectJob | RenderJob, run_dir: Path | None = None) -> str:
-    """What defines a job's outputs: its entry and, for a render, the avatar file it draws (so a
-    render of a subject trained again is made again)."""
-    text = json.dumps(dataclasses.asdict(job), sort_keys=True, default=str)
+def job_hash(job: SubjectJob | RenderJob, run_dir: Path | None = None, extra: str = "") -> str:
+    """What defines a job's outputs: its entry, ``extra`` (a subject's training configuration) and,
+    for a render, the avatar file it draws (so a render of a subject trained again is made again)."""
+    text = json.dumps(dataclasses.asdict(job), sort_keys=True, default=str) + extra
     if run_dir is not None:
         try:
             st = (run_dir / "avatar.pt").stat()
@@ -96,8 +101,7 @@ def job_outputs(job: SubjectJob | RenderJob, folder: Path) -> list[Path]:
     """The files a finished job leaves in its folder."""
     if isinstance(job, SubjectJob):
         return [folder / "avatar.pt"]
-    stems = [p.stem for p in job.speech]  # one mp4 per speech file, numbered where two share a name
-    return [folder / (f"{s}.mp4" if stems.count(s) == 1 else f"{s}_{i}.mp4") for i, s in enumerate(stems)]
+    return [folder / f"{p.stem}.mp4" for p in job.speech]  # one mp4 per speech file (names differ: jobs.py)
 
 
 def up_to_date(job: SubjectJob | RenderJob, folder: Path, key: str) -> bool:
@@ -157,7 +161,8 @@ def _resumes(spec: StepSpec) -> bool:
     return False
 
 
-def _train_config(job: SubjectJob):
+def train_config(job: SubjectJob):
+    """The training configuration of a subject job (its preset, iteration scale and seed)."""
     from gsavatar.config import auto_preset, load_preset, scale_iterations
     from gsavatar.runtime import resolve_device
 
@@ -171,7 +176,7 @@ def _train_config(job: SubjectJob):
 def _preprocess(spec: StepSpec) -> dict:
     from gsavatar.train.run import prepare_subject
 
-    subject = prepare_subject(spec.job.video, spec.folder, _train_config(spec.job).render_size)
+    subject = prepare_subject(spec.job.video, spec.folder, train_config(spec.job).render_size)
     manifest = _read_json(subject / "manifest.json") or {}
     return {"frames": manifest.get("num_frames")} if manifest.get("num_frames") else {}
 
@@ -179,7 +184,7 @@ def _preprocess(spec: StepSpec) -> dict:
 def _train(spec: StepSpec) -> dict:
     from gsavatar.train.run import train_command
 
-    summary = train_command(spec.job.video, spec.folder, _train_config(spec.job))
+    summary = train_command(spec.job.video, spec.folder, train_config(spec.job))
     decibels = {k: None if summary.get(k) is None else round(float(summary[k]), 2) for k in ("test_psnr", "test_psnr_face")}
     return {**decibels, "train_min": round(summary["wall_s"] / 60, 2)}
 
@@ -212,6 +217,20 @@ def _step_output(spec: StepSpec):
         yield
 
 
+def use_cpus(count: int) -> None:
+    """Threads for torch and for our CPU rasterizer (which by default takes every core, and two
+    steps placed on one node side by side would then fight over them)."""
+    import torch
+
+    from gsavatar import kernels
+
+    torch.set_num_threads(count)
+    if kernels.available("cpp"):
+        from gsavatar.render import set_cpu_raster_threads
+
+        set_cpu_raster_threads(count)
+
+
 def run_step(spec: StepSpec) -> StepOutcome:
     """Run one step here (see the module's doc); never raises for an error of the step itself."""
     import torch
@@ -226,16 +245,16 @@ def run_step(spec: StepSpec) -> StepOutcome:
         resumed = _resumes(spec)
         attempt = _mark_start(spec, resumed)
         if spec.cpus is not None:
-            torch.set_num_threads(max(1, int(spec.cpus)))
+            use_cpus(max(1, int(spec.cpus)))
         with _step_output(spec):
             figures = STEP_WORK[spec.kind](spec)
         if spec.final:
             _record(spec, complete=True)
         ok, reason = True, None
     except StoppedBySignal as e:
-        if not spec.in_worker:
-            raise
-        figures, ok, reason = {}, False, one_line(e)
+        if spec.in_worker:  # its node is going away (a drain, an eviction): run it again elsewhere
+            raise StepPreempted(one_line(e)) from None
+        raise
     except Exception as e:  # noqa: BLE001 (a failed step is reported; the batch goes on)
         figures, ok, reason = {}, False, one_line(e)
     finally:
@@ -243,14 +262,15 @@ def run_step(spec: StepSpec) -> StepOutcome:
     return StepOutcome(ok, reason, figures, node_name(), round(time.perf_counter() - start, 2), attempt, resumed)
 
 
-def probe_output(root: str, token: str) -> tuple[str, str, str | None]:
-    """On one node: write ``token`` to a probe file under ``root``; returns (node, the file, an
-    error or None). The driver then reads the file to see that it shares the node's filesystem."""
+def probe_output(root: str, token: str) -> tuple[str, str, str, str | None]:
+    """On one node: write ``token`` to a probe file under ``root``; returns (node, the file, what
+    was written, an error or None). The driver then reads the file back, which shows that it shares
+    the node's filesystem."""
     host = node_name()
-    path = Path(root) / f".batch-probe-{host}-{token}"
+    path = Path(root) / f".batch-probe-{token}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(token)
     except OSError as e:
-        return host, str(path), e.strerror or str(e)
-    return host, str(path), None
+        return host, str(path), token, e.strerror or str(e)
+    return host, str(path), token, None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gsavatar.config import PreprocessConfig, TrainConfig
 from gsavatar.errors import InputError
-from gsavatar.files import check_creatable_dir
+from gsavatar.files import check_creatable_dir, exclusive_lock
 
 
 def prepare_subject(source: Path, run_dir: Path, render_size: int) -> Path:
@@ -38,23 +38,11 @@ def prepare_subject(source: Path, run_dir: Path, render_size: int) -> Path:
 @contextlib.contextmanager
 def run_dir_lock(run_dir: Path):
     """Hold an exclusive lock on RUN_DIR for the whole run, so that a second ``gsavatar train`` on
-    the same directory stops with one line instead of interleaving checkpoints. The operating
-    system drops the lock when the process ends, however it ends (SIGKILL included), so a
-    killed run never leaves a stale lock behind."""
-    import fcntl
-
+    the same directory stops with one line instead of interleaving checkpoints."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / ".lock", "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise InputError(f"{run_dir} is in use by another gsavatar train; wait for it to finish or use another RUN_DIR") from None
-    try:
+    with exclusive_lock(run_dir / ".lock", f"{run_dir} is in use by another gsavatar train; wait for it to finish "
+                                           f"or use another RUN_DIR"):
         yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
 
 
 def clear_run(run_dir: Path) -> None:
