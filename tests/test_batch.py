@@ -291,3 +291,31 @@ size = 64
     katie = next(j for j in report["jobs"] if j["name"] == "katie")
     assert katie["figures"]["test_psnr"] > 10 and katie["figures"]["frames"] > 150
     assert (tmp_path / "out" / "katie_hello" / "hello.mp4").stat().st_size > 0
+
+
+@needs_ray
+def test_ray_batch_spreads_over_the_nodes_of_a_cluster(trained, tmp_path):
+    """A two-node Ray cluster (two raylets on this machine, 1 CPU each) reached with --address: each
+    node is probed first, and renders that run side by side run on both nodes."""
+    from ray.cluster_utils import Cluster
+
+    from gsavatar.data.video import write_wav
+
+    _, run_dir, _ = trained
+    write_wav(tmp_path / "hello.wav", tone(2.0))
+    renders = "".join(f'[[render]]\nname = "r{i}"\nrun = "{run_dir}"\nspeech = ["hello.wav"]\nsize = 64\n\n' for i in range(4))
+    jobs = write_jobs(tmp_path, 'output = "out"\n' + renders)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        address = cluster.address
+        r = subprocess.run([sys.executable, "-m", "gsavatar", "batch", str(jobs), "--address", address],
+                           capture_output=True, text=True, timeout=600)
+    finally:
+        cluster.shutdown()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"the Ray cluster at {address}: 2 node(s), 2 CPUs" in r.stdout
+    report = json.loads((tmp_path / "out" / "batch_report.json").read_text())
+    assert report["done"] == 4 and len({j["node"] for j in report["jobs"]}) == 2, report["jobs"]
+    assert not list((tmp_path / "out").glob(".batch-probe-*"))  # each node's probe file read back and removed

@@ -119,6 +119,23 @@ def test_a_terminal_gets_a_tqdm_bar():
     assert bar._bar is not None and "5/5" in term.getvalue()
 
 
+def test_log_lines_written_through_a_bar_stay_whole_above_it():
+    """A batch's state lines on the terminal that shows its bar: each on a line of its own, and the
+    bar drawn again below it; without a bar, plain lines."""
+    term = FakeTerminal()
+    with progress(total=3, desc="batch", unit="job", file=term) as bar:
+        bar.update()
+        bar.write("batch [1/3] anna (train): done", file=term)
+        bar.update()
+    text = term.getvalue()
+    assert "\rbatch [1/3] anna (train): done\n" in text  # the bar cleared (carriage return), then the line
+    assert "2/3" in text.split("anna (train): done")[1]  # the bar again, after the line
+    plain = io.StringIO()
+    with progress(total=3, file=plain, enabled=False) as quiet:
+        quiet.write("a line", file=plain)
+    assert plain.getvalue() == "a line\n"
+
+
 def test_a_command_piped_to_a_log_gets_no_carriage_returns():
     code = ("from gsavatar.progress import progress\n"
             "for _ in progress(range(300), desc='eval', unit='frame'):\n"

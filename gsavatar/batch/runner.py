@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import datetime
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -68,7 +69,7 @@ def check_writable(root: Path) -> None:
     """One line when the output root cannot be written (before any work starts)."""
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-check-{node_name()}"
+        probe = root / f".write-check-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:

@@ -116,6 +116,16 @@ def one_line(e: BaseException) -> str:
 
 
 def node_name() -> str:
+    """The machine's name; in a Ray worker with the start of its Ray node id (nodes of one
+    machine, or machines that share a name, stay apart in the report)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
+        except Exception:  # noqa: BLE001 (a name is only for the report)
+            pass
     return socket.gethostname()
 
 
