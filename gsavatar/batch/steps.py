@@ -254,9 +254,9 @@ def run_step(spec: StepSpec) -> StepOutcome:
             _start_over_if_changed(spec)
         resumed = _resumes(spec)
         attempt = _mark_start(spec, resumed)
-        if spec.cpus is not None:
-            use_cpus(max(1, int(spec.cpus)))
         with _step_output(spec):
+            if spec.cpus is not None:
+                use_cpus(max(1, int(spec.cpus)))  # may build our kernels the first time: its note goes in the log
             figures = STEP_WORK[spec.kind](spec)
         if spec.final:
             _record(spec, complete=True)
