@@ -42,6 +42,7 @@ def _design(cfg, name: str):
         "base": {},
         "logmel": {"audio_feature": "logmel"},
         "whisper": {"audio_feature": "whisper"},
+        "both": {"audio_feature": "logmel+whisper"},  # side by side, Whisper's steps repeated to log-mel's rate
         "radius2": {"audio_window_radius": 2},
         "radius8": {"audio_window_radius": 8},
         "smooth1": {"audio_smoothing_frames": 1},

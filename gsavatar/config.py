@@ -230,7 +230,7 @@ class AvatarConfig:
     """Torso branch: camera-frame Gaussians moved by the head pose (never by frame index)."""
     audio_feature: str = "auto"
     """Audio feature kind to condition on; "auto" picks logmel, then whisper, hubert, wav2vec2, whichever the
-    subject has (why: gsavatar.data.frames.AUDIO_PREFERENCE)."""
+    subject has (why: gsavatar.data.frames.AUDIO_PREFERENCE); kinds joined by + (logmel+whisper) side by side."""
     audio_window_radius: int = 4
     """Frames of audio context before a frame fed to the audio encoder (and after it, unless
     ``audio_window_future`` is set)."""

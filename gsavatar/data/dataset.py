@@ -139,8 +139,27 @@ class SubjectDataset:
 
         return read_wav(self.root / "audio.wav")[0]
 
+    def has_audio_features(self, kind: str) -> bool:
+        """Whether :meth:`audio_features` gives ``kind`` (a combination when it has every part)."""
+        from gsavatar.data.audio_features import COMBINE
+
+        return all(k in self.manifest["audio_features"] for k in kind.split(COMBINE))
+
+    def audio_feature_description(self, kind: str) -> dict:
+        """How features of ``kind`` were made (the extractor's description)."""
+        from gsavatar.data.audio_features import COMBINE, combined_description
+
+        if COMBINE in kind:
+            return combined_description([self.audio_feature_description(k) for k in kind.split(COMBINE)])
+        return dict(self.manifest["audio_features"][kind].get("description", {}))
+
     def audio_features(self, kind: str, mmap: bool = True) -> np.ndarray:
-        """``[N, S, D]`` float32 features of ``kind`` (see ``manifest["audio_features"]``)."""
+        """``[N, S, D]`` float32 features of ``kind`` (see ``manifest["audio_features"]``; a
+        combination ``a+b`` of kinds it has is made from them)."""
+        from gsavatar.data.audio_features import COMBINE, combine_features
+
+        if COMBINE in kind and self.has_audio_features(kind):
+            return combine_features([self.audio_features(k, mmap=False) for k in kind.split(COMBINE)])
         if kind not in self.manifest["audio_features"]:
             raise InputError(f"{self.root} has no '{kind}' audio features (has: {', '.join(self.manifest['audio_features'])})")
         return np.load(self.root / "features" / f"{kind}.npy", mmap_mode="r" if mmap else None)

@@ -32,7 +32,7 @@ mouth closes in pauses; lower percentiles are tracking noise)."""
 def choose_audio_feature(dataset: SubjectDataset, wanted: str) -> str:
     have = list(dataset.manifest["audio_features"])
     if wanted != "auto":
-        if wanted not in have:
+        if not dataset.has_audio_features(wanted):
             raise InputError(f"{dataset.root} has no '{wanted}' audio features (has: {', '.join(have)})")
         return wanted
     for kind in AUDIO_PREFERENCE:

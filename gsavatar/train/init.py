@@ -22,7 +22,7 @@ MOUTH_COLOUR = (0.35, 0.12, 0.13)  # dark red: what an open mouth mostly shows b
 
 def audio_spec(data: SubjectFrames) -> AudioSpec:
     """The audio features ``data`` trains on, as the avatar records them."""
-    description = data.dataset.manifest["audio_features"][data.audio_kind].get("description", {})
+    description = data.dataset.audio_feature_description(data.audio_kind)
     return AudioSpec(kind=data.audio_kind, extractor=description, feature_dim=int(data.audio.shape[-1]),
                      steps_per_frame=int(data.audio.shape[1]))
 
