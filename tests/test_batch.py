@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -296,9 +295,10 @@ size = 64
 
 @needs_ray
 def test_ray_batch_spreads_over_the_nodes_of_a_cluster(trained, tmp_path):
-    """A two-node Ray cluster (two raylets on this machine, 1 CPU each) reached through its client
-    server (--address ray://...): each node is probed first, and renders that run side by side run
-    on both nodes."""
+    """A two-node Ray cluster (two raylets on this machine, 1 CPU each) reached with --address: each
+    node is probed first, and renders that run side by side run on both nodes. (Its GCS address:
+    a ray:// client server starts a process per client within 30 s, too tight on a loaded 2-core
+    machine for a test.)"""
     from ray.cluster_utils import Cluster
 
     from gsavatar.data.video import write_wav
@@ -307,14 +307,11 @@ def test_ray_batch_spreads_over_the_nodes_of_a_cluster(trained, tmp_path):
     write_wav(tmp_path / "hello.wav", tone(2.0))
     renders = "".join(f'[[render]]\nname = "r{i}"\nrun = "{run_dir}"\nspeech = ["hello.wav"]\nsize = 64\n\n' for i in range(4))
     jobs = write_jobs(tmp_path, 'output = "out"\n' + renders)
-    with socket.socket() as s:  # a free port for the client server
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "ray_client_server_port": port})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        address = f"ray://127.0.0.1:{port}"
+        address = cluster.address
         r = subprocess.run([sys.executable, "-m", "gsavatar", "batch", str(jobs), "--address", address],
                            capture_output=True, text=True, timeout=600)
     finally:
