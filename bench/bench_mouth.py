@@ -54,7 +54,9 @@ def _design(cfg, name: str):
         "future4": {"audio_window_radius": 5, "audio_window_future": 3, "audio_smoothing_future": 1},
     }
     loss = {"nosilence": {"silence_every": 0}, "silence4": {"silence_every": 4}}
-    augment = {"augment": {"variants": 4}}  # four noisy, louder/quieter copies, heard half the time
+    augment = {"augment": {"variants": 4},  # four noisy, louder/quieter copies, heard half the time
+               # four copies as other voices (frequencies scaled by 0.85-1.15), level and noise untouched
+               "timbre": {"variants": 4, "warp": 0.15, "gain_db": 0.0, "noise_snr_db": 200.0}}
     for part in name.split("+"):  # designs combine: logmel+nosilence
         if part in avatar:
             cfg = dataclasses.replace(cfg, avatar=dataclasses.replace(cfg.avatar, **avatar[part]))

@@ -378,6 +378,9 @@ class AudioAugmentConfig:
     """Each copy's level: the track's, times a gain drawn uniformly within +-this (dB)."""
     noise_snr_db: float = 20.0
     """Each copy's white noise: a signal-to-noise ratio drawn from this to 20 dB more (dB)."""
+    warp: float = 0.0
+    """Each copy's frequencies scaled by a factor drawn within 1 +- this, its timing kept: the pitch
+    and formants of a shorter or longer vocal tract, i.e. another voice (0: no warp)."""
 
 
 @dataclasses.dataclass
@@ -426,8 +429,9 @@ class TrainConfig:
             (self.densify.every >= 1, f"densify.every must be at least 1 (got {self.densify.every})"),
             (self.loss.silence_every >= 0, f"loss.silence_every must be 0 (never) or more (got {self.loss.silence_every})"),
             (_is_int(self.audio_augment.variants) and 0 <= self.audio_augment.variants <= 16
-             and 0 <= self.audio_augment.probability <= 1 and self.audio_augment.gain_db >= 0,
-             "audio_augment: need 0 <= variants <= 16, 0 <= probability <= 1 and gain_db >= 0"),
+             and 0 <= self.audio_augment.probability <= 1 and self.audio_augment.gain_db >= 0
+             and 0 <= self.audio_augment.warp <= 0.5,
+             "audio_augment: need 0 <= variants <= 16, 0 <= probability <= 1, gain_db >= 0 and 0 <= warp <= 0.5"),
             (0 < self.optim.final_lr_fraction <= 1, "optim.final_lr_fraction must be in (0, 1]"),
             (bool(self.stages), "at least one stage is needed"),
             (self.backend in BACKEND_NAMES, f"backend must be one of {', '.join(BACKEND_NAMES)} (got {self.backend!r})"),

@@ -333,4 +333,29 @@ def test_audio_augment_copies_are_the_subject_audio_louder_quieter_and_noisier(d
     assert all(torch.equal(a, b) for a, b in zip(copies, again))  # a resumed run rebuilds the same copies
     with pytest.raises(InputError, match="audio_augment"):
         config_from_dict(TrainConfig, {"audio_augment": {"variants": 99}}).validate()
+    with pytest.raises(InputError, match="warp"):
+        config_from_dict(TrainConfig, {"audio_augment": {"warp": 0.9}}).validate()
     assert dataclasses.asdict(TrainConfig())["audio_augment"]["variants"] == 0
+
+
+@pytest.mark.parametrize("factor", [0.87, 1.13])
+def test_a_frequency_warp_moves_a_tone_and_keeps_its_timing(factor):
+    """Another voice's timbre for the audio copies: a 1 kHz burst moves to factor x 1 kHz (within one
+    FFT bin of the warp's STFT) and stays where it was in time; a factor of 1 gives the input back."""
+    import numpy as np
+
+    from gsavatar.train.trainer import WARP_FFT, warp_frequencies
+
+    rate = 16000
+    t = np.arange(rate) / rate
+    x = (0.5 * np.sin(2 * np.pi * 1000 * t) * ((t > 0.4) & (t < 0.6))).astype(np.float32)
+    y = warp_frequencies(x, factor)
+    freqs = np.fft.rfftfreq(len(y), 1 / rate)
+    assert abs(freqs[np.argmax(np.abs(np.fft.rfft(y)))] - 1000 * factor) <= rate / WARP_FFT
+    envelope = np.convolve(np.abs(y), np.ones(160) / 160, mode="same")  # 10 ms
+    loud = np.flatnonzero(envelope > 0.5 * envelope.max()) / rate
+    assert 0.39 < loud.min() < 0.42 and 0.58 < loud.max() < 0.61
+    # Factor 1: STFT and inverse (Hann, hop N/4, which overlap-adds to a constant) in float32: each
+    # FFT rounds to about log2(N) ulps of the frame's magnitude, four frames overlap a sample.
+    bound = 4 * 2 * np.log2(WARP_FFT) * 2.0**-24 * np.abs(x).max() * 4
+    assert np.abs(warp_frequencies(x, 1.0) - x).max() <= bound

@@ -209,9 +209,32 @@ def silence_example(data: SubjectFrames) -> SilenceExample:
     return SilenceExample(features, data.offsets_of(data.rest_expression()))
 
 
+WARP_FFT = 512
+"""STFT size of :func:`warp_frequencies` (32 ms at 16 kHz: resolves formants, keeps syllables sharp)."""
+
+
+def warp_frequencies(samples: np.ndarray, factor: float) -> np.ndarray:
+    """``samples`` (16 kHz) with every frequency scaled by ``factor`` and the timing kept: the
+    short-time spectrum's frequency axis is resampled (bin ``k`` of the result takes the spectrum at
+    ``k / factor``, linearly between bins), then overlap-added back. Pitch and formants move
+    together, as between a shorter and a longer vocal tract."""
+    x = torch.from_numpy(np.asarray(samples, np.float32))
+    window = torch.hann_window(WARP_FFT)
+    spec = torch.stft(x, WARP_FFT, WARP_FFT // 4, window=window, return_complex=True)  # [F, T]
+    bins = spec.shape[0]
+    source = torch.arange(bins, dtype=torch.float32) / factor
+    low = source.floor().long().clamp(0, bins - 1)
+    high = (low + 1).clamp(0, bins - 1)
+    frac = (source - low.float())[:, None]
+    warped = (1 - frac) * spec[low] + frac * spec[high]
+    warped[source > bins - 1] = 0  # above the old Nyquist: nothing to take
+    return torch.istft(warped, WARP_FFT, WARP_FFT // 4, window=window, length=x.numel()).numpy()
+
+
 def augmented_audio(data: SubjectFrames, cfg, rng: np.random.Generator) -> list[torch.Tensor]:
-    """``cfg.variants`` feature arrays ``[N, S, D]`` of the subject's audio with a random gain and
-    white noise each (``AudioAugmentConfig``), through the subject's own extractor."""
+    """``cfg.variants`` feature arrays ``[N, S, D]`` of the subject's audio with a random gain,
+    white noise and (``cfg.warp``) frequency warp each (``AudioAugmentConfig``), through the
+    subject's own extractor."""
     from gsavatar.drive import SpeechFeaturizer
 
     if cfg.variants <= 0:
@@ -224,7 +247,8 @@ def augmented_audio(data: SubjectFrames, cfg, rng: np.random.Generator) -> list[
         gain = 10 ** (rng.uniform(-cfg.gain_db, cfg.gain_db) / 20)
         snr = rng.uniform(cfg.noise_snr_db, cfg.noise_snr_db + 20)
         noise = rng.standard_normal(samples.size).astype(np.float32) * np.sqrt(power / 10 ** (snr / 10))
-        x = np.clip(gain * (samples + noise), -1, 1)
+        voice = warp_frequencies(samples, rng.uniform(1 - cfg.warp, 1 + cfg.warp)) if cfg.warp > 0 else samples
+        x = np.clip(gain * (voice + noise), -1, 1)
         out.append(featurizer(x, len(data.audio)).to(data.audio.device))
     return out
 
