@@ -3,6 +3,7 @@ over seeds, or one trained run scored, in minutes on a CPU.
 
     python bench/bench_mouth.py designs SUBJECT --designs base logmel radius2 --seeds 0 1 [--write]
     python bench/bench_mouth.py run RUN_DIR [--subject SUBJECT] [--write]
+    python bench/bench_mouth.py folds SUBJECT [--kinds logmel whisper] [--folds 11] [--write]
 
 ``designs`` trains only the motion stage of ``--preset`` (the face net learns audio -> landmark
 motion from the tracking, nothing rendered: about a minute for 3000 iterations) for every design
@@ -13,6 +14,11 @@ and seed, then scores each net. ``run`` scores a whole trained avatar. Scores, p
 * per drive (``--drives``: the shared radio31 and vrt1 clips, plus any wav): r against the
   drive's speech energy at the best lag over the speech, the baseline's, and the mouth's opening
   in 2 s of silence appended to the drive (fraction of the subject's speaking range; 0 is closed).
+
+``folds`` asks how much one held-out split says: a linear probe (ridge regression, fixed
+:data:`PROBE_RIDGE`, from the normalised +-4-frame feature window to the tracked lip gap) is fitted
+and scored on each of ``--folds`` contiguous stretches of the subject in turn (its training leaves
+out the stretch and 8 frames either side); the last fold is the subject's own test split.
 
 Its last line: ``mouth: <design> held-out r <r>, drives r <min>..<max> (baseline <min>..<max>), silence <s>``.
 """
@@ -33,6 +39,11 @@ from common import append_row, like_the_cli, machine  # noqa: E402
 
 SHARED_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "data" / "audio"
 TABLE = "## Lip-sync without rendering (`bench/bench_mouth.py`)"
+FOLD_TABLE = "## Held-out splits compared (`bench/bench_mouth.py folds`)"
+PROBE_RIDGE = 1e4
+"""The probe's ridge penalty (on features normalised to unit variance): the strongest of 1e2-1e4,
+which scored best on cnn2's test split for both feature kinds."""
+PROBE_RADIUS = 4
 SILENCE_S = 2.0
 
 
@@ -144,10 +155,62 @@ def _row(args, label: str, seeds: str, figures: dict, minutes: float) -> str:
             f"{minutes:.1f} | {machine()} | `{' '.join(['python', 'bench/bench_mouth.py', *sys.argv[1:]])}` |")
 
 
+def fold_scores(subject: Path, kind: str, folds: int) -> list[tuple[int, int, object]]:
+    """(first frame, last frame, TimingScore) of the probe on each fold (see the module's doc)."""
+    import numpy as np
+
+    from gsavatar.data.frames import SubjectFrames
+    from gsavatar.eval import lipsync as L
+
+    data = SubjectFrames(subject, 256, kind, "cpu")
+    truth = data.lip_gaps()
+    n = len(truth)
+    feats = data.audio.cpu().numpy().reshape(n, -1).astype(np.float64)
+    window = np.clip(np.arange(n)[:, None] + np.arange(-PROBE_RADIUS, PROBE_RADIUS + 1)[None], 0, n - 1)
+    x = feats[window].reshape(n, -1)
+    out = []
+    for f in range(folds):
+        test = np.arange(n * f // folds, n * (f + 1) // folds)
+        gap = 2 * PROBE_RADIUS  # frames whose windows overlap the fold stay out of its training
+        train = np.setdiff1d(np.arange(n), np.arange(max(0, test[0] - gap), min(n, test[-1] + gap + 1)))
+        mu, sd = x[train].mean(0), x[train].std(0) + 1e-3
+        a, y = (x[train] - mu) / sd, truth[train] - truth[train].mean()
+        if a.shape[1] <= a.shape[0]:
+            w = np.linalg.solve(a.T @ a + PROBE_RIDGE * np.eye(a.shape[1]), a.T @ y)
+        else:  # more dimensions than frames: the same solution from the frames' side (dual form)
+            w = a.T @ np.linalg.solve(a @ a.T + PROBE_RIDGE * np.eye(a.shape[0]), y)
+        out.append((int(test[0]), int(test[-1]), L.timing(((x[test] - mu) / sd) @ w + truth[train].mean(), truth[test])))
+    return out
+
+
+def folds_main(args) -> None:
+    for kind in args.kinds:
+        start = time.perf_counter()
+        scores = fold_scores(args.target, kind, args.folds)
+        for first, last, t in scores:
+            print(f"{kind} frames {first}-{last}: r at 0 {_fmt(t.r_at_0)}, best {_fmt(t.r)} at lag {t.lag}")
+        r0 = [t.r_at_0 for _, _, t in scores]
+        lags = [t.lag for _, _, t in scores]
+        at0 = sum(lag == 0 for lag in lags)
+        test = scores[-1][2]
+        line = (f"mouth: probe {kind} on {args.target.name}: r at 0 over {args.folds} folds mean {statistics.fmean(r0):.2f}, "
+                f"{min(r0):.2f}..{max(r0):.2f}, lag 0 in {at0} of {args.folds}; the test split (last fold) "
+                f"{_fmt(test.r_at_0)} (lag {test.lag})")
+        print(line, f"({time.perf_counter() - start:.1f} s)")
+        if args.write:
+            append_row(FOLD_TABLE, (
+                f"| {datetime.date.today()} | {args.target.name} | {kind} | {args.folds} | {statistics.fmean(r0):.2f} | "
+                f"{min(r0):.2f}..{max(r0):.2f} | {at0} of {args.folds} (others: {sorted(x for x in lags if x != 0)}) | "
+                f"{_fmt(test.r_at_0)} (lag {test.lag}) | {machine()} | "
+                f"`{' '.join(['python', 'bench/bench_mouth.py', *sys.argv[1:]])}` |"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("designs", "run"))
-    ap.add_argument("target", type=Path, help="designs: a subject directory; run: a run directory")
+    ap.add_argument("what", choices=("designs", "run", "folds"))
+    ap.add_argument("target", type=Path, help="designs, folds: a subject directory; run: a run directory")
+    ap.add_argument("--kinds", nargs="+", default=["logmel"], help="folds: feature kinds (a+b: side by side)")
+    ap.add_argument("--folds", type=int, default=11, help="folds: contiguous stretches (11: the last is the test split)")
     ap.add_argument("--subject", type=Path, default=None, help="run: the subject (default: the avatar's own)")
     ap.add_argument("--designs", nargs="+", default=["base"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -165,6 +228,9 @@ def main() -> None:
     from gsavatar.model.io import load_run
     from gsavatar.train.trainer import train
 
+    if args.what == "folds":
+        folds_main(args)
+        return
     drives = _drives(args.drives)
     if args.what == "run":
         start = time.perf_counter()
