@@ -321,3 +321,17 @@ def test_ray_batch_spreads_over_the_nodes_of_a_cluster(trained, tmp_path):
     report = json.loads((tmp_path / "out" / "batch_report.json").read_text())
     assert report["done"] == 4 and len({j["node"] for j in report["jobs"]}) == 2, report["jobs"]
     assert not list((tmp_path / "out").glob(".batch-probe-*"))  # each node's probe file read back and removed
+
+
+def test_a_subject_hash_follows_its_settings_not_new_defaults(tmp_path):
+    """An edited preset changes a subject's hash; TrainConfig growing a setting at its default does not."""
+    from gsavatar.batch import load_jobs
+    from gsavatar.batch.runner import _changed_settings, _key, _plan
+
+    (tmp_path / "p.toml").write_text('base = "cpu-tiny"\n')
+    jobs = load_jobs(write_jobs(tmp_path, 'output = "out"\n[[subject]]\nname = "a"\nvideo = "v"\npreset = "p.toml"\n'))
+    before = _key(_plan(jobs, "cpu")[0])
+    (tmp_path / "p.toml").write_text('base = "cpu-tiny"\nseed = 3\n')
+    assert _key(_plan(jobs, "cpu")[0]) != before
+    assert _changed_settings({"a": {"x": 1, "new": 0}, "b": 2}, {"a": {"x": 1, "new": 0}, "b": 2}) == {}
+    assert _changed_settings({"a": {"x": 2, "new": 0}}, {"a": {"x": 1, "new": 0}}) == {"a": {"x": 2}}

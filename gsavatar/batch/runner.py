@@ -143,11 +143,29 @@ def _plan(jobs: BatchJobs, training_device: str) -> list[_Job]:
     return plan
 
 
+def _changed_settings(values: dict, defaults: dict) -> dict:
+    """The settings of ``values`` that differ from ``defaults`` (nested tables compared key by key)."""
+    out = {}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            inner = _changed_settings(value, default)
+            if inner:
+                out[key] = inner
+        elif value != default:
+            out[key] = value
+    return out
+
+
 def _key(j: _Job) -> str:
-    """The job's hash; a subject's includes its whole training configuration (an edited preset
-    file trains again)."""
+    """The job's hash; a subject's includes the training settings that differ from TrainConfig's
+    defaults (an edited preset file trains again, a setting added to gsavatar at its default does
+    not make finished jobs train again)."""
+    from gsavatar.config import TrainConfig
+
     if isinstance(j.job, SubjectJob):
-        return job_hash(j.job, extra=json.dumps(dataclasses.asdict(train_config(j.job)), sort_keys=True, default=str))
+        settings = _changed_settings(dataclasses.asdict(train_config(j.job)), dataclasses.asdict(TrainConfig()))
+        return job_hash(j.job, extra=json.dumps(settings, sort_keys=True, default=str))
     return job_hash(j.job, j.run_dir)
 
 

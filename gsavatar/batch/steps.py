@@ -116,8 +116,9 @@ def one_line(e: BaseException) -> str:
 
 
 def node_name() -> str:
-    """The machine's name; in a Ray worker with the start of its Ray node id (nodes of one
-    machine, or machines that share a name, stay apart in the report)."""
+    """The machine's name; in a process connected to Ray (a worker, or the driver) with the start
+    of its Ray node id (nodes of one machine, or machines that share a name, stay apart in the
+    report)."""
     import sys
 
     ray = sys.modules.get("ray")

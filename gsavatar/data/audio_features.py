@@ -835,8 +835,9 @@ def combine_features(parts: list[np.ndarray]) -> np.ndarray:
     if any(steps % p.shape[1] for p in parts):
         raise InputError(f"cannot combine audio features of {[p.shape[1] for p in parts]} steps a frame "
                          f"(each must divide the largest)")
-    n = min(len(p) for p in parts)
-    return np.concatenate([np.repeat(np.asarray(p[:n], np.float32), steps // p.shape[1], axis=1) for p in parts], axis=2)
+    if len({len(p) for p in parts}) > 1:
+        raise InputError(f"cannot combine audio features of {[len(p) for p in parts]} frames (they must match)")
+    return np.concatenate([np.repeat(np.asarray(p, np.float32), steps // p.shape[1], axis=1) for p in parts], axis=2)
 
 
 def combined_description(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -852,10 +853,11 @@ def combined_description(parts: list[dict[str, Any]]) -> dict[str, Any]:
 class CombinedExtractor(AudioFeatureExtractor):
     """Several kinds side by side (see :func:`combine_features`); ``parts`` are ``{"kind", "options"}``."""
 
-    def __init__(self, *, parts: list[dict[str, Any]]) -> None:
+    def __init__(self, *, parts: list[dict[str, Any]], **run_options: Any) -> None:
         if not isinstance(parts, list) or len(parts) < 2:
             raise InputError("a combination of audio features needs two or more parts")
-        self.parts = [extractor_from_description(dict(p, options=p.get("options") or {})) for p in parts]
+        # Run settings (device, threads) go to the parts that take them.
+        self.parts = [extractor_from_description(dict(p, options=p.get("options") or {}), **run_options) for p in parts]
         self.kind = COMBINE.join(e.kind for e in self.parts)
         combine_features([np.zeros((1, e.steps_per_frame, 1), np.float32) for e in self.parts])  # steps must divide
 
@@ -875,6 +877,10 @@ class CombinedExtractor(AudioFeatureExtractor):
 
     def describe(self) -> dict[str, Any]:
         return combined_description([e.describe() for e in self.parts])
+
+    def stream(self) -> "FeatureStream":
+        raise InputError(f"{self.kind} features (a combination) cannot be streamed; live streaming needs an "
+                         "avatar conditioned on logmel (gsavatar train --preset live)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -899,11 +905,17 @@ _REGISTRY: dict[str, tuple[Any, type[AudioFeatureExtractor]]] = {
 }
 
 
+_RUN_OPTION_NAMES = frozenset(name for _, cls in _REGISTRY.values() for name in cls.RUN_OPTIONS)
+"""Every kind's run settings: a combination passes those it is given on to its parts."""
+
+
 def check_available(kind: str, **options: Any) -> None:
     """Raise now what :func:`make_extractor` would raise for a missing package or missing weights
     (:class:`MissingDependencyError`) or an unknown kind (:class:`InputError`), without loading a
     model: ``gsavatar preprocess`` calls it before its first stage."""
     if COMBINE in kind:
+        if options:
+            raise InputError(f"audio features {kind!r}: options go to its parts (give them one by one)")
         for part in kind.split(COMBINE):
             check_available(part)
         return
@@ -929,9 +941,10 @@ def make_extractor(kind: str, **options: Any) -> AudioFeatureExtractor:
     """
     if COMBINE in kind:
         parts = options.pop("parts", None) or [{"kind": k, "options": {}} for k in kind.split(COMBINE)]
+        run = {k: options.pop(k) for k in list(options) if k in _RUN_OPTION_NAMES}
         if options:
             raise InputError(f"unknown option(s) {', '.join(sorted(options))} for audio features {kind!r} (valid: parts)")
-        extractor = CombinedExtractor(parts=parts)
+        extractor = CombinedExtractor(parts=parts, **run)
         if extractor.kind != kind:
             raise InputError(f"audio features {kind!r}: its parts make {extractor.kind!r}")
         return extractor
@@ -960,7 +973,7 @@ def extractor_from_description(description: dict[str, Any], **run_options: Any) 
         options = dict(description.get("options") or {})
     except (KeyError, TypeError, AttributeError):
         raise InputError("not an audio feature description (needs 'kind' and 'options')") from None
-    run_names = getattr(_REGISTRY.get(kind, (None, None))[1], "RUN_OPTIONS", ())
+    run_names = _RUN_OPTION_NAMES if COMBINE in kind else getattr(_REGISTRY.get(kind, (None, None))[1], "RUN_OPTIONS", ())
     options = {k: v for k, v in options.items() if k not in run_names}
     extractor = make_extractor(kind, **options, **{k: v for k, v in run_options.items() if k in run_names})
     for key in ("dim", "steps_per_frame"):

@@ -522,7 +522,9 @@ def preprocess(video: str | Path, out: str | Path, cfg: PreprocessConfig | None 
 
     unknown = [k for k in cfg.audio_features if k not in available_kinds()]
     if unknown:
-        raise InputError(f"unknown audio feature kind(s) {unknown}; known: {', '.join(available_kinds())}")
+        hint = (" (a combination such as logmel+whisper is not stored: store each kind, then train with "
+                "[avatar] audio_feature = \"logmel+whisper\")") if any("+" in k for k in unknown) else ""
+        raise InputError(f"unknown audio feature kind(s) {unknown}; known: {', '.join(available_kinds())}{hint}")
     for kind in cfg.audio_features:  # a missing package or model fails now, not after the long stages
         try:
             check_available(kind)

@@ -34,7 +34,7 @@ from gsavatar.config import StageConfig, TrainConfig
 from gsavatar.data.frames import SubjectFrame, SubjectFrames
 from gsavatar.data.io import atomic_write_json
 from gsavatar.data.timebase import FPS, SAMPLE_RATE
-from gsavatar.errors import InputError, StoppedBySignal
+from gsavatar.errors import GsavatarError, InputError, StoppedBySignal
 from gsavatar.imaging import psnr
 from gsavatar.model.avatar import BRANCHES, LAYERS, Avatar, AvatarRender, FrameInputs
 from gsavatar.model.gaussians import PARAM_NAMES
@@ -211,24 +211,49 @@ def silence_example(data: SubjectFrames) -> SilenceExample:
 
 WARP_FFT = 512
 """STFT size of :func:`warp_frequencies` (32 ms at 16 kHz: resolves formants, keeps syllables sharp)."""
+LOCK_BINS = 5
+"""Phase locking of :func:`warp_frequencies`: a bin follows the strongest bin within +-2 (a Hann
+window's main lobe is 4 bins wide)."""
+
+
+def _stretch(x: torch.Tensor, rate: float) -> torch.Tensor:
+    """``x`` played ``rate`` times as fast with its frequencies kept (a phase vocoder): output frame
+    ``m`` is the analysis frame at ``m * rate`` (magnitudes interpolated between the two frames
+    around it), and each bin's phase advances by its true frequency (read from the phase change
+    between those frames) over one hop, so the frames overlap-add in phase."""
+    hop = WARP_FFT // 4
+    window = torch.hann_window(WARP_FFT, dtype=x.dtype)
+    spec = torch.stft(x, WARP_FFT, hop, window=window, return_complex=True)  # [F, T]
+    spec = torch.cat([spec, torch.zeros_like(spec[:, :1])], dim=1)  # a silent frame past the end
+    steps = torch.arange(0, spec.shape[1] - 1, rate, dtype=x.dtype)
+    left = steps.floor().long()
+    frac = steps - left
+    magnitude = (1 - frac) * spec[:, left].abs() + frac * spec[:, left + 1].abs()
+    nominal = 2 * np.pi * hop * torch.arange(spec.shape[0], dtype=x.dtype)[:, None] / WARP_FFT
+    advance = spec[:, left + 1].angle() - spec[:, left].angle() - nominal
+    advance = nominal + torch.remainder(advance + np.pi, 2 * np.pi) - np.pi  # the true advance per hop
+    phase = spec[:, :1].angle() + torch.cumsum(advance, dim=1) - advance  # frame m: the advances before it
+    # Phase locking: each bin keeps its analysis phase relative to the strongest bin near it, which
+    # alone carries the accumulated phase, so the bins of one partial stay in step (without it a
+    # frame pair read twice sets them apart for good, and a steady tone loses up to 12 dB).
+    _, peak = torch.nn.functional.max_pool1d(magnitude.T[:, None], LOCK_BINS, 1, LOCK_BINS // 2, return_indices=True)
+    peak = peak[:, 0].T  # [F, M]: the bin each bin follows
+    analysis = spec[:, left].angle()
+    phase = phase.gather(0, peak) + analysis - analysis.gather(0, peak)
+    return torch.istft(torch.polar(magnitude, phase), WARP_FFT, hop, window=window, length=round(x.numel() / rate))
 
 
 def warp_frequencies(samples: np.ndarray, factor: float) -> np.ndarray:
-    """``samples`` (16 kHz) with every frequency scaled by ``factor`` and the timing kept: the
-    short-time spectrum's frequency axis is resampled (bin ``k`` of the result takes the spectrum at
-    ``k / factor``, linearly between bins), then overlap-added back. Pitch and formants move
-    together, as between a shorter and a longer vocal tract."""
-    x = torch.from_numpy(np.asarray(samples, np.float32))
-    window = torch.hann_window(WARP_FFT)
-    spec = torch.stft(x, WARP_FFT, WARP_FFT // 4, window=window, return_complex=True)  # [F, T]
-    bins = spec.shape[0]
-    source = torch.arange(bins, dtype=torch.float32) / factor
-    low = source.floor().long().clamp(0, bins - 1)
-    high = (low + 1).clamp(0, bins - 1)
-    frac = (source - low.float())[:, None]
-    warped = (1 - frac) * spec[low] + frac * spec[high]
-    warped[source > bins - 1] = 0  # above the old Nyquist: nothing to take
-    return torch.istft(warped, WARP_FFT, WARP_FFT // 4, window=window, length=x.numel()).numpy()
+    """``samples`` (16 kHz) with every frequency scaled by ``factor`` and the timing kept: stretched
+    to ``factor`` times the duration with a phase vocoder (frequencies kept), then resampled back to
+    the original length (band-limited, by FFT), which scales every frequency by ``factor``. Pitch
+    and formants move together, as between a shorter and a longer vocal tract."""
+    x = torch.from_numpy(np.asarray(samples, np.float32)).double()
+    longer = _stretch(x, 1.0 / factor).numpy()
+    spectrum = np.fft.rfft(longer)
+    keep = x.numel() // 2 + 1
+    spectrum = spectrum[:keep] if len(spectrum) >= keep else np.pad(spectrum, (0, keep - len(spectrum)))
+    return (np.fft.irfft(spectrum, n=x.numel()) * (x.numel() / len(longer))).astype(np.float32)
 
 
 def augmented_audio(data: SubjectFrames, cfg, rng: np.random.Generator) -> list[torch.Tensor]:
@@ -258,6 +283,20 @@ MIN_LIPSYNC_SECONDS = 20.0
 first 10, 20, 40 and 71 s (BENCHMARKS.md, Lip-sync without rendering, two seeds each): the
 worst of four new voices followed the avatar's mouth with r -0.10, 0.10, 0.16 and 0.27, the best
 at about 0.5 throughout; the held-out r of the subject's own speech does not show it."""
+
+
+def _same_settings(saved: dict, now: dict) -> bool:
+    """Whether a checkpoint's settings are the run's: read through TrainConfig first, so that a
+    setting added since the checkpoint was written counts as its default, not as a difference."""
+    from gsavatar.config import config_from_dict
+
+    if saved == now:
+        return True
+    try:
+        filled = json.loads(json.dumps(dataclasses.asdict(config_from_dict(TrainConfig, saved))))
+    except (GsavatarError, TypeError, ValueError):  # a setting removed since: not the same
+        return False
+    return filled == now
 
 
 def short_video_note(train_frames: int) -> str | None:
@@ -350,7 +389,7 @@ class Trainer:
         config_json = json.dumps(dataclasses.asdict(self.cfg), indent=2)
         if ckpt_path.is_file():
             ckpt = load_checkpoint(ckpt_path, self.device)
-            if ckpt.config != json.loads(config_json):
+            if not _same_settings(ckpt.config, json.loads(config_json)):
                 raise InputError(f"{self.run_dir} holds a run with different settings; use another RUN_DIR or --force")
             now = self.subject_info().to_dict()
             for key in ("subject_dir", "num_frames", "audio_kind", "feature_dim", "render_size"):
