@@ -27,6 +27,37 @@ def write_jobs(tmp_path, body: str):
     return path
 
 
+def good_and_bad_subject_jobs(tmp_path, good: str, video, preset: str, scale: float, bad: str, bad_video: str):
+    """A job file: subject ``good`` (its video, preset, iteration scale) and subject ``bad`` (a
+    video that fails), each with a render ``<name>_hello`` of hello.wav (written here)."""
+    from gsavatar.data.video import write_wav
+
+    write_wav(tmp_path / "hello.wav", tone(1.0))
+    return write_jobs(tmp_path, f'''output = "out"
+[[subject]]
+name = "{good}"
+video = "{video}"
+preset = "{preset}"
+iterations_scale = {scale}
+
+[[subject]]
+name = "{bad}"
+video = "{bad_video}"
+preset = "cpu-tiny"
+
+[[render]]
+name = "{good}_hello"
+subject = "{good}"
+speech = ["hello.wav"]
+size = 64
+
+[[render]]
+name = "{bad}_hello"
+subject = "{bad}"
+speech = ["hello.wav"]
+''')
+
+
 @pytest.mark.parametrize("body, error", [
     ('output = "out"\n', "lists no"),
     ('output = "out"\n[[subject]]\nname = "a b"\nvideo = "v.mp4"\n', "name must be"),
@@ -124,32 +155,7 @@ def test_in_process_batch_trains_renders_fails_alone_and_skips_on_rerun(demo_sub
     everything done is skipped."""
     import av
 
-    from gsavatar.data.video import write_wav
-
-    write_wav(tmp_path / "hello.wav", tone(1.0))
-    jobs = write_jobs(tmp_path, f'''output = "out"
-[[subject]]
-name = "demo"
-video = "{demo_subject[0]}"
-preset = "cpu-tiny"
-iterations_scale = 0.02
-
-[[subject]]
-name = "missing"
-video = "no-such-video.mp4"
-preset = "cpu-tiny"
-
-[[render]]
-name = "demo_hello"
-subject = "demo"
-speech = ["hello.wav"]
-size = 64
-
-[[render]]
-name = "missing_hello"
-subject = "missing"
-speech = ["hello.wav"]
-''')
+    jobs = good_and_bad_subject_jobs(tmp_path, "demo", demo_subject[0], "cpu-tiny", 0.02, "missing", "no-such-video.mp4")
     cmd = [sys.executable, "-m", "gsavatar", "batch", str(jobs), "--in-process"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 1, first.stderr
@@ -207,34 +213,9 @@ def test_ray_batch_preprocesses_trains_renders_retries_a_killed_worker_and_skips
     run again, what is done is skipped."""
     import av
 
-    from gsavatar.data.video import write_wav
-
-    write_wav(tmp_path / "hello.wav", tone(1.0))
     (tmp_path / "quick.toml").write_text(QUICK_PRESET)
     (tmp_path / "broken.mp4").write_text("not a video")
-    jobs = write_jobs(tmp_path, f'''output = "out"
-[[subject]]
-name = "synth"
-video = "{demo_video.video_path}"
-preset = "quick.toml"
-iterations_scale = 0.1
-
-[[subject]]
-name = "broken"
-video = "broken.mp4"
-preset = "cpu-tiny"
-
-[[render]]
-name = "synth_hello"
-subject = "synth"
-speech = ["hello.wav"]
-size = 64
-
-[[render]]
-name = "broken_hello"
-subject = "broken"
-speech = ["hello.wav"]
-''')
+    jobs = good_and_bad_subject_jobs(tmp_path, "synth", demo_video.video_path, "quick.toml", 0.1, "broken", "broken.mp4")
     cmd = [sys.executable, "-m", "gsavatar", "batch", str(jobs), "--max-parallel", "2"]
     batch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -335,3 +316,24 @@ def test_a_subject_hash_follows_its_settings_not_new_defaults(tmp_path):
     assert _key(_plan(jobs, "cpu")[0]) != before
     assert _changed_settings({"a": {"x": 1, "new": 0}, "b": 2}, {"a": {"x": 1, "new": 0}, "b": 2}) == {}
     assert _changed_settings({"a": {"x": 2, "new": 0}}, {"a": {"x": 1, "new": 0}}) == {"a": {"x": 2}}
+
+
+def test_a_cluster_address_nothing_answers_at_is_one_line_at_once(tmp_path):
+    """Ray would wait minutes for a head that is not there; the batch says so in a second."""
+    import socket
+
+    from gsavatar.batch.executors import _check_reachable
+
+    with socket.socket() as s:  # a port that was just free: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(InputError, match=f"nothing answers at 127.0.0.1:{port}"):
+            _check_reachable(address)
+    with pytest.raises(InputError, match="expected auto, HOST:PORT"):
+        _check_reachable("head:port")
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        _check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")  # something answers: no error
+    _check_reachable("auto")  # Ray's own lookup

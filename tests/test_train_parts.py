@@ -344,7 +344,7 @@ def test_a_frequency_warp_moves_tones_keeps_their_level_and_timing(factor):
     their level, a burst stays where it was in time, and a factor of 1 gives the input back."""
     import numpy as np
 
-    from gsavatar.train.trainer import WARP_FFT, warp_frequencies
+    from gsavatar.data.voice import WARP_FFT, warp_frequencies
 
     rate = 16000
     t = np.arange(rate) / rate

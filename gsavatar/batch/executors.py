@@ -27,6 +27,28 @@ PROBE_TIMEOUT_S = 120.0
 """How long each node has to show that it can write the output root."""
 
 
+CONNECT_TIMEOUT_S = 10.0
+"""How long a cluster's HOST:PORT has to accept a connection (Ray itself waits minutes for a head
+that is not there)."""
+
+
+def _check_reachable(address: str) -> None:
+    """One line now for a HOST:PORT (or ray://HOST:PORT) that nothing answers at; ``auto`` is Ray's."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if address == "auto" or not host:
+        return
+    if not port.isdigit():
+        raise InputError(f"--address {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise InputError(f"cannot reach the Ray cluster at {address}: nothing answers at {hostport} "
+                         f"({e.strerror or type(e).__name__})") from None
+
+
 class InProcessExecutor:
     """Each step in this process, in the order submitted, when the driver waits for it."""
 
@@ -78,6 +100,7 @@ class RayExecutor:
         if address is None:  # "local": a new instance even where `ray start` runs one on this machine
             kwargs.update(address="local", object_store_memory=LOCAL_OBJECT_STORE_BYTES)
         else:
+            _check_reachable(address)
             kwargs.update(address=address)
         sigterm = signal.getsignal(signal.SIGTERM)
         try:
@@ -216,4 +239,4 @@ def make_executor(output: Path, resources: BatchResources, address: str | None =
         log(f"batch: Ray is not installed, so the jobs run one after another in this process ({INSTALL_HINT} "
             "runs them in parallel, here or on a cluster)")
         return InProcessExecutor()
-    return RayExecutor(None if address in (None, "") else address, output, resources, max_parallel)
+    return RayExecutor(address, output, resources, max_parallel)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Hashable
 
 from gsavatar.batch.jobs import BatchJobs, RenderJob, SubjectJob
-from gsavatar.batch.steps import StepOutcome, StepSpec, job_hash, node_name, one_line, read_marker, train_config, up_to_date
+from gsavatar.batch.steps import StepOutcome, StepSpec, job_hash, node_name, one_line, probe_output, read_marker, train_config, up_to_date
 from gsavatar.data.io import atomic_write_json
 from gsavatar.errors import GsavatarError, InputError
 from gsavatar.files import exclusive_lock
@@ -66,14 +66,11 @@ class _Job:
 
 
 def check_writable(root: Path) -> None:
-    """One line when the output root cannot be written (before any work starts)."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-check-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise InputError(f"cannot write the batch output {root} from {node_name()} ({e.strerror or e})") from None
+    """One line when the output root cannot be written from here (before any work starts)."""
+    _, probe, _, error = probe_output(str(root), f"driver-{os.getpid()}")
+    if error:
+        raise InputError(f"cannot write the batch output {root} from {node_name()} ({error})")
+    Path(probe).unlink(missing_ok=True)
 
 
 class _Reporter:

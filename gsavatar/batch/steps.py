@@ -173,12 +173,11 @@ def _resumes(spec: StepSpec) -> bool:
 
 
 def train_config(job: SubjectJob):
-    """The training configuration of a subject job (its preset, iteration scale and seed)."""
-    from gsavatar.config import auto_preset, load_preset, scale_iterations
-    from gsavatar.runtime import resolve_device
+    """The training configuration of a subject job (its preset, iteration scale and seed); the
+    driver has resolved ``preset = "auto"`` already (for the device training gets, once)."""
+    from gsavatar.config import load_preset, scale_iterations
 
-    preset = auto_preset(resolve_device("auto").type) if job.preset == "auto" else job.preset
-    cfg = scale_iterations(load_preset(preset), job.iterations_scale)
+    cfg = scale_iterations(load_preset(job.preset), job.iterations_scale)
     if job.seed is not None:
         cfg = dataclasses.replace(cfg, seed=job.seed)
     return cfg.validate()
