@@ -56,6 +56,8 @@ def _design(cfg, name: str):
         "logmel": {"audio_feature": "logmel"},
         "whisper": {"audio_feature": "whisper"},
         "both": {"audio_feature": "logmel+whisper"},  # side by side, Whisper's steps repeated to log-mel's rate
+        "phonemes": {"audio_feature": "phonemes"},
+        "logmel_phonemes": {"audio_feature": "logmel+phonemes"},
         "radius2": {"audio_window_radius": 2},
         "radius8": {"audio_window_radius": 8},
         "smooth1": {"audio_smoothing_frames": 1},

@@ -34,9 +34,10 @@ class Preprocess:
     """Subject dataset directory to create or update."""
     size: int = 512
     """Working resolution (square crop resized to SIZE x SIZE)."""
-    audio_features: tuple[str, ...] = ("logmel", "whisper")
-    """Audio feature kinds to extract: logmel (built in), whisper (Whisper tiny.en encoder, offline),
-    hubert / wav2vec2 (local weights: the directory in $GSAVATAR_HUBERT_MODEL / $GSAVATAR_WAV2VEC2_MODEL)."""
+    audio_features: tuple[str, ...] = PreprocessConfig.audio_features
+    """Audio feature kinds to extract: logmel (built in), phonemes (a multilingual phoneme
+    recogniser, offline), whisper (Whisper tiny.en encoder, offline), hubert / wav2vec2 (local
+    weights: the directory in $GSAVATAR_HUBERT_MODEL / $GSAVATAR_WAV2VEC2_MODEL)."""
 
     def __call__(self) -> None:
         from gsavatar.data.preprocess import preprocess

@@ -121,8 +121,9 @@ class PreprocessConfig:
     """Quality of the stored frames (JPEG, random access, about 10x smaller than PNG)."""
     background_samples: int = 150
     """Frames sampled (evenly) for the background plate's temporal median."""
-    audio_features: tuple[str, ...] = ("logmel", "whisper")
-    """Audio feature kinds to extract (see ``gsavatar.data.audio_features.available_kinds``)."""
+    audio_features: tuple[str, ...] = ("logmel", "phonemes", "whisper")
+    """Audio feature kinds to extract (see ``gsavatar.data.audio_features.available_kinds``): what
+    training's "auto" prefers (``gsavatar.data.frames.AUDIO_PREFERENCE``) and Whisper to choose."""
     test_fraction: float = 1.0 / 11.0
     """The last ``test_fraction`` of frames form the test split (the published convention)."""
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
@@ -229,8 +230,8 @@ class AvatarConfig:
     torso: BranchConfig = dataclasses.field(default_factory=_torso_branch)
     """Torso branch: camera-frame Gaussians moved by the head pose (never by frame index)."""
     audio_feature: str = "auto"
-    """Audio feature kind to condition on; "auto" picks logmel, then whisper, hubert, wav2vec2, whichever the
-    subject has (why: gsavatar.data.frames.AUDIO_PREFERENCE); kinds joined by + (logmel+whisper) side by side."""
+    """Audio feature kind to condition on; "auto" picks logmel+phonemes, then logmel, whisper, hubert, wav2vec2,
+    whichever the subject has (why: gsavatar.data.frames.AUDIO_PREFERENCE); kinds joined by + side by side."""
     audio_window_radius: int = 4
     """Frames of audio context before a frame fed to the audio encoder (and after it, unless
     ``audio_window_future`` is set)."""

@@ -387,6 +387,119 @@ def test_whisper_missing_dependencies(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
+# Phoneme posteriors (hama)
+# --------------------------------------------------------------------------------------------
+
+phonemes_missing = not _has("hama")
+BLANK = -1  # the recogniser's last token is CTC's blank
+
+
+@pytest.fixture(scope="module")
+def phonemes():
+    if phonemes_missing:
+        pytest.skip("hama not installed")
+    return make_extractor("phonemes")
+
+
+def _spoken(text: str, voice: str, tmp_path) -> np.ndarray:
+    """``text`` spoken by espeak-ng at 16 kHz (the test skips where espeak-ng is not installed)."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng (a Debian package) is not installed")
+    from gsavatar.drive import load_speech
+
+    path = tmp_path / f"{voice}.wav"
+    subprocess.run(["espeak-ng", "-v", voice, "-s", "150", "-w", str(path), text], check=True, capture_output=True)
+    return load_speech(path)
+
+
+def _emitting(features: np.ndarray) -> np.ndarray:
+    """Per step: True where the recogniser's best token is a phoneme, not blank."""
+    flat = features.reshape(-1, features.shape[-1])
+    return flat.argmax(axis=1) != flat.shape[1] + BLANK
+
+
+@pytest.mark.skipif(phonemes_missing, reason="hama not installed")
+class TestPhonemes:
+    def test_log_posteriors_of_speech_and_silence(self, phonemes, tmp_path):
+        """Shape and layout; each step is a log-distribution over the tokens; silence is blank
+        throughout, and speech in English and German emits phonemes at a speaking rate."""
+        assert (phonemes.kind, phonemes.dim, phonemes.steps_per_frame) == ("phonemes", 191, 2)
+        silence = phonemes.extract(np.zeros(2 * SAMPLE_RATE, np.float32), 2 * FPS)
+        assert silence.shape == (50, 2, 191) and silence.dtype == np.float32
+        assert not _emitting(silence).any()
+        for voice, text in (("en", "The quick brown fox jumps over the lazy dog."),
+                            ("de", "Der schnelle braune Fuchs springt über den faulen Hund.")):
+            speech = _spoken(text, voice, tmp_path)
+            frames = len(speech) // SAMPLES_PER_FRAME
+            f = phonemes.extract(speech, frames)
+            # Each step's probabilities sum to 1: float32 exp and sum over 191 terms err by ~191 ulp.
+            total = np.exp(f.astype(np.float64)).sum(axis=-1)
+            np.testing.assert_allclose(total, 1.0, atol=191 * np.finfo(np.float32).eps * 4)
+            emitted = np.diff(np.concatenate([[False], _emitting(f)])).clip(0).sum()  # runs of phoneme steps
+            seconds = frames / FPS
+            assert emitted >= 4 * seconds, (voice, emitted, seconds)  # speech has ~10 phonemes a second
+            np.testing.assert_array_equal(f, phonemes.extract(speech.copy(), frames))
+
+    def test_alignment_with_local_recogniser(self, phonemes, monkeypatch):
+        """With the recogniser replaced by "output i = mean |x| over [320 i - 160, 320 i + 160)" (a
+        centred 160-hop STFT subsampled by 2, as the real one counts its outputs), a burst in
+        frame k shows up in exactly its two steps, also across chunk boundaries (1 s chunks)."""
+
+        def local(samples):
+            padded = np.pad(np.abs(samples), (160, 160 + 320))
+            level = np.add.reduceat(padded, np.arange(0, len(samples) + 1, 320)[: len(samples) // 320 + 1])[:, None]
+            return np.repeat(level / 320, phonemes.dim, axis=1).astype(np.float32)
+
+        monkeypatch.setattr(phonemes, "_log_probs", local)
+        monkeypatch.setattr(phonemes, "CHUNK_SECONDS", 1)
+        monkeypatch.setattr(phonemes, "CONTEXT_SECONDS", 0.5)
+        n = 80
+        wav = np.zeros(n * SAMPLES_PER_FRAME, np.float32)
+        bursts = [0, 10, 24, 25, 49, 79]  # 25 and 50 open chunks; 0 and 79 are the edges
+        for k in bursts:
+            wav[k * SAMPLES_PER_FRAME:(k + 1) * SAMPLES_PER_FRAME] = _noise(SAMPLES_PER_FRAME, seed=k) + 0.5
+        level = phonemes.extract(wav, n)[..., 0]
+        hit = np.zeros((n, 2), bool)
+        hit[bursts] = True
+        assert (level[~hit] == 0).all() and (level[hit] > 0.1).all()
+
+    def test_delayed_speech_gives_delayed_features(self, phonemes, tmp_path):
+        """Speech delayed by two frames gives the same phoneme evidence four steps later."""
+        speech = _spoken("Hello there, how are you doing today?", "en", tmp_path)
+        delay = 2 * SAMPLES_PER_FRAME
+        frames = (len(speech) + delay) // SAMPLES_PER_FRAME
+        a = phonemes.extract(speech, frames).reshape(-1, phonemes.dim)[:, BLANK]
+        b = phonemes.extract(np.concatenate([np.zeros(delay, np.float32), speech]), frames).reshape(-1, phonemes.dim)[:, BLANK]
+        span = slice(8, len(a) - 8)
+        r = {s: np.corrcoef(a[span], np.roll(b, -s)[span])[0, 1] for s in range(-2, 9)}
+        assert max(r, key=r.get) == 4 and r[4] > 0.9, r
+
+    def test_more_than_one_window(self, phonemes, tmp_path):
+        """The recogniser reads at most 30 s at once: speech at 32-34 s of a 35 s clip is still read."""
+        speech = _spoken("One two three four.", "en", tmp_path)[: 2 * SAMPLE_RATE]
+        wav = np.zeros(35 * SAMPLE_RATE, np.float32)
+        wav[32 * SAMPLE_RATE: 32 * SAMPLE_RATE + len(speech)] = speech
+        emitting = _emitting(phonemes.extract(wav, 35 * FPS)).reshape(-1, 2).any(axis=1)
+        assert emitting[32 * FPS: 34 * FPS].any() and not emitting[: 32 * FPS].any()
+
+    def test_describe_and_rebuild(self, phonemes):
+        desc = phonemes.describe()
+        assert json.loads(json.dumps(desc)) == desc and desc["details"]["package"].startswith("hama ")
+        wav = _tone(330, 1.0)
+        np.testing.assert_array_equal(extractor_from_description(desc).extract(wav, 25), phonemes.extract(wav, 25))
+
+
+def test_phonemes_missing_dependency(monkeypatch):
+    """Without hama: one line naming what to install, from check_available as from make_extractor."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "hama" else real(name, *a))
+    for call in (lambda: check_available("phonemes"), lambda: make_extractor("phonemes")):
+        with pytest.raises(MissingDependencyError, match="pip install hama") as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
 # HuBERT / wav2vec2 (tiny random models saved locally)
 # --------------------------------------------------------------------------------------------
 
@@ -645,6 +758,19 @@ def test_logmel_with_whisper_is_both_kinds_on_the_log_mel_steps(whisper):
     np.testing.assert_array_equal(got[:, :, 80:], np.repeat(whisper.extract(wav, 50), 2, axis=1))
     with pytest.raises(InputError, match="cannot be streamed"):
         combo.stream()  # Whisper reads whole windows: the combination cannot stream either
+
+
+def test_auto_conditions_on_log_mel_with_phonemes_where_the_subject_has_both():
+    from gsavatar.data.frames import choose_audio_feature
+
+    def subject(*kinds):
+        return SimpleNamespace(root="subject", manifest={"audio_features": dict.fromkeys(kinds, {})},
+                               has_audio_features=lambda kind: all(k in kinds for k in kind.split("+")))
+
+    assert choose_audio_feature(subject("logmel", "phonemes", "whisper"), "auto") == "logmel+phonemes"
+    assert choose_audio_feature(subject("whisper", "logmel"), "auto") == "logmel"
+    assert choose_audio_feature(subject("phonemes", "whisper"), "auto") == "whisper"
+    assert choose_audio_feature(subject("logmel", "phonemes"), "phonemes") == "phonemes"
 
 
 def test_a_subject_has_a_combination_of_the_kinds_it_has(demo_subject):

