@@ -71,7 +71,9 @@ def _design(cfg, name: str):
     loss = {"nosilence": {"silence_every": 0}, "silence4": {"silence_every": 4}}
     augment = {"augment": {"variants": 4},  # four noisy, louder/quieter copies, heard half the time
                # four copies as other voices (frequencies scaled by 0.85-1.15), level and noise untouched
-               "timbre": {"variants": 4, "warp": 0.15, "gain_db": 0.0, "noise_snr_db": 200.0}}
+               "timbre": {"variants": 4, "warp": 0.15, "gain_db": 0.0, "noise_snr_db": 200.0},
+               # four copies spoken 0.85-1.15 times as fast, level and noise untouched
+               "tempo": {"variants": 4, "tempo": 0.15, "gain_db": 0.0, "noise_snr_db": 200.0}}
     for part in name.split("+"):  # designs combine: logmel+nosilence
         if part in avatar:
             cfg = dataclasses.replace(cfg, avatar=dataclasses.replace(cfg.avatar, **avatar[part]))

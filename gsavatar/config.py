@@ -382,6 +382,12 @@ class AudioAugmentConfig:
     warp: float = 0.0
     """Each copy's frequencies scaled by a factor drawn within 1 +- this, its timing kept: the pitch
     and formants of a shorter or longer vocal tract, i.e. another voice (0: no warp)."""
+    tempo: float = 0.0
+    """Each copy spoken faster or slower by a factor drawn within 1 +- this, its frequencies kept (0:
+    the subject's own tempo). Such a copy no longer matches the video's frames, so only the landmark
+    terms hear it (the motion stage, and the face stage's landmark prior), with the tracked motion
+    read at the copy's times (interpolated between frames); the images are rendered from the clean
+    track."""
 
 
 @dataclasses.dataclass
@@ -431,8 +437,9 @@ class TrainConfig:
             (self.loss.silence_every >= 0, f"loss.silence_every must be 0 (never) or more (got {self.loss.silence_every})"),
             (_is_int(self.audio_augment.variants) and 0 <= self.audio_augment.variants <= 16
              and 0 <= self.audio_augment.probability <= 1 and self.audio_augment.gain_db >= 0
-             and 0 <= self.audio_augment.warp <= 0.5,
-             "audio_augment: need 0 <= variants <= 16, 0 <= probability <= 1, gain_db >= 0 and 0 <= warp <= 0.5"),
+             and 0 <= self.audio_augment.warp <= 0.5 and 0 <= self.audio_augment.tempo <= 0.5,
+             "audio_augment: need 0 <= variants <= 16, 0 <= probability <= 1, gain_db >= 0, 0 <= warp <= 0.5 "
+             "and 0 <= tempo <= 0.5"),
             (0 < self.optim.final_lr_fraction <= 1, "optim.final_lr_fraction must be in (0, 1]"),
             (bool(self.stages), "at least one stage is needed"),
             (self.backend in BACKEND_NAMES, f"backend must be one of {', '.join(BACKEND_NAMES)} (got {self.backend!r})"),

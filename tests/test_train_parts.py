@@ -319,7 +319,7 @@ def test_audio_augment_copies_are_the_subject_audio_louder_quieter_and_noisier(d
     data = SubjectFrames(demo_subject[0], 128, "auto", "cpu")
     assert augmented_audio(data, AudioAugmentConfig(), np.random.default_rng(0)) == []
     cfg = AudioAugmentConfig(variants=2, gain_db=6.0, noise_snr_db=20.0)
-    copies = augmented_audio(data, cfg, np.random.default_rng(0))
+    copies = [c.features for c in augmented_audio(data, cfg, np.random.default_rng(0))]
     assert len(copies) == 2 and all(c.shape == data.audio.shape for c in copies)
     # Log-mel: a gain g shifts every bin by 2 log10(g), within +-0.6 for +-6 dB, where the speech is loud
     # (noise 20 dB or more under the track's mean power barely moves those bins; it fills the silent ones).
@@ -329,12 +329,14 @@ def test_audio_augment_copies_are_the_subject_audio_louder_quieter_and_noisier(d
     quiet = data.audio <= -9.99  # digital silence in the clean track: the copies' noise is heard there
     assert all(bool((c[quiet] > -9.99).all()) for c in copies)
     assert all(not torch.equal(c, data.audio) for c in copies)
-    again = augmented_audio(data, cfg, np.random.default_rng(0))
+    again = [c.features for c in augmented_audio(data, cfg, np.random.default_rng(0))]
     assert all(torch.equal(a, b) for a, b in zip(copies, again))  # a resumed run rebuilds the same copies
     with pytest.raises(InputError, match="audio_augment"):
         config_from_dict(TrainConfig, {"audio_augment": {"variants": 99}}).validate()
     with pytest.raises(InputError, match="warp"):
         config_from_dict(TrainConfig, {"audio_augment": {"warp": 0.9}}).validate()
+    with pytest.raises(InputError, match="tempo"):
+        config_from_dict(TrainConfig, {"audio_augment": {"tempo": -0.1}}).validate()
     assert dataclasses.asdict(TrainConfig())["audio_augment"]["variants"] == 0
 
 
@@ -365,6 +367,76 @@ def test_a_frequency_warp_moves_tones_keeps_their_level_and_timing(factor):
     # (FFTs of log2(N) stages, four overlapping frames) is far below the final rounding to float32.
     bound = 2.0**-24 * np.abs(x).max() + 4 * 2 * np.log2(WARP_FFT) * 2.0**-53 * np.abs(x).max() * 4
     assert np.abs(warp_frequencies(x, 1.0) - x).max() <= bound
+
+
+@pytest.mark.parametrize("factor", [0.85, 1.15])
+def test_a_tempo_change_moves_events_in_time_and_keeps_frequencies(factor):
+    """Speech at another tempo for the audio copies: a burst at t lands at t / factor, a tone keeps its
+    frequency and level, and the result is len / factor samples long."""
+    import numpy as np
+
+    from gsavatar.data.voice import WARP_FFT, change_tempo
+
+    rate = 16000
+    t = np.arange(2 * rate) / rate
+    x = (0.5 * np.sin(2 * np.pi * 700 * t)).astype(np.float32)
+    y = change_tempo(x, factor)
+    assert len(y) == round(len(x) / factor)
+    assert abs(np.fft.rfftfreq(len(y), 1 / rate)[np.argmax(np.abs(np.fft.rfft(y)))] - 700) <= rate / len(y)
+    inner = slice(WARP_FFT, -WARP_FFT)
+    assert abs(10 * np.log10(np.mean(y[inner] ** 2) / np.mean(x[inner] ** 2))) < 1.0
+    burst = (x * ((t > 0.8) & (t < 1.0))).astype(np.float32)
+    envelope = np.convolve(np.abs(change_tempo(burst, factor)), np.ones(160) / 160, mode="same")
+    loud = np.flatnonzero(envelope > 0.5 * envelope.max()) / rate
+    half_window = WARP_FFT / 2 / rate
+    assert abs(loud.min() - 0.8 / factor) < half_window and abs(loud.max() - 1.0 / factor) < half_window
+
+
+def test_tempo_copies_map_to_the_subject_timeline(demo_subject):
+    """A copy at tempo r: its frame j stands for the subject's frame r j; only landmark steps hear it."""
+    import numpy as np
+
+    from gsavatar.config import AudioAugmentConfig
+    from gsavatar.data.frames import SubjectFrames
+    from gsavatar.train.trainer import AudioCopy, augmented_audio
+
+    data = SubjectFrames(demo_subject[0], 128, "auto", "cpu")
+    cfg = AudioAugmentConfig(variants=2, gain_db=0.0, noise_snr_db=200.0, tempo=0.15)
+    copies = augmented_audio(data, cfg, np.random.default_rng(0))
+    n = len(data.audio)
+    for c in copies:
+        assert 0.85 <= c.tempo <= 1.15 and c.tempo != 1.0
+        assert abs(len(c.features) - n / c.tempo) <= 1  # the copy is as much longer or shorter
+        for index in (0, n // 3, n - 1):
+            j, lo, hi, w = c.frame_for(index, n)
+            assert abs(j * c.tempo - index) <= c.tempo / 2 + 1e-9 or j == len(c.features) - 1
+            assert lo <= hi <= n - 1 and 0 <= w < 1 and abs(lo + w - min(j * c.tempo, n - 1)) < 1e-9
+    same = AudioCopy(data.audio)
+    assert same.frame_for(5, n) == (5, 5, 6, 0.0)
+
+
+def test_tempo_copies_are_heard_by_the_landmark_steps_only(demo_subject, tmp_path, monkeypatch):
+    """Every landmark term (probability 1: the motion stage's steps, the face stage's landmark prior)
+    hears a tempo copy; what the images are compared with is drawn from the clean track."""
+    import dataclasses
+
+    from gsavatar.config import AudioAugmentConfig, StageConfig
+    from gsavatar.train import trainer as trainer_module
+
+    base = load_preset("cpu-tiny")
+    cfg = dataclasses.replace(base, stages=[StageConfig("motion", 20, densify=False), StageConfig("face", 4, densify=False)],
+                              eval_frames=0, audio_augment=AudioAugmentConfig(variants=2, probability=1.0, tempo=0.15)).validate()
+    t = trainer_module.Trainer(cfg, demo_subject[0], tmp_path / "run", show_progress=False)
+    copies, heard = [], []
+    frame_for = trainer_module.AudioCopy.frame_for
+    monkeypatch.setattr(trainer_module.AudioCopy, "frame_for", lambda self, *a: copies.append(self) or frame_for(self, *a))
+    inputs = t.data.inputs
+    monkeypatch.setattr(t.data, "inputs", lambda *a, audio=None, **k: heard.append(audio) or inputs(*a, audio=audio, **k))
+    t.run()
+    every = cfg.loss.silence_every  # the silent landmark steps hear silence instead
+    landmark_terms = sum(it % every != every - 1 for n in (20, 4) for it in range(n))
+    assert len(copies) == landmark_terms and {c.tempo for c in copies} <= {c.tempo for c in t.audio_variants}
+    assert heard and all(a is None for a in heard)
 
 
 def test_a_checkpoint_from_before_a_setting_was_added_still_resumes():

@@ -1,5 +1,6 @@
 """Another voice from the subject's own: every frequency of a recording scaled, its timing kept
-(the training-time augmentation ``audio_augment.warp`` uses it).
+(the training-time augmentation ``audio_augment.warp`` uses it), or its tempo changed, its
+frequencies kept (``audio_augment.tempo``).
 
 A phase vocoder stretches the audio to ``factor`` times its duration with its frequencies kept,
 then band-limited resampling brings it back to its length, which scales every frequency by
@@ -56,3 +57,10 @@ def warp_frequencies(samples: np.ndarray, factor: float) -> np.ndarray:
     keep = x.numel() // 2 + 1
     spectrum = spectrum[:keep] if len(spectrum) >= keep else np.pad(spectrum, (0, keep - len(spectrum)))
     return (np.fft.irfft(spectrum, n=x.numel()) * (x.numel() / len(longer))).astype(np.float32)
+
+
+def change_tempo(samples: np.ndarray, factor: float) -> np.ndarray:
+    """``samples`` (16 kHz) spoken ``factor`` times as fast with their frequencies kept (a phase
+    vocoder): time ``t`` of the result is time ``factor * t`` of the original, and the result is
+    ``round(len(samples) / factor)`` samples long."""
+    return _stretch(torch.from_numpy(np.asarray(samples, np.float32)).double(), factor).numpy().astype(np.float32)

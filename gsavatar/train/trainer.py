@@ -81,6 +81,14 @@ def _motion_loss(s: Step) -> torch.Tensor:
         inputs, target = dataclasses.replace(s.inputs, audio=audio), silence.offsets
     else:
         inputs, target = s.inputs, s.trainer.data.landmark_offsets(s.index)
+        paced = [c for c in s.trainer.audio_variants if c.tempo != 1.0]
+        if paced and s.trainer.rng.random() < s.trainer.cfg.audio_augment.probability:
+            # A copy at another tempo: its frame nearest this one, and the tracked motion at its time.
+            copy = paced[int(s.trainer.rng.integers(len(paced)))]
+            j, lo, hi, w = copy.frame_for(s.index, len(s.trainer.data.audio))
+            data = s.trainer.data
+            inputs = dataclasses.replace(inputs, audio=s.trainer.avatar.audio_input(copy.features, j))
+            target = (1 - w) * data.landmark_offsets(lo) + w * data.landmark_offsets(hi)
     return s.loss_cfg.landmark_deformation * s.trainer._landmark_loss(inputs, target)
 
 
@@ -209,12 +217,28 @@ def silence_example(data: SubjectFrames) -> SilenceExample:
     return SilenceExample(features, data.offsets_of(data.rest_expression()))
 
 
-def augmented_audio(data: SubjectFrames, cfg, rng: np.random.Generator) -> list[torch.Tensor]:
-    """``cfg.variants`` feature arrays ``[N, S, D]`` of the subject's audio with a random gain,
-    white noise and (``cfg.warp``) frequency warp each (``AudioAugmentConfig``), through the
-    subject's own extractor."""
-    from gsavatar.data.voice import warp_frequencies
-    from gsavatar.drive import SpeechFeaturizer
+@dataclasses.dataclass(frozen=True)
+class AudioCopy:
+    """One augmented copy of the subject's audio, as features through the subject's own extractor."""
+
+    features: torch.Tensor  # [M, S, D]
+    tempo: float = 1.0  # its frame j holds the audio of the subject's frame tempo * j (1: frame for frame)
+
+    def frame_for(self, index: int, frames: int) -> tuple[int, int, int, float]:
+        """``(j, lo, hi, w)``: the copy's frame nearest the subject's frame ``index``, and where it lies on
+        the subject's timeline: between frames ``lo`` and ``hi``, ``w`` of the way."""
+        j = min(round(index / self.tempo), len(self.features) - 1)
+        t = min(j * self.tempo, frames - 1)
+        lo = int(np.floor(t))
+        return j, lo, min(lo + 1, frames - 1), float(t - lo)
+
+
+def augmented_audio(data: SubjectFrames, cfg, rng: np.random.Generator) -> list[AudioCopy]:
+    """``cfg.variants`` copies of the subject's audio with a random gain, white noise, and
+    (``cfg.warp``) frequency warp or (``cfg.tempo``) tempo change each (``AudioAugmentConfig``),
+    through the subject's own extractor."""
+    from gsavatar.data.voice import change_tempo, warp_frequencies
+    from gsavatar.drive import SpeechFeaturizer, frame_count
 
     if cfg.variants <= 0:
         return []
@@ -228,7 +252,12 @@ def augmented_audio(data: SubjectFrames, cfg, rng: np.random.Generator) -> list[
         noise = rng.standard_normal(samples.size).astype(np.float32) * np.sqrt(power / 10 ** (snr / 10))
         voice = warp_frequencies(samples, rng.uniform(1 - cfg.warp, 1 + cfg.warp)) if cfg.warp > 0 else samples
         x = np.clip(gain * (voice + noise), -1, 1)
-        out.append(featurizer(x, len(data.audio)).to(data.audio.device))
+        if cfg.tempo > 0:
+            tempo = float(rng.uniform(1 - cfg.tempo, 1 + cfg.tempo))
+            x = change_tempo(x, tempo)
+            out.append(AudioCopy(featurizer(x, frame_count(x)).to(data.audio.device), tempo))
+        else:
+            out.append(AudioCopy(featurizer(x, len(data.audio)).to(data.audio.device)))
     return out
 
 
@@ -451,8 +480,9 @@ class Trainer:
         static = it < stage.static_iterations
         frame = data.frame(index) if setup.layers else None
         audio = None
-        if self.audio_variants and self.rng.random() < self.cfg.audio_augment.probability:
-            audio = self.audio_variants[int(self.rng.integers(len(self.audio_variants)))]
+        timed = [c for c in self.audio_variants if c.tempo == 1.0]
+        if timed and self.rng.random() < self.cfg.audio_augment.probability:
+            audio = timed[int(self.rng.integers(len(timed)))].features
         inputs = data.inputs(index, avatar, back=frame.back if frame is not None and setup.back == "data" else None,
                              audio=audio)
         out = None
