@@ -23,7 +23,9 @@ face net on log-mel side by side with phoneme log-posteriors (a multilingual rec
 phoneme is does not depend on the voice or the language) fits the subject's held-out frames
 better than log-mel alone (r 0.62 against 0.56) and follows German and Spanish speech better
 (0.65 / 0.66 against 0.52 / 0.51), other English voices as well or better (0.28 / 0.33 against
-0.28 / 0.27), and closes the lips in silence as log-mel does. Log-mel alone follows other voices
+0.28 / 0.27), and closes the lips in silence as log-mel does; whole avatars (two seeds each)
+keep the gain on the other languages and come out about even on English voices and held-out
+frames, where the seeds differ more than the features. Log-mel alone follows other voices
 far better than Whisper tiny.en states (an English-only encoder, whose features of silence look
 like speech: 0.27-0.52 against 0.12-0.30, lips ajar in silence), though Whisper fits the
 subject's own held-out frames better (0.66)."""
