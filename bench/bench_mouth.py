@@ -36,9 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_row, like_the_cli, machine  # noqa: E402
+from common import SHARED_AUDIO, append_row, like_the_cli, machine  # noqa: E402
 
-SHARED_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "data" / "audio"
 TABLE = "## Lip-sync without rendering (`bench/bench_mouth.py`)"
 FOLD_TABLE = "## Held-out splits compared (`bench/bench_mouth.py folds`)"
 PROBE_RIDGE = 1e4

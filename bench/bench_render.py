@@ -21,10 +21,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, append_row, like_the_cli, machine  # noqa: E402
+from common import SHARED_AUDIO, append_row, like_the_cli, machine  # noqa: E402
 
 TABLE = "## Rendering video (`gsavatar render`)"
-DEFAULT_AUDIO = ROOT.parent / "shared" / "data" / "audio" / "radio31_8s.wav"
+DEFAULT_AUDIO = SHARED_AUDIO / "radio31_8s.wav"
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ import platform
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED_AUDIO = ROOT.parent / "shared" / "data" / "audio"
+"""The shared speech recordings (radio31_8s.wav, vrt1_5s.wav) beside the repository."""
 
 
 def like_the_cli() -> None:

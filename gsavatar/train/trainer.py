@@ -81,7 +81,7 @@ def _motion_loss(s: Step) -> torch.Tensor:
         inputs, target = dataclasses.replace(s.inputs, audio=audio), silence.offsets
     else:
         inputs, target = s.inputs, s.trainer.data.landmark_offsets(s.index)
-        paced = [c for c in s.trainer.audio_variants if c.tempo != 1.0]
+        paced = s.trainer.paced_copies
         if paced and s.trainer.rng.random() < s.trainer.cfg.audio_augment.probability:
             # A copy at another tempo: its frame nearest this one, and the tracked motion at its time.
             copy = paced[int(s.trainer.rng.integers(len(paced)))]
@@ -314,6 +314,10 @@ class Trainer:
         self.lpips = losses.lpips_if_available(self.device) if cfg.loss.lpips > 0 else None
         # Made from their own generator (not the run's), so a resumed run has the same copies.
         self.audio_variants = augmented_audio(self.data, cfg.audio_augment, np.random.default_rng(cfg.seed + 1))
+        # Copies that keep the video's timing can stand in for the track anywhere; copies at another
+        # tempo only where the target is the tracked motion (read at their times).
+        self.timed_copies = [c for c in self.audio_variants if c.tempo == 1.0]
+        self.paced_copies = [c for c in self.audio_variants if c.tempo != 1.0]
         self.silence, self.silence_off = None, None
         if cfg.loss.silence_every > 0:
             try:
@@ -480,7 +484,7 @@ class Trainer:
         static = it < stage.static_iterations
         frame = data.frame(index) if setup.layers else None
         audio = None
-        timed = [c for c in self.audio_variants if c.tempo == 1.0]
+        timed = self.timed_copies
         if timed and self.rng.random() < self.cfg.audio_augment.probability:
             audio = timed[int(self.rng.integers(len(timed)))].features
         inputs = data.inputs(index, avatar, back=frame.back if frame is not None and setup.back == "data" else None,
