@@ -12,6 +12,9 @@ from gsavatar.errors import InputError
 BACKEND_NAMES = ("auto", "torch", "cpp", "cuda", "gsplat")
 """The rendering backends a user can name (see :mod:`gsavatar.render.backends`)."""
 
+MOUTH_FOLLOWS = ("audio", "lips")
+"""What may move the inside of the mouth (:attr:`AvatarConfig.mouth_follows`)."""
+
 MIN_FRAME_SIZE = 16
 """Smallest frame side rendered or written (pixels)."""
 MAX_FRAME_SIZE = 2048
@@ -226,7 +229,7 @@ class AvatarConfig:
     face: BranchConfig = dataclasses.field(default_factory=BranchConfig)
     """Face branch: persistent head Gaussians deformed by audio and blink (position, rotation, scale)."""
     mouth: BranchConfig = dataclasses.field(default_factory=_mouth_branch)
-    """Inside-mouth branch: Gaussians in the mouth cavity, position deformed by audio only."""
+    """Inside-mouth branch: Gaussians in the mouth cavity, position deformed as ``mouth_follows`` says."""
     torso: BranchConfig = dataclasses.field(default_factory=_torso_branch)
     """Torso branch: camera-frame Gaussians moved by the head pose (never by frame index)."""
     audio_feature: str = "auto"
@@ -248,6 +251,11 @@ class AvatarConfig:
     (:meth:`audio_reach`): the latency floor of live streaming."""
     blink_dim: int = 8
     """Size of the encoded blink feature."""
+    mouth_follows: str = "audio"
+    """What moves the inside of the mouth: "audio", an audio encoder of its own, learnt from pixels;
+    "lips", the motion the face net predicts for the lips and chin, so that teeth and cavity can never
+    contradict the lips. Over two seeds on cnn2 the two are even on every lip-sync figure and on PSNR
+    (BENCHMARKS.md, "Lip-sync on novel audio"), so the default stays as avatars were trained before."""
     hash_bound: float = 0.2
     """Canonical coordinates (metres in the head frame) are clamped to +-this for the face/mouth hash grids."""
 
@@ -457,6 +465,8 @@ class TrainConfig:
              f"avatar.audio_window_radius must be an integer >= 0 (got {a.audio_window_radius!r})"),
             (a.audio_window_future is None or (_is_int(a.audio_window_future) and a.audio_window_future >= 0),
              f"avatar.audio_window_future must be an integer >= 0 (got {a.audio_window_future!r})"),
+            (a.mouth_follows in MOUTH_FOLLOWS,
+             f"avatar.mouth_follows must be one of {', '.join(MOUTH_FOLLOWS)} (got {a.mouth_follows!r})"),
             (_is_int(a.audio_smoothing_frames) and a.audio_smoothing_frames >= 1,
              f"avatar.audio_smoothing_frames must be an integer >= 1 (got {a.audio_smoothing_frames!r})"),
             (a.audio_smoothing_future is None or (_is_int(a.audio_smoothing_future)

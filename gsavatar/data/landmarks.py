@@ -24,6 +24,8 @@ INNER_LIPS = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 3
 RIGHT_EYE_EAR = [33, 160, 158, 133, 153, 144]
 LEFT_EYE_EAR = [362, 385, 387, 263, 373, 380]
 FOREHEAD, CHIN, UPPER_INNER_LIP, LOWER_INNER_LIP, NOSE_BOTTOM = 10, 152, 13, 14, 2
+# Where the inside of the mouth reads the face's motion: the inner lip contour and the chin (the jaw).
+MOUTH_ANCHORS = [*INNER_LIPS, CHIN]
 
 
 def _mediapipe_solutions():

@@ -90,7 +90,8 @@ class Avatar(nn.Module):
 
     def __init__(self, cfg: AvatarConfig, audio_spec: AudioSpec, face: GaussianSet, mouth: GaussianSet,
                  torso: GaussianSet, background: torch.Tensor, audio_mean: torch.Tensor, audio_std: torch.Tensor,
-                 pose_mean: torch.Tensor, pose_scale: torch.Tensor, torso_centre: torch.Tensor):
+                 pose_mean: torch.Tensor, pose_scale: torch.Tensor, torso_centre: torch.Tensor,
+                 lip_anchors: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         self.audio_spec = audio_spec
@@ -99,7 +100,12 @@ class Avatar(nn.Module):
         self.gaussians = nn.ModuleDict({"face": face, "mouth": mouth, "torso": torso})
         self.face_deformer = FaceDeformer(cfg.face, feature_dim, audio_steps, cfg.audio_smoothing_frames, cfg.audio_dim,
                                           cfg.blink_dim, cfg.hash_bound)
-        self.mouth_deformer = MouthDeformer(cfg.mouth, feature_dim, audio_steps, cfg.audio_smoothing_frames, cfg.audio_dim, cfg.hash_bound)
+        if cfg.mouth_follows == "lips" and lip_anchors is None:
+            raise ValueError("an avatar whose mouth follows the lips needs the lips' canonical anchors")
+        self.mouth_deformer = MouthDeformer(
+            cfg.mouth, cfg.mouth_follows, cfg.audio_dim, cfg.hash_bound,
+            motion_dim=0 if lip_anchors is None else lip_anchors.numel(),
+            feature_dim=feature_dim, audio_steps=audio_steps, audio_frames=cfg.audio_smoothing_frames)
         self.torso_deformer = TorsoDeformer(cfg.torso, bound=0.6)
         self.register_buffer("background", background)  # [H, W, 3] float in [0, 1]
         self.register_buffer("audio_mean", audio_mean)  # [D]
@@ -107,7 +113,11 @@ class Avatar(nn.Module):
         self.register_buffer("pose_mean", pose_mean)  # [6]
         self.register_buffer("pose_scale", pose_scale)  # [6]
         self.register_buffer("torso_centre", torso_centre)  # [3] camera frame
-        self._canonical_cache: dict[tuple, CanonicalBranch | torch.Tensor] = {}
+        if cfg.mouth_follows == "lips":
+            # [A, 3] canonical points of the lips and chin (gsavatar.data.landmarks.MOUTH_ANCHORS): where the
+            # face net's motion is read for the mouth net (see lip_motion)
+            self.register_buffer("lip_anchors", lip_anchors)
+        self._canonical_cache: dict[tuple, CanonicalBranch | CanonicalFeatures | torch.Tensor] = {}
         self._canonical_key: tuple | None = None
 
     def deformers(self) -> dict[str, nn.Module]:
@@ -137,6 +147,28 @@ class Avatar(nn.Module):
         """Face-net offsets at arbitrary canonical points (the trainer also queries landmarks)."""
         backend = get_backend(backend, xyz.device)
         return self.face_deformer(xyz, self.normalise_audio(inputs.audio), inputs.blink, backend)
+
+    def lip_motion(self, inputs: FrameInputs, backend="torch", cached: bool = False) -> torch.Tensor:
+        """``[3A]`` the face net's motion of :attr:`lip_anchors` (cm) for one frame, without gradients:
+        what the mouth net reads, so the mouth learns to follow the lips, never to move them.
+        ``cached``: the cache is known to be current (no gradients recorded)."""
+        backend = get_backend(backend, self.lip_anchors.device)
+        audio = self.normalise_audio(inputs.audio)
+        with torch.no_grad():
+            if cached:
+                key = ("lip_anchors", backend.name)
+                if key not in self._canonical_cache:
+                    self._canonical_cache[key] = self.face_deformer.canonical(self.lip_anchors, backend)
+                offsets, _, _ = self.face_deformer.from_canonical(self._canonical_cache[key], audio, inputs.blink)
+            else:
+                offsets, _, _ = self.face_deformer(self.lip_anchors, audio, inputs.blink, backend)
+        return (offsets * (self.face_deformer.position_scale * 100)).flatten()
+
+    def mouth_code(self, inputs: FrameInputs, backend="torch", cached: bool = False) -> torch.Tensor:
+        """The mouth net's frame code: from the audio or the lips' motion (``AvatarConfig.mouth_follows``)."""
+        if self.mouth_deformer.follows == "lips":
+            return self.mouth_deformer.code(lip_motion=self.lip_motion(inputs, backend, cached))
+        return self.mouth_deformer.code(audio_windows=self.normalise_audio(inputs.audio))
 
     def canonical(self, branch: str, backend) -> CanonicalBranch | None:
         """The branch's frame-independent part for ``backend`` (computed once while nothing changes,
@@ -186,9 +218,9 @@ class Avatar(nn.Module):
             quats = quats + d_quat
             scales = torch.exp(log_scales + d_scale)
         elif deform and branch == "mouth":
-            audio = self.normalise_audio(inputs.audio)
-            offsets = (self.mouth_deformer(means.detach(), audio, backend) if cached is None
-                       else self.mouth_deformer.from_canonical(cached.features, audio))
+            code = self.mouth_code(inputs, backend, cached is not None)
+            offsets = (self.mouth_deformer(means.detach(), code, backend) if cached is None
+                       else self.mouth_deformer.from_canonical(cached.features, code))
             means = means + offsets * self.mouth_deformer.position_scale
         elif deform and branch == "torso":
             pose = (inputs.pose - self.pose_mean) / self.pose_scale

@@ -4,7 +4,7 @@ Face: tri-plane hash features of each canonical centre; an audio feature (encode
 then smoothed by attention over neighbouring frames) and a blink feature, each multiplied
 channel-wise by a "region attention" gate computed from the spatial features; a decoder MLP
 -> offsets of position, rotation (added to the quaternion) and log-scale.
-Mouth: the same with audio only, position offsets only.
+Mouth: the same with one frame code (audio, or the face's predicted lip motion), position offsets only.
 Torso: camera-frame Gaussians; hash features + the head pose -> position offsets.
 Each ``forward`` takes the render layer's ``backend`` (None: the reference), which runs the hash grids.
 
@@ -163,31 +163,45 @@ class FaceDeformer(nn.Module):
 
 
 class MouthDeformer(nn.Module):
-    """Canonical centres + audio -> position offsets (network units; times ``position_scale`` = metres)."""
+    """Canonical centres + one frame code -> position offsets (network units; times ``position_scale`` = metres).
 
-    def __init__(self, cfg: BranchConfig, feature_dim: int, audio_steps: int, audio_frames: int, audio_dim: int, bound: float):
+    ``follows="audio"``: the code comes from the mouth's own audio encoder, learnt from pixels alone.
+    ``"lips"``: it is read from the face net's predicted motion of the lips and chin (``motion_dim``
+    numbers, see :meth:`gsavatar.model.avatar.Avatar.lip_motion`), so teeth and cavity move with the
+    lips the face draws, whatever the speech.
+    """
+
+    def __init__(self, cfg: BranchConfig, follows: str, code_dim: int, bound: float, *, motion_dim: int = 0,
+                 feature_dim: int = 0, audio_steps: int = 0, audio_frames: int = 0):
         super().__init__()
         self.position_scale = cfg.position_scale
+        self.follows = follows
         self.spatial = TriPlaneEncoder(cfg.hash, bound)
         f = self.spatial.output_dim
-        self.audio = AudioConditioner(feature_dim, audio_dim, audio_steps, audio_frames)
-        self.audio_gate = mlp(f, 32, audio_dim, 2)
-        self.decoder = mlp(f + audio_dim, cfg.hidden, 3, cfg.layers)
+        if follows == "lips":
+            self.lips = nn.Linear(motion_dim, code_dim)
+        else:
+            self.audio = AudioConditioner(feature_dim, code_dim, audio_steps, audio_frames)
+        self.audio_gate = mlp(f, 32, code_dim, 2)  # region attention
+        self.decoder = mlp(f + code_dim, cfg.hidden, 3, cfg.layers)
         nn.init.zeros_(self.decoder[-1].weight)
         nn.init.zeros_(self.decoder[-1].bias)
 
-    def forward(self, xyz: torch.Tensor, audio_windows: torch.Tensor, backend=None) -> torch.Tensor:
+    def code(self, lip_motion: torch.Tensor | None = None, audio_windows: torch.Tensor | None = None) -> torch.Tensor:
+        """The frame code ``[C]``: from ``lip_motion [motion_dim]`` or normalised ``audio_windows``, as the net follows."""
+        return self.lips(lip_motion) if self.follows == "lips" else self.audio(audio_windows)
+
+    def forward(self, xyz: torch.Tensor, code: torch.Tensor, backend=None) -> torch.Tensor:
         h = self.spatial(xyz, backend)
-        a = torch.sigmoid(self.audio_gate(h)) * self.audio(audio_windows)[None]
-        return self.decoder(torch.cat([h, a], dim=1))
+        return self.decoder(torch.cat([h, torch.sigmoid(self.audio_gate(h)) * code[None]], dim=1))
 
     def canonical(self, xyz: torch.Tensor, backend=None) -> CanonicalFeatures:
         h = self.spatial(xyz, backend)
         return CanonicalFeatures(_first_layer_on_spatial(self.decoder[0], h), torch.sigmoid(self.audio_gate(h)))
 
-    def from_canonical(self, c: CanonicalFeatures, audio_windows: torch.Tensor) -> torch.Tensor:
+    def from_canonical(self, c: CanonicalFeatures, code: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` from :meth:`canonical`'s features."""
-        return _rest_of_decoder(self.decoder, _first_layer_gated(self.decoder[0], c, self.audio(audio_windows)))
+        return _rest_of_decoder(self.decoder, _first_layer_gated(self.decoder[0], c, code))
 
 
 class TorsoDeformer(nn.Module):

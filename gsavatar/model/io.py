@@ -203,9 +203,11 @@ def avatar_from_state(cfg: TrainConfig, audio: AudioSpec, state: dict):
     sets = {b: GaussianSet.empty(state[f"gaussians.{b}.params.means"].shape[0], getattr(a, b).sh_degree)
             for b in BRANCHES}
     z = {k: torch.zeros_like(state[k]) for k in buffers}
+    anchors = state.get("lip_anchors")
     try:
         avatar = Avatar(a, audio, sets["face"], sets["mouth"], sets["torso"], z["background"], z["audio_mean"],
-                        z["audio_std"], z["pose_mean"], z["pose_scale"], z["torso_centre"])
+                        z["audio_std"], z["pose_mean"], z["pose_scale"], z["torso_centre"],
+                        lip_anchors=torch.zeros_like(anchors) if torch.is_tensor(anchors) else None)
     except (RuntimeError, ValueError, IndexError) as e:
         raise InputError(f"the avatar's state does not fit its own configuration ({str(e).splitlines()[0][:160]})") from None
     expected = avatar.state_dict()

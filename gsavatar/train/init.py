@@ -99,7 +99,7 @@ def build_avatar(cfg: TrainConfig, data: SubjectFrames, gen: torch.Generator) ->
                        a.face.init_opacity, a.face.sh_degree)
 
     # Mouth: a box behind the inner lips, tall enough for the jaw to open.
-    from gsavatar.data.landmarks import INNER_LIPS
+    from gsavatar.data.landmarks import INNER_LIPS, MOUTH_ANCHORS
 
     lips = mean[INNER_LIPS]
     lo, hi = lips.min(0).values, lips.max(0).values
@@ -125,4 +125,5 @@ def build_avatar(cfg: TrainConfig, data: SubjectFrames, gen: torch.Generator) ->
     pose_mean = train_poses.mean(0).cpu()
     pose_scale = train_poses.std(0).cpu().clamp_min(torch.tensor([0.02, 0.02, 0.02, 0.005, 0.005, 0.005]))
     return Avatar(a, audio_spec(data), face, mouth, torso, data.background.cpu(), data.audio_mean.cpu(),
-                  data.audio_std.cpu(), pose_mean, pose_scale, torso_xyz.mean(0))
+                  data.audio_std.cpu(), pose_mean, pose_scale, torso_xyz.mean(0),
+                  lip_anchors=mean[MOUTH_ANCHORS].clone() if a.mouth_follows == "lips" else None)
