@@ -182,7 +182,7 @@ class MouthDeformer(nn.Module):
             self.lips = nn.Linear(motion_dim, code_dim)
         else:
             self.audio = AudioConditioner(feature_dim, code_dim, audio_steps, audio_frames)
-        self.audio_gate = mlp(f, 32, code_dim, 2)  # region attention
+        self.audio_gate = mlp(f, 32, code_dim, 2)  # region attention (named so in every saved avatar)
         self.decoder = mlp(f + code_dim, cfg.hidden, 3, cfg.layers)
         nn.init.zeros_(self.decoder[-1].weight)
         nn.init.zeros_(self.decoder[-1].bias)
